@@ -1,0 +1,109 @@
+"""Where output goes: a new file written beside its final name and renamed at the end, or a block device.
+
+:class:`Destination` is a context manager. On a clean exit the temporary file is flushed and renamed over the
+final name (and the folder synced); on any exception, including ``KeyboardInterrupt`` and the
+:class:`~diskport.signals.Interrupted` raised for SIGTERM, the temporary file is removed, so a failed job leaves
+neither a half-written destination nor scratch behind. A block device is written in place: it cannot be
+renamed, and it is checked to be large enough before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from types import TracebackType
+
+from diskport.errors import DestinationError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Destination:
+    def __init__(self, path: str | os.PathLike[str], *, force: bool = False, size: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self.force = force
+        self.size = size
+        self.fd = -1
+        self.tmp_path: str | None = None
+        self.block_device = False
+
+    def __enter__(self) -> Destination:
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise DestinationError(f"cannot use destination: {e.strerror}", path=self.path) from None
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            self._open_block_device()
+            return self
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise DestinationError("is a folder; name the file to write", path=self.path)
+        if st is not None and not self.force:
+            raise DestinationError("already exists; pass --force to replace it", path=self.path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise DestinationError(f"folder {folder} does not exist", path=self.path)
+        try:
+            self.fd, self.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
+                                                      suffix=".diskport-part", dir=folder)
+            os.fchmod(self.fd, 0o666 & ~_umask())
+        except OSError as e:
+            raise DestinationError(f"cannot create a file beside the destination: {e.strerror}",
+                                   path=self.path) from None
+        return self
+
+    def _open_block_device(self) -> None:
+        self.block_device = True
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DestinationError(f"cannot open block device: {e.strerror}", path=self.path) from None
+        device_size = os.lseek(self.fd, 0, os.SEEK_END)
+        if self.size is not None and device_size < self.size:
+            os.close(self.fd)
+            self.fd = -1
+            raise DestinationError(f"block device holds {device_size} bytes; the disk needs {self.size}",
+                                   path=self.path)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def commit(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp_path is not None:
+            try:
+                os.replace(self.tmp_path, self.path)
+            except OSError as e:
+                self.discard()
+                raise DestinationError(f"cannot rename the finished file into place: {e.strerror}",
+                                       path=self.path) from None
+            self.tmp_path = None
+            with contextlib.suppress(OSError):
+                dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        if self.tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
+            self.tmp_path = None

@@ -1,0 +1,121 @@
+"""The contract between format readers and the engine.
+
+A :class:`DiskImage` has a ``virtual_size`` and yields :class:`Extent` runs in guest order that cover
+``[start, end)`` with no gap and no overlap. A DATA extent whose bytes lie contiguously in the source carries
+``host`` (the source offset), so the engine reads it with one large positional read; other DATA extents
+(compressed clusters, bitmapped sectors) are read through :meth:`DiskImage.read_mapped`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from diskport.errors import CorruptImage
+from diskport.sources.base import Source
+
+
+class Extent(NamedTuple):
+    start: int
+    length: int
+    zero: bool
+    host: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def clip(ext: Extent, start: int, end: int) -> Extent | None:
+    """The part of ``ext`` inside ``[start, end)``, or None."""
+    s = max(ext.start, start)
+    e = min(ext.end, end)
+    if s >= e:
+        return None
+    host = None if ext.host is None else ext.host + (s - ext.start)
+    return Extent(s, e - s, ext.zero, host)
+
+
+class DiskImage(ABC):
+    """A disk image opened over a :class:`Source`.
+
+    Subclasses set ``format``, ``virtual_size`` and ``cluster_size`` (the allocation unit, or None) and
+    implement :meth:`extents`; those that yield DATA extents without ``host`` implement :meth:`read_mapped`.
+    """
+
+    format: str = "raw"
+    virtual_size: int = 0
+    cluster_size: int | None = None
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    @abstractmethod
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """Extents covering ``[start, min(end, virtual_size))`` in guest order."""
+
+    def read_mapped(self, ext: Extent, buf: memoryview) -> None:
+        """Fill ``buf`` (exactly ``ext.length`` bytes) with the guest data of a DATA extent without host."""
+        raise NotImplementedError(f"{type(self).__name__} yields no unmapped data extents")
+
+    def read_extent(self, ext: Extent, buf: memoryview) -> None:
+        """Fill ``buf`` (``ext.length`` bytes) with the guest bytes of ``ext``, whatever its kind."""
+        if ext.zero:
+            buf[:] = bytes(len(buf))
+        elif ext.host is not None:
+            n = self.source.readinto(ext.host, buf)
+            if n != len(buf):
+                raise CorruptImage(f"data at {ext.host:#x}+{len(buf):#x} lies beyond the end of the file",
+                                   path=self.source.name, fmt=self.format)
+        else:
+            self.read_mapped(ext, buf)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Guest read of ``len(buf)`` bytes at ``offset``."""
+        end = offset + len(buf)
+        if offset < 0 or end > self.virtual_size:
+            raise ValueError(f"read {offset:#x}+{len(buf):#x} outside the virtual size {self.virtual_size}")
+        for ext in self.extents(offset, end):
+            part = clip(ext, offset, end)
+            if part is not None:
+                self.read_extent(part, buf[part.start - offset: part.end - offset])
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def allocated_size(self) -> int | None:
+        return self.source.allocated_bytes()
+
+    def info(self) -> dict[str, Any]:
+        """Facts for ``inspect``; keys follow ``qemu-img info --output=json`` where the fact is the same."""
+        facts: dict[str, Any] = {
+            "filename": self.source.name,
+            "format": self.format,
+            "virtual-size": self.virtual_size,
+        }
+        actual = self.allocated_size()
+        if actual is not None:
+            facts["actual-size"] = actual
+        if self.cluster_size:
+            facts["cluster-size"] = self.cluster_size
+        specific = self.format_specific()
+        if specific:
+            facts["format-specific"] = {"type": self.format, "data": specific}
+        return facts
+
+    def format_specific(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> DiskImage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

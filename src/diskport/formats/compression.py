@@ -1,0 +1,26 @@
+"""Compression layers around an image, recognised by their magic numbers.
+
+gzip RFC 1952 2.3.1; xz "The .xz File Format" 2.1.1.1; zstd RFC 8878 3.1.1 (and skippable frames, 3.1.2);
+bzip2 stream header ``BZh1``..``BZh9`` followed by a block or end-of-stream magic.
+"""
+
+from __future__ import annotations
+
+import struct
+
+GZIP, XZ, ZSTD, BZIP2 = "gzip", "xz", "zstd", "bzip2"
+
+
+def detect_compression(head: bytes) -> str | None:
+    if head[:3] == b"\x1f\x8b\x08":
+        return GZIP
+    if head[:6] == b"\xfd7zXZ\x00":
+        return XZ
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return ZSTD
+    if len(head) >= 4 and (struct.unpack_from("<I", head)[0] & 0xFFFFFFF0) == 0x184D2A50:
+        return ZSTD
+    if (head[:3] == b"BZh" and len(head) >= 10 and 0x31 <= head[3] <= 0x39
+            and head[4:10] in (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")):
+        return BZIP2
+    return None

@@ -1,0 +1,388 @@
+"""qcow2 reader, versions 2 and 3 (qemu ``docs/interop/qcow2.rst``).
+
+Implements the header (spec "Header"), header extensions, the two-level L1/L2 cluster mapping, zero clusters,
+compressed clusters (deflate and zstd, spec "Compressed Clusters Descriptor") and extended L2 entries with
+32 subclusters per cluster (spec "Extended L2 Entries"). Refcounts and snapshots are not needed to read the
+active image and are not read.
+
+Safety: every table offset is checked against the file size and alignment before it is read; the L1 table is
+bounded by what the virtual size needs (and by qemu's own 32 MiB limit); only one L2 table is decoded at a time
+(plus a small cache), so memory does not grow with the image. Images that need anything outside the file
+(backing file, external data file) or a key (encryption) are refused with the feature named.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
+from diskport.formats.base import DiskImage, Extent
+from diskport.sources.base import Source
+
+MAGIC = b"QFI\xfb"
+FMT = "qcow2"
+
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+COMPRESSION_NAMES = {0: "zlib", 1: "zstd"}
+
+L1_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+L2_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+
+MAX_L1_BYTES = 32 * 1024 * 1024  # qemu's QCOW_MAX_L1_SIZE
+MAX_VIRTUAL_SIZE = 1 << 62
+_L2_CACHE = 16
+
+# Run kinds used while decoding an L2 table.
+_ZERO, _DATA, _COMPRESSED = 0, 1, 2
+
+
+def probe(head: bytes, source: Source) -> int:
+    if head[:4] == MAGIC and len(head) >= 8 and struct.unpack(">I", head[4:8])[0] in (2, 3):
+        return 100
+    return 60 if head[:4] == MAGIC else 0
+
+
+class Qcow2Image(DiskImage):
+    format = FMT
+
+    def __init__(self, source: Source) -> None:
+        super().__init__(source)
+        self._parse_header()
+        self._l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    # -- header -----------------------------------------------------------------------------------------
+    def _fail(self, msg: str, offset: int | None = None) -> CorruptImage:
+        return CorruptImage(msg, path=self.source.name, fmt=FMT, offset=offset)
+
+    def _parse_header(self) -> None:
+        src = self.source
+        if src.size < 72:
+            raise self._fail(f"file is {src.size} bytes, too short for a qcow2 header")
+        head = src.read_exact(0, min(src.size, 4096), "header", FMT)
+        (magic, version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off,
+         rc_off, rc_clusters, nb_snapshots, snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
+        if magic != MAGIC:
+            raise self._fail("bad magic")
+        if version not in (2, 3):
+            raise UnsupportedImage(f"qcow2 version {version} is not supported (only 2 and 3)",
+                                   path=src.name, fmt=FMT)
+        self.version = version
+        if not 9 <= cluster_bits <= 21:
+            raise self._fail(f"cluster_bits {cluster_bits} outside 9..21", 20)
+        self.cluster_bits = cluster_bits
+        self.cluster_size = cs = 1 << cluster_bits
+        incompat = compat = autoclear = 0
+        refcount_order = 4
+        header_length = 72
+        compression_type = 0
+        if version == 3:
+            if len(head) < 104:
+                raise self._fail("version 3 header is truncated")
+            incompat, compat, autoclear, refcount_order, header_length = struct.unpack_from(">QQQII", head, 72)
+            if header_length < 104 or header_length > cs or header_length > len(head):
+                raise self._fail(f"header_length {header_length} out of range", 100)
+            if header_length > 104:
+                compression_type = head[104]
+        self.incompatible = incompat
+        self.compatible = compat
+        self.autoclear = autoclear
+        self.refcount_bits = 1 << refcount_order if refcount_order < 7 else 0
+        self.nb_snapshots = nb_snapshots
+
+        extensions = self._parse_extensions(head, header_length, cs)
+
+        if incompat & INCOMPAT_CORRUPT:
+            raise CorruptImage("image is marked corrupt by qemu (incompatible feature bit 1)",
+                               path=src.name, fmt=FMT, hint="repair it with 'qemu-img check -r all' first")
+        unknown = incompat & ~INCOMPAT_KNOWN
+        if unknown:
+            names = self._feature_names(extensions, unknown)
+            raise UnsupportedImage(f"unknown incompatible features {names}", path=src.name, fmt=FMT)
+        if backing_off:
+            if backing_len > 1023 or backing_off + backing_len > src.size:
+                raise self._fail("backing file name out of range", 8)
+            name = src.read_exact(backing_off, backing_len, "backing file name", FMT).decode("utf-8", "replace")
+            raise UnsafeImage(f"has a backing file '{name}'; diskport does not follow external references",
+                              path=src.name, fmt=FMT,
+                              hint="convert the whole chain into one image with its own tools first")
+        if incompat & INCOMPAT_DATA_FILE:
+            name = extensions.get(EXT_DATA_FILE, b"").decode("utf-8", "replace") or "(unnamed)"
+            raise UnsafeImage(f"keeps its data in an external data file '{name}'; "
+                              "diskport does not follow external references", path=src.name, fmt=FMT)
+        if crypt:
+            kind = {1: "AES", 2: "LUKS"}.get(crypt, f"method {crypt}")
+            raise UnsupportedImage(f"is encrypted ({kind}); decrypt it first", path=src.name, fmt=FMT)
+        if compression_type not in COMPRESSION_NAMES:
+            raise UnsupportedImage(f"unknown compression type {compression_type}", path=src.name, fmt=FMT)
+        if compression_type and not incompat & INCOMPAT_COMPRESSION:
+            raise self._fail("compression type set without its incompatible feature bit", 104)
+        self.compression_type = compression_type
+
+        if size > MAX_VIRTUAL_SIZE:
+            raise self._fail(f"virtual size {size} is implausibly large", 24)
+        self.virtual_size = size
+        self.extended_l2 = bool(incompat & INCOMPAT_EXTL2)
+        if self.extended_l2 and cluster_bits < 14:
+            raise self._fail("extended L2 entries need clusters of at least 16 KiB", 20)
+        self.l2_entry_size = 16 if self.extended_l2 else 8
+        self.l2_entries = cs // self.l2_entry_size
+        self.l2_span = self.l2_entries * cs
+        self.subcluster_size = cs // 32 if self.extended_l2 else cs
+        needed = -(-size // self.l2_span)
+        if l1_size < needed:
+            raise self._fail(f"L1 table has {l1_size} entries, the virtual size needs {needed}", 36)
+        if needed * 8 > MAX_L1_BYTES:
+            raise UnsupportedImage(f"L1 table of {needed * 8} bytes exceeds the {MAX_L1_BYTES} byte limit",
+                                   path=src.name, fmt=FMT)
+        if needed and (l1_off % cs or l1_off == 0):
+            raise self._fail(f"L1 table offset {l1_off:#x} is not cluster aligned", 40)
+        self.l1_offset = l1_off
+        self.l1: np.ndarray = (np.frombuffer(src.read_exact(l1_off, needed * 8, "L1 table", FMT), dtype=">u8")
+                               .astype(np.uint64) if needed else np.zeros(0, dtype=np.uint64))
+        l2_offsets = self.l1 & np.uint64(L1_OFFSET_MASK)
+        bad = np.flatnonzero((l2_offsets != 0) & ((l2_offsets % np.uint64(cs) != 0)
+                                                   | (l2_offsets + np.uint64(cs) > np.uint64(src.size))))
+        if bad.size:
+            i = int(bad[0])
+            raise self._fail(f"L1 entry {i} points to an L2 table at {int(l2_offsets[i]):#x} that is unaligned "
+                             f"or past the end of the file", l1_off + 8 * i)
+
+    def _parse_extensions(self, head: bytes, pos: int, cs: int) -> dict[int, bytes]:
+        exts: dict[int, bytes] = {}
+        limit = min(len(head), cs)
+        for _ in range(64):
+            if pos + 8 > limit:
+                break
+            etype, elen = struct.unpack_from(">II", head, pos)
+            if etype == EXT_END:
+                break
+            if pos + 8 + elen > limit:
+                raise self._fail(f"header extension {etype:#x} runs past the header cluster", pos)
+            exts[etype] = head[pos + 8: pos + 8 + elen]
+            pos += 8 + ((elen + 7) & ~7)
+        return exts
+
+    @staticmethod
+    def _feature_names(exts: dict[int, bytes], bits: int) -> str:
+        table = exts.get(EXT_FEATURE_TABLE, b"")
+        names = {}
+        for i in range(0, len(table) - 47, 48):
+            ftype, fbit = table[i], table[i + 1]
+            if ftype == 0:
+                names[fbit] = table[i + 2: i + 48].split(b"\0")[0].decode("ascii", "replace")
+        return ", ".join(names.get(b, f"bit {b}") for b in range(64) if bits >> b & 1)
+
+    # -- mapping ----------------------------------------------------------------------------------------
+    def _l2_table(self, l1_index: int) -> np.ndarray | None:
+        """The raw L2 entries (big-endian decoded) for one L1 index, or None if unallocated."""
+        off = int(self.l1[l1_index]) & L1_OFFSET_MASK
+        if off == 0:
+            return None
+        cached = self._l2_cache.get(off)
+        if cached is not None:
+            self._l2_cache.move_to_end(off)
+            return cached
+        raw = self.source.read_exact(off, self.cluster_size, f"L2 table {l1_index}", FMT)
+        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._l2_cache[off] = table
+        if len(self._l2_cache) > _L2_CACHE:
+            self._l2_cache.popitem(last=False)
+        return table
+
+    def _runs(self, l1_index: int, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
+        """(kind, first_unit, unit_count, host) runs over units [first, last) of one L2 table.
+
+        A unit is a cluster, or a subcluster with extended L2 entries. ``host`` is the host offset of the
+        run's first unit for DATA runs, the first cluster's descriptor for COMPRESSED runs.
+        """
+        table = self._l2_table(l1_index)
+        units_per_cluster = 32 if self.extended_l2 else 1
+        if table is None:
+            yield _ZERO, first, last - first, 0
+            return
+        cs = self.cluster_size
+        c0 = first // units_per_cluster
+        c1 = -(-last // units_per_cluster)
+        if self.extended_l2:
+            entries = table[0::2][c0:c1]
+            bitmaps = table[1::2][c0:c1]
+        else:
+            entries = table[c0:c1]
+        compressed = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+        hosts = entries & np.uint64(L2_OFFSET_MASK)
+        if self.extended_l2:
+            sub = np.arange(32, dtype=np.uint64)
+            alloc = ((bitmaps[:, None] >> sub) & np.uint64(1)).astype(bool)
+            zero = ((bitmaps[:, None] >> (sub + np.uint64(32))) & np.uint64(1)).astype(bool)
+            plain = ~compressed
+            if np.any(alloc & zero):
+                i = int(np.flatnonzero((alloc & zero).any(axis=1))[0])
+                raise self._fail(f"L2 entry {c0 + i} of table {l1_index} marks a subcluster both allocated "
+                                 "and zero")
+            kind = np.where(alloc, _DATA, _ZERO).astype(np.int8)
+            kind[compressed] = _COMPRESSED
+            kind = kind.reshape(-1)
+            unit_host = (hosts[:, None] + sub * np.uint64(self.subcluster_size)).reshape(-1)
+            data_rows = plain & alloc.any(axis=1)
+            self._check_hosts(hosts[data_rows], l1_index, c0)
+            raw_desc = np.repeat(entries, 32)
+            unit_host = np.where(kind == _COMPRESSED, raw_desc, unit_host)
+            u0 = c0 * 32
+            kind = kind[first - u0: last - u0]
+            unit_host = unit_host[first - u0: last - u0]
+            step = np.uint64(self.subcluster_size)
+        else:
+            is_zero = (entries & np.uint64(OFLAG_ZERO)) != 0
+            kind = np.where(compressed, _COMPRESSED,
+                            np.where((hosts != 0) & ~is_zero, _DATA, _ZERO)).astype(np.int8)
+            data = kind == _DATA
+            self._check_hosts(hosts[data], l1_index, c0)
+            unit_host = np.where(compressed, entries, hosts)
+            step = np.uint64(cs)
+        n = len(kind)
+        if n == 0:
+            return
+        brk = np.ones(n, dtype=bool)
+        if n > 1:
+            brk[1:] = (kind[1:] != kind[:-1]) | ((kind[1:] == _DATA) & (unit_host[1:] != unit_host[:-1] + step))
+        starts = np.flatnonzero(brk)
+        ends = np.append(starts[1:], n)
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            yield int(kind[s]), first + s, e - s, int(unit_host[s])
+
+    def _check_hosts(self, hosts: np.ndarray, l1_index: int, c0: int) -> None:
+        if hosts.size == 0:
+            return
+        cs = np.uint64(self.cluster_size)
+        bad = (hosts % cs != 0) | (hosts + cs > np.uint64(self.source.size))
+        if np.any(bad):
+            i = int(np.flatnonzero(bad)[0])
+            raise self._fail(f"L2 table {l1_index} maps a cluster to {int(hosts[i]):#x}, which is unaligned or "
+                             f"past the end of the file ({self.source.size} bytes)")
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        stop = self.virtual_size if end is None else min(end, self.virtual_size)
+        if start >= stop:
+            return
+        unit = self.subcluster_size
+        span = self.l2_span
+        pending: Extent | None = None
+        pos = start
+        while pos < stop:
+            l1_index = pos // span
+            base = l1_index * span
+            table_end = min(base + span, stop)
+            first = (pos - base) // unit
+            last = -(-(table_end - base) // unit)
+            for kind, u, count, host in self._runs(l1_index, first, last):
+                g0 = max(base + u * unit, pos)
+                g1 = min(base + (u + count) * unit, table_end)
+                if kind == _DATA:
+                    ext = Extent(g0, g1 - g0, False, host + (g0 - base - u * unit))
+                else:
+                    ext = Extent(g0, g1 - g0, kind == _ZERO, None)
+                if pending is None:
+                    pending = ext
+                elif (pending.zero and ext.zero) or (
+                        not pending.zero and not ext.zero and pending.host is None and ext.host is None):
+                    pending = Extent(pending.start, pending.length + ext.length, ext.zero, None)
+                elif (pending.host is not None and ext.host is not None
+                      and pending.host + pending.length == ext.host):
+                    pending = Extent(pending.start, pending.length + ext.length, False, pending.host)
+                else:
+                    yield pending
+                    pending = ext
+            pos = table_end
+        if pending is not None:
+            yield pending
+
+    # -- compressed clusters --------------------------------------------------------------------------
+    def _descriptor(self, guest: int) -> int:
+        l1_index = guest // self.l2_span
+        table = self._l2_table(l1_index)
+        assert table is not None
+        ci = (guest % self.l2_span) // self.cluster_size
+        return int(table[ci * 2] if self.extended_l2 else table[ci])
+
+    def _decompress_cluster(self, desc: int) -> bytes:
+        cs = self.cluster_size
+        shift = 62 - (self.cluster_bits - 8)
+        offset = desc & ((1 << shift) - 1)
+        sectors = ((desc >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+        csize = sectors * 512 - (offset & 511)
+        if offset >= self.source.size:
+            raise self._fail(f"compressed cluster at {offset:#x} lies past the end of the file")
+        data = self.source.pread(offset, min(csize, self.source.size - offset))
+        try:
+            if self.compression_type == 0:
+                out = zlib.decompressobj(-12).decompress(data, cs)
+            else:
+                reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
+                out = reader.read(cs)
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise self._fail(f"compressed cluster does not decompress: {e}", offset) from None
+        if len(out) != cs:
+            raise self._fail(f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset)
+        return out
+
+    def read_mapped(self, ext: Extent, buf: memoryview) -> None:
+        cs = self.cluster_size
+        pos = ext.start
+        end = ext.end
+        while pos < end:
+            cstart = pos - pos % cs
+            data = self._decompress_cluster(self._descriptor(pos))
+            take = min(end, cstart + cs) - pos
+            buf[pos - ext.start: pos - ext.start + take] = data[pos - cstart: pos - cstart + take]
+            pos += take
+
+    def decompress_many(self, ext: Extent) -> list[tuple[int, bytes]]:
+        """Compressed clusters of ``ext`` as (guest offset, data); lets the engine decompress in parallel."""
+        cs = self.cluster_size
+        return [(g, self._decompress_cluster(self._descriptor(g)))
+                for g in range(ext.start - ext.start % cs, ext.end, cs)]
+
+    # -- facts ------------------------------------------------------------------------------------------
+    def format_specific(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"compat": "0.10" if self.version == 2 else "1.1"}
+        if self.version == 3:
+            facts.update({
+                "compression-type": COMPRESSION_NAMES[self.compression_type],
+                "lazy-refcounts": bool(self.compatible & 1),
+                "refcount-bits": self.refcount_bits,
+                "corrupt": False,
+                "extended-l2": self.extended_l2,
+            })
+        if self.nb_snapshots:
+            facts["snapshots"] = self.nb_snapshots
+        if self.incompatible & INCOMPAT_DIRTY:
+            facts["dirty"] = True
+        return facts
+
+
+def open_qcow2(source: Source) -> Qcow2Image:
+    return Qcow2Image(source)

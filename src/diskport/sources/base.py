@@ -1,0 +1,70 @@
+"""The :class:`Source` contract shared by every byte source."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from types import TracebackType
+
+from diskport.errors import CorruptImage
+
+
+class Source(ABC):
+    """Random-access bytes with a known size.
+
+    ``name`` is what error messages call the source (a path or URL). ``pread`` never returns more than asked
+    and returns fewer bytes only at the end of the source; :meth:`read_exact` turns a short read into a
+    :class:`~diskport.errors.CorruptImage` naming the offset, which is what a reader wants for metadata.
+    """
+
+    name: str
+    size: int
+
+    @abstractmethod
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer only at end of source)."""
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns the count read (short only at end of source)."""
+        data = self.pread(offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def read_exact(self, offset: int, length: int, what: str, fmt: str | None = None) -> bytes:
+        """Exactly ``length`` bytes of ``what`` at ``offset``, else a CorruptImage that says so."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptImage(
+                f"{what} at {offset:#x}+{length:#x} lies beyond the end of the file ({self.size} bytes)",
+                path=self.name, fmt=fmt)
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise CorruptImage(f"{what} is truncated ({len(data)} of {length} bytes)",
+                               path=self.name, fmt=fmt, offset=offset)
+        return data
+
+    def allocated_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start, length, is_data)`` runs over ``[offset, offset+length)``.
+
+        Sources that know where holes are (sparse files via SEEK_DATA/SEEK_HOLE) report them; the default is
+        one data run, which is always correct.
+        """
+        if length > 0:
+            yield offset, length, True
+
+    @property
+    def is_block_device(self) -> bool:
+        return False
+
+    def allocated_bytes(self) -> int | None:
+        """Bytes the source occupies on its storage, when known (for ``actual-size``)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the source's resources."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+"""The :class:`Writer` contract the engine drives."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Writer(ABC):
+    """Receives the guest disk in ascending offset order: ``write`` for data, ``write_zeros`` for zero runs.
+
+    ``zero_granularity`` is the size and alignment at which the engine should look for zero blocks inside data
+    (4 KiB for a sparse raw file, the cluster size for qcow2). ``finish`` completes the file; ``abort`` leaves
+    the target as the caller will remove it.
+    """
+
+    zero_granularity: int = 4096
+
+    @abstractmethod
+    def write(self, offset: int, data: memoryview | bytes) -> None: ...
+
+    @abstractmethod
+    def write_zeros(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def finish(self) -> None: ...
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Stop writing after a failure; the target will be removed by the caller."""
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of the target file written so far (data, metadata)."""
+        return 0
