@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from diskport.destination import Destination
-from diskport.errors import DiskportError, UsageError
+from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage, Extent
 from diskport.writers import OUTPUT_FORMATS, Qcow2Writer, RawWriter, Writer
@@ -155,6 +155,8 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
         try:
             stats, written = write_image(image, dst, output_format=output_format, compression=compression,
                                          cluster_size=cluster_size, force=force, progress=progress)
+        except (DestinationError, UsageError):
+            raise
         except DiskportError as e:
             raise e.locate(src, image.format) from None
         return ConvertResult(source=src, destination=dst, source_format=image.format,

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 
-class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error of the job
+class Interrupted(BaseException):
     """Raised in the main thread when the process receives SIGTERM."""
 
     def __init__(self, signum: int) -> None:

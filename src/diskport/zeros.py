@@ -19,7 +19,7 @@ def zero_runs(view: memoryview, offset: int, granularity: int) -> list[tuple[int
     if body == 0:
         return [(0, n, DATA_RUN)]
     blocks = np.frombuffer(view, dtype=np.uint8, count=body, offset=head).view(np.uint64)
-    nonzero = blocks.reshape(-1, granularity // 8).any(axis=1)
+    nonzero = np.asarray(blocks.reshape(-1, granularity // 8).any(axis=1))
     runs: list[tuple[int, int, bool]] = []
     if head:
         runs.append((0, head, DATA_RUN))

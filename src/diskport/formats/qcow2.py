@@ -68,6 +68,7 @@ def probe(head: bytes, source: Source) -> int:
 
 class Qcow2Image(DiskImage):
     format = FMT
+    cs: int
 
     def __init__(self, source: Source) -> None:
         super().__init__(source)
@@ -84,7 +85,7 @@ class Qcow2Image(DiskImage):
             raise self._fail(f"file is {src.size} bytes, too short for a qcow2 header")
         head = src.read_exact(0, min(src.size, 4096), "header", FMT)
         (magic, version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off,
-         rc_off, rc_clusters, nb_snapshots, snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
+         _rc_off, _rc_clusters, nb_snapshots, _snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
         if magic != MAGIC:
             raise self._fail("bad magic")
         if version not in (2, 3):
@@ -94,7 +95,7 @@ class Qcow2Image(DiskImage):
         if not 9 <= cluster_bits <= 21:
             raise self._fail(f"cluster_bits {cluster_bits} outside 9..21", 20)
         self.cluster_bits = cluster_bits
-        self.cluster_size = cs = 1 << cluster_bits
+        self.cluster_size = self.cs = cs = 1 << cluster_bits
         incompat = compat = autoclear = 0
         refcount_order = 4
         header_length = 72
@@ -206,7 +207,7 @@ class Qcow2Image(DiskImage):
         if cached is not None:
             self._l2_cache.move_to_end(off)
             return cached
-        raw = self.source.read_exact(off, self.cluster_size, f"L2 table {l1_index}", FMT)
+        raw = self.source.read_exact(off, self.cs, f"L2 table {l1_index}", FMT)
         table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         self._l2_cache[off] = table
         if len(self._l2_cache) > _L2_CACHE:
@@ -224,7 +225,7 @@ class Qcow2Image(DiskImage):
         if table is None:
             yield _ZERO, first, last - first, 0
             return
-        cs = self.cluster_size
+        cs = self.cs
         c0 = first // units_per_cluster
         c1 = -(-last // units_per_cluster)
         if self.extended_l2:
@@ -247,8 +248,9 @@ class Qcow2Image(DiskImage):
             kind[compressed] = _COMPRESSED
             kind = kind.reshape(-1)
             unit_host = (hosts[:, None] + sub * np.uint64(self.subcluster_size)).reshape(-1)
-            data_rows = plain & alloc.any(axis=1)
-            self._check_hosts(hosts[data_rows], l1_index, c0)
+            allocated = plain[:, None] & alloc
+            self._check_hosts(hosts[plain & alloc.any(axis=1)], l1_index, c0, aligned_only=True)
+            self._check_hosts(unit_host.reshape(-1, 32)[allocated], l1_index, c0, aligned_only=False)
             raw_desc = np.repeat(entries, 32)
             unit_host = np.where(kind == _COMPRESSED, raw_desc, unit_host)
             u0 = c0 * 32
@@ -274,15 +276,33 @@ class Qcow2Image(DiskImage):
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             yield int(kind[s]), first + s, e - s, int(unit_host[s])
 
-    def _check_hosts(self, hosts: np.ndarray, l1_index: int, c0: int) -> None:
+    def _check_hosts(self, hosts: np.ndarray, l1_index: int, c0: int, aligned_only: bool | None = None) -> None:
+        """Allocated clusters must be cluster aligned and start inside the file.
+
+        A cluster (or subcluster) that starts inside the file but ends past it is legal: qemu extends the file
+        only as far as it wrote, and reads past the end as zeros. One that starts past the end means the file
+        was truncated.
+        """
         if hosts.size == 0:
             return
-        cs = np.uint64(self.cluster_size)
-        bad = (hosts % cs != 0) | (hosts + cs > np.uint64(self.source.size))
+        cs = np.uint64(self.cs)
+        bad = np.zeros(hosts.shape, dtype=bool)
+        if aligned_only is not False:
+            bad |= hosts % cs != 0
+        if aligned_only is not True:
+            bad |= hosts >= np.uint64(self.source.size)
         if np.any(bad):
             i = int(np.flatnonzero(bad)[0])
-            raise self._fail(f"L2 table {l1_index} maps a cluster to {int(hosts[i]):#x}, which is unaligned or "
-                             f"past the end of the file ({self.source.size} bytes)")
+            raise self._fail(f"L2 table {l1_index} maps data to {int(hosts[i]):#x}, which is unaligned or "
+                             f"past the end of the file ({self.source.size} bytes); the file may be truncated")
+
+    def read_extent(self, ext: Extent, buf: memoryview) -> None:
+        if ext.host is not None and not ext.zero:
+            n = self.source.readinto(ext.host, buf)
+            if n < len(buf):  # the tail of the last cluster lies past the end of the file: zeros, as qemu
+                buf[n:] = bytes(len(buf) - n)
+            return
+        super().read_extent(ext, buf)
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         stop = self.virtual_size if end is None else min(end, self.virtual_size)
@@ -325,11 +345,11 @@ class Qcow2Image(DiskImage):
         l1_index = guest // self.l2_span
         table = self._l2_table(l1_index)
         assert table is not None
-        ci = (guest % self.l2_span) // self.cluster_size
+        ci = (guest % self.l2_span) // self.cs
         return int(table[ci * 2] if self.extended_l2 else table[ci])
 
     def _decompress_cluster(self, desc: int) -> bytes:
-        cs = self.cluster_size
+        cs = self.cs
         shift = 62 - (self.cluster_bits - 8)
         offset = desc & ((1 << shift) - 1)
         sectors = ((desc >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
@@ -350,7 +370,7 @@ class Qcow2Image(DiskImage):
         return out
 
     def read_mapped(self, ext: Extent, buf: memoryview) -> None:
-        cs = self.cluster_size
+        cs = self.cs
         pos = ext.start
         end = ext.end
         while pos < end:
@@ -362,7 +382,7 @@ class Qcow2Image(DiskImage):
 
     def decompress_many(self, ext: Extent) -> list[tuple[int, bytes]]:
         """Compressed clusters of ``ext`` as (guest offset, data); lets the engine decompress in parallel."""
-        cs = self.cluster_size
+        cs = self.cs
         return [(g, self._decompress_cluster(self._descriptor(g)))
                 for g in range(ext.start - ext.start % cs, ext.end, cs)]
 

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from types import TracebackType
 
-from diskport.errors import CorruptImage
+from diskport.errors import CorruptImage, UnsafeImage
 
 
 class Source(ABC):
@@ -54,6 +54,14 @@ class Source(ABC):
     @property
     def is_block_device(self) -> bool:
         return False
+
+    def open_relative(self, name: str, what: str) -> Source:
+        """Open a file that this image names (a VMDK extent), confined to the image's own folder.
+
+        Sources that are not local files cannot follow such references.
+        """
+        raise UnsafeImage(f"refers to {what} '{name}', which cannot be opened next to a non-local source",
+                          path=self.name)
 
     def allocated_bytes(self) -> int | None:
         """Bytes the source occupies on its storage, when known (for ``actual-size``)."""

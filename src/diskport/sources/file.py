@@ -6,12 +6,13 @@ its holes; block devices take their size from seeking to the end.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Iterator
 
-from diskport.errors import SourceError
+from diskport.errors import SourceError, UnsafeImage
 from diskport.sources.base import Source
 
 
@@ -33,10 +34,8 @@ class FileSource(Source):
             raise SourceError("is a folder, not a disk image", path=self.name)
         self.size = os.lseek(self._fd, 0, os.SEEK_END) if self._block else st.st_size
         self._blocks = st.st_blocks
-        try:
+        with contextlib.suppress(OSError):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
 
     @property
     def fd(self) -> int:
@@ -101,6 +100,24 @@ class FileSource(Source):
                 hole = end
             yield pos, hole - pos, True
             pos = hole
+
+    def open_relative(self, name: str, what: str) -> Source:
+        """Open ``name`` from this file's folder; absolute paths, ``..``, URLs and symlinks that leave the
+        folder are refused as external references."""
+        folder = os.path.dirname(os.path.abspath(self.name))
+        if (not name or os.path.isabs(name) or "://" in name or "\0" in name
+                or any(part == ".." for part in name.replace("\\", "/").split("/"))):
+            raise UnsafeImage(f"refers to {what} '{name}' outside its own folder; diskport only opens files "
+                              "beside the image", path=self.name)
+        target = os.path.join(folder, name)
+        real_folder = os.path.realpath(folder)
+        real = os.path.realpath(target)
+        if os.path.commonpath([real_folder, real]) != real_folder:
+            raise UnsafeImage(f"refers to {what} '{name}', a link that leaves the image's folder",
+                              path=self.name)
+        if not os.path.exists(real):
+            raise SourceError(f"{what} '{name}' is missing (looked in {folder})", path=self.name)
+        return FileSource(real)
 
     def close(self) -> None:
         if self._fd >= 0:

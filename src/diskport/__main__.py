@@ -1,0 +1,3 @@
+from diskport.cli import main
+
+main()

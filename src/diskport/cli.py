@@ -1,0 +1,107 @@
+"""The ``diskport`` command line: parses, calls the library, renders progress and errors.
+
+Errors the library raises on purpose (:class:`~diskport.errors.DiskportError`) become one line on stderr and
+exit code 1 (2 for usage). Ctrl-C exits 130 and SIGTERM 143, after the same cleanup as any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from diskport import __version__
+from diskport.engine import convert as convert_image
+from diskport.errors import DiskportError
+from diskport.formats import format_names
+from diskport.inspect import inspect_image, render_text
+from diskport.progress import ProgressBar
+from diskport.signals import Interrupted, terminate_raises
+from diskport.units import human_size
+from diskport.writers import OUTPUT_FORMATS
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"diskport: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            with terminate_raises():
+                return func(*args, **kwargs)
+        except DiskportError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was left behind", 130)
+        except Interrupted as e:
+            fail(f"{e}; nothing was left behind", 128 + e.signum)
+        except OSError as e:
+            fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), 1)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="diskport")
+def main() -> None:
+    """Convert, import and package virtual-machine disk images for KubeVirt-style platforms."""
+
+
+FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choice(format_names()),
+                             help="Source format; detected from the content when omitted.")
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("destination", type=click.Path(dir_okay=False))
+@FORMAT_OPTION
+@click.option("-O", "--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
+              help="Format to write.")
+@click.option("-c", "compress", is_flag=True, help="Compress qcow2 clusters (deflate, as qemu-img -c).")
+@click.option("--compression", type=click.Choice(["zlib", "zstd"]),
+              help="Compress qcow2 clusters with this method (implies -c).")
+@click.option("--cluster-size", type=int, default=65536, show_default=True, help="qcow2 cluster size.")
+@click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@handle_errors
+def convert(source: str, destination: str, source_format: str | None, output_format: str, compress: bool,
+            compression: str | None, cluster_size: int, force: bool, quiet: bool) -> None:
+    """Convert SOURCE (any supported format) into DESTINATION (raw or qcow2).
+
+    DESTINATION is written beside itself and renamed when complete: a failed or interrupted conversion
+    leaves nothing behind.
+    """
+    method = compression or ("zlib" if compress else None)
+    with ProgressBar(f"converting {click.format_filename(source)}", enabled=not quiet) as bar:
+        result = convert_image(source, destination, output_format=output_format, source_format=source_format,
+                               compression=method, cluster_size=cluster_size, force=force, progress=bar)
+    if not quiet:
+        click.echo(f"{result.source} ({result.source_format}, {human_size(result.virtual_size)}) -> "
+                   f"{result.destination} ({result.output_format}): {human_size(result.data_bytes)} data, "
+                   f"{human_size(result.zero_bytes)} zeros, {result.seconds:.2f} s", err=True)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@FORMAT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="JSON with qemu-img info's field names.")
+@handle_errors
+def inspect(image: str, source_format: str | None, as_json: bool) -> None:
+    """Show an image's format, sizes and format-specific facts."""
+    facts: dict[str, Any] = inspect_image(image, source_format)
+    click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
+
+
+if __name__ == "__main__":
+    main()

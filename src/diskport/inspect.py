@@ -1,0 +1,54 @@
+"""Facts about an image for ``diskport inspect``.
+
+The JSON form uses ``qemu-img info --output=json`` field names where the fact is the same (``filename``,
+``format``, ``virtual-size``, ``actual-size``, ``cluster-size``, ``format-specific``), so scripts written for
+qemu-img read it unchanged; diskport's own facts (``compression``) are added beside them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from diskport.formats import open_image
+from diskport.units import human_size
+
+
+def inspect_image(location: str | os.PathLike[str], fmt: str | None = None) -> dict[str, Any]:
+    with open_image(location, fmt) as image:
+        facts = image.info()
+        facts["filename"] = os.fspath(location)
+        facts.setdefault("compression", [])
+        return facts
+
+
+def _flatten(prefix: str, value: Any, lines: list[str]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}{key}: " if not prefix else f"{prefix.rstrip(': ')}.{key}: ", sub, lines)
+    elif isinstance(value, list) and value and isinstance(value[0], dict):
+        for i, item in enumerate(value):
+            _flatten(f"{prefix.rstrip(': ')}[{i}]: ", item, lines)
+    else:
+        lines.append(f"{prefix}{value}")
+
+
+def render_text(facts: dict[str, Any]) -> str:
+    lines = [
+        f"file:          {facts['filename']}",
+        f"format:        {facts['format']}",
+    ]
+    if facts.get("compression"):
+        lines.append(f"compression:   {' > '.join(facts['compression'])}")
+    lines.append(f"virtual size:  {human_size(facts['virtual-size'])} ({facts['virtual-size']} bytes)")
+    if "actual-size" in facts:
+        lines.append(f"disk size:     {human_size(facts['actual-size'])}")
+    if "cluster-size" in facts:
+        lines.append(f"cluster size:  {facts['cluster-size']}")
+    specific = facts.get("format-specific", {}).get("data")
+    if specific:
+        lines.append("format specific:")
+        details: list[str] = []
+        _flatten("", specific, details)
+        lines.extend(f"    {line}" for line in details)
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Every class of bad input gets a one-line error naming file, format and problem; exit 1; nothing at DST."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from diskport import CorruptImage, UnsafeImage, UnsupportedImage, convert
+from diskport.errors import DiskportError
+from tests.conftest import MiB, make_image, qemu_img, qemu_io, run_cli
+
+
+def qcow2_image(tmp_path: Path, name: str = "good.qcow2", size: str = "16M") -> Path:
+    image = tmp_path / name
+    qemu_img("create", "-f", "qcow2", image, size)
+    qemu_io(image, "qcow2", "write -P 0xaa 0 1M", "write -P 0xbb 8M 64k")
+    return image
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def header_field(path: Path, offset: int, fmt: str) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        value: int = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+        return value
+
+
+def assert_clean_failure(tmp_path: Path, image: Path, *needles: str, exit_code: int = 1) -> str:
+    dst = tmp_path / "out" / "disk.raw"
+    dst.parent.mkdir(exist_ok=True)
+    proc = run_cli("convert", "-q", image, dst)
+    assert proc.returncode == exit_code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = lines[0]
+    assert str(image) in line
+    for needle in needles:
+        assert needle in line, line
+    assert os.listdir(dst.parent) == [], "nothing may be left at or beside the destination"
+    return line
+
+
+def test_backing_file_refused(tmp_path: Path) -> None:
+    base = qcow2_image(tmp_path, "base.qcow2")
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", overlay)
+    with pytest.raises(UnsafeImage, match=r"backing file 'base\.qcow2'"):
+        convert(overlay, tmp_path / "x.raw")
+    assert_clean_failure(tmp_path, overlay, "qcow2", "backing file 'base.qcow2'")
+
+
+def test_external_data_file_refused(tmp_path: Path) -> None:
+    image = tmp_path / "meta.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "data_file=data.bin", image, "16M")
+    assert_clean_failure(tmp_path, image, "qcow2", "external data file 'data.bin'")
+
+
+def test_encrypted_refused(tmp_path: Path) -> None:
+    image = tmp_path / "secret.qcow2"
+    qemu_img("create", "--object", "secret,id=sec0,data=hunter2", "-f", "qcow2",
+             "-o", "encrypt.format=luks,encrypt.key-secret=sec0", image, "16M")
+    with pytest.raises(UnsupportedImage, match=r"encrypted"):
+        convert(image, tmp_path / "x.raw")
+    assert_clean_failure(tmp_path, image, "qcow2", "encrypted (LUKS)")
+
+
+def test_corrupt_bit_refused(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    incompat = header_field(image, 72, ">Q")
+    patch(image, 72, struct.pack(">Q", incompat | 2))
+    assert_clean_failure(tmp_path, image, "qcow2", "marked corrupt", "qemu-img check -r all")
+
+
+def test_unknown_incompatible_feature_refused(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    patch(image, 72, struct.pack(">Q", 1 << 40))
+    assert_clean_failure(tmp_path, image, "qcow2", "unknown incompatible features bit 40")
+
+
+def test_unsupported_version(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    patch(image, 4, struct.pack(">I", 4))
+    assert_clean_failure(tmp_path, image, "qcow2", "version 4")
+
+
+def test_truncated_image(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    os.truncate(image, 400 * 1024)
+    line = assert_clean_failure(tmp_path, image, "qcow2")
+    assert "truncated" in line or "past the end" in line
+
+
+def test_truncated_header(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    os.truncate(image, 40)
+    assert_clean_failure(tmp_path, image, "qcow2", "too short")
+
+
+def test_l1_table_past_end(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    patch(image, 40, struct.pack(">Q", 1 << 40))
+    assert_clean_failure(tmp_path, image, "qcow2", "L1 table", "beyond the end")
+
+
+def test_l2_table_unaligned(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    l1 = header_field(image, 40, ">Q")
+    patch(image, l1, struct.pack(">Q", (1 << 63) | 0x10200))
+    assert_clean_failure(tmp_path, image, "qcow2", "L1 entry 0", "unaligned")
+
+
+def test_l2_entry_past_end(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    l1 = header_field(image, 40, ">Q")
+    l2 = header_field(image, l1, ">Q") & 0x00FFFFFFFFFFFE00
+    patch(image, l2, struct.pack(">Q", (1 << 63) | (1 << 36)))
+    assert_clean_failure(tmp_path, image, "qcow2", "past the end of the file")
+
+
+def test_huge_virtual_size_with_tiny_l1(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    patch(image, 24, struct.pack(">Q", 1 << 60))
+    assert_clean_failure(tmp_path, image, "qcow2", "L1 table has 1 entries")
+
+
+def test_huge_l1_refused_quickly(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    patch(image, 24, struct.pack(">Q", 1 << 55))  # needs a 512 MiB L1 table
+    patch(image, 36, struct.pack(">I", 0xFFFFFFFF))
+    assert_clean_failure(tmp_path, image, "qcow2", "exceeds")
+
+
+def test_bad_cluster_bits(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    patch(image, 20, struct.pack(">I", 40))
+    assert_clean_failure(tmp_path, image, "qcow2", "cluster_bits 40")
+
+
+def test_garbage_compressed_cluster(tmp_path: Path) -> None:
+    raw = make_image(tmp_path, "raw", 2 * MiB, layout=[(0, 2 * MiB, "text")])
+    image = tmp_path / "comp.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, image)
+    # overwrite the compressed data area (after header, L1, refcounts, L2) with noise
+    size = image.stat().st_size
+    patch(image, size - 4096, os.urandom(4096))
+    line = assert_clean_failure(tmp_path, image, "qcow2")
+    assert "compressed cluster" in line
+
+
+def test_missing_source() -> None:
+    proc = run_cli("convert", "/nonexistent/disk.qcow2", "/tmp/never.raw")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "diskport: /nonexistent/disk.qcow2: no such file"
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run_cli("convert").returncode == 2
+    assert run_cli("convert", "a", "b", "-O", "vmdk").returncode == 2
+    raw = make_image(tmp_path, "raw", MiB)
+    proc = run_cli("convert", "-q", "-c", raw, tmp_path / "x.raw")
+    assert proc.returncode == 2
+    assert "compression needs -O qcow2" in proc.stderr
+    assert not (tmp_path / "x.raw").exists()
+
+
+def test_every_error_is_a_diskport_error(tmp_path: Path) -> None:
+    """Random garbage with a qcow2 magic never escapes as another exception type."""
+    image = tmp_path / "noise.qcow2"
+    image.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + os.urandom(1 << 20))
+    with pytest.raises(DiskportError):
+        convert(image, tmp_path / "x.raw")
+    assert not (tmp_path / "x.raw").exists()
+
+
+def test_corrupt_image_class(tmp_path: Path) -> None:
+    image = qcow2_image(tmp_path)
+    os.truncate(image, 100)
+    with pytest.raises(CorruptImage):
+        convert(image, tmp_path / "x.raw")
