@@ -60,8 +60,9 @@ def test_backing_file_refused(tmp_path: Path) -> None:
 
 def test_external_data_file_refused(tmp_path: Path) -> None:
     image = tmp_path / "meta.qcow2"
-    qemu_img("create", "-f", "qcow2", "-o", "data_file=data.bin", image, "16M")
-    assert_clean_failure(tmp_path, image, "qcow2", "external data file 'data.bin'")
+    data_file = tmp_path / "data.bin"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={data_file}", image, "16M")
+    assert_clean_failure(tmp_path, image, "qcow2", f"external data file '{data_file}'")
 
 
 def test_encrypted_refused(tmp_path: Path) -> None:
