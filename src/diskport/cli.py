@@ -73,10 +73,11 @@ FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choic
               help="Compress qcow2 clusters with this method (implies -c).")
 @click.option("--cluster-size", type=int, default=65536, show_default=True, help="qcow2 cluster size.")
 @click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
+@click.option("--sync", is_flag=True, help="Flush DESTINATION to stable storage before finishing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
 def convert(source: str, destination: str, source_format: str | None, output_format: str, compress: bool,
-            compression: str | None, cluster_size: int, force: bool, quiet: bool) -> None:
+            compression: str | None, cluster_size: int, force: bool, sync: bool, quiet: bool) -> None:
     """Convert SOURCE (any supported format) into DESTINATION (raw or qcow2).
 
     DESTINATION is written beside itself and renamed when complete: a failed or interrupted conversion
@@ -85,7 +86,8 @@ def convert(source: str, destination: str, source_format: str | None, output_for
     method = compression or ("zlib" if compress else None)
     with ProgressBar(f"converting {click.format_filename(source)}", enabled=not quiet) as bar:
         result = convert_image(source, destination, output_format=output_format, source_format=source_format,
-                               compression=method, cluster_size=cluster_size, force=force, progress=bar)
+                               compression=method, cluster_size=cluster_size, force=force, sync=sync,
+                               progress=bar)
     if not quiet:
         click.echo(f"{result.source} ({result.source_format}, {human_size(result.virtual_size)}) -> "
                    f"{result.destination} ({result.output_format}): {human_size(result.data_bytes)} data, "

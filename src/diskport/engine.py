@@ -10,8 +10,10 @@ the destination is written beside its final name and renamed only when complete.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from diskport.destination import Destination
@@ -50,6 +52,107 @@ class ConvertResult:
     seconds: float
 
 
+class _Prefetcher:
+    """Reads the image ahead of the writer on a background thread.
+
+    The producer walks the extents and fills windows from a small pool of buffers; the caller's thread scans
+    and writes them in order. preadv, pwrite, zlib and numpy release the GIL, so reading overlaps writing.
+    Items are ``(start, length, buffer)``: ``buffer`` None means a zero run sent straight to the writer.
+    """
+
+    DEPTH = 3
+
+    def __init__(self, image: DiskImage, window: int, gran: int) -> None:
+        self.image = image
+        self.window = window
+        self.gran = gran
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(self.DEPTH):
+            self.free.put(bytearray(window))
+        self.ready: queue.Queue[tuple[int, int, bytearray | None] | BaseException | None] = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="diskport-prefetch", daemon=True)
+
+    def __enter__(self) -> _Prefetcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        # Unblock a producer waiting for a free buffer, then wait for it to notice the stop.
+        for _ in range(self.DEPTH):
+            self.free.put(bytearray(0))
+        self.thread.join()
+
+    def _take_buffer(self) -> bytearray | None:
+        buf = self.free.get()
+        return None if self.stop.is_set() else buf
+
+    def _run(self) -> None:
+        try:
+            self._produce()
+            self.ready.put(None)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self.ready.put(e)
+
+    def _produce(self) -> None:
+        image, window, gran = self.image, self.window, self.gran
+        zero_fill = memoryview(bytes(window))
+        buf: bytearray | None = None
+        mv = memoryview(b"")
+        wstart = fill = wlimit = 0
+
+        def emit() -> None:
+            nonlocal buf, fill
+            if buf is not None and fill:
+                self.ready.put((wstart, fill, buf))
+                buf = None
+                fill = 0
+
+        for ext in image.extents():
+            if self.stop.is_set():
+                return
+            if ext.zero and (fill == 0 or ext.length >= DIRECT_ZERO):
+                emit()
+                self.ready.put((ext.start, ext.length, None))
+                continue
+            pos = ext.start
+            while pos < ext.end:
+                if fill == 0:
+                    if buf is None:
+                        buf = self._take_buffer()
+                        if buf is None:
+                            return
+                        mv = memoryview(buf)
+                    wstart = pos
+                    # End windows on granularity boundaries so zero blocks line up with the writer's.
+                    wlimit = (pos + window) // gran * gran
+                    if wlimit <= pos:
+                        wlimit = pos + window
+                take = min(ext.end, wlimit) - pos
+                if ext.zero:
+                    mv[fill: fill + take] = zero_fill[:take]
+                else:
+                    host = None if ext.host is None else ext.host + (pos - ext.start)
+                    image.read_extent(Extent(pos, take, False, host), mv[fill: fill + take])
+                fill += take
+                pos += take
+                if pos >= wlimit:
+                    emit()
+        emit()
+
+    def items(self) -> Iterator[tuple[int, int, bytearray | None]]:
+        while True:
+            item = self.ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item[2] is not None:
+                self.free.put(item[2])
+
+
 def copy_image(image: DiskImage, writer: Writer, progress: Progress | None = None,
                *, window: int = WINDOW) -> CopyStats:
     """Drive every extent of ``image`` into ``writer`` in guest order; does not call ``writer.finish``."""
@@ -57,78 +160,48 @@ def copy_image(image: DiskImage, writer: Writer, progress: Progress | None = Non
     stats = CopyStats(virtual_size=total)
     gran = writer.zero_granularity
     window = max(gran, window // gran * gran)
-    buf = bytearray(window)
-    mv = memoryview(buf)
-    zero_fill = memoryview(bytes(window))
-    wstart = 0
-    fill = 0
-    wlimit = 0
-
-    def flush() -> None:
-        nonlocal fill
-        if not fill:
-            return
-        for a, b, is_zero in zero_runs(mv[:fill], wstart, gran):
-            if is_zero:
-                writer.write_zeros(wstart + a, b - a)
-                stats.zero_bytes += b - a
+    with _Prefetcher(image, window, gran) as prefetch:
+        for start, length, buf in prefetch.items():
+            if buf is None:
+                writer.write_zeros(start, length)
+                stats.zero_bytes += length
             else:
-                writer.write(wstart + a, mv[a:b])
-                stats.data_bytes += b - a
-        if progress is not None:
-            progress(wstart + fill, total)
-        fill = 0
-
-    for ext in image.extents():
-        if ext.zero and (fill == 0 or ext.length >= DIRECT_ZERO):
-            flush()
-            writer.write_zeros(ext.start, ext.length)
-            stats.zero_bytes += ext.length
+                mv = memoryview(buf)[:length]
+                for a, b, is_zero in zero_runs(mv, start, gran):
+                    if is_zero:
+                        writer.write_zeros(start + a, b - a)
+                        stats.zero_bytes += b - a
+                    else:
+                        writer.write(start + a, mv[a:b])
+                        stats.data_bytes += b - a
             if progress is not None:
-                progress(ext.end, total)
-            continue
-        pos = ext.start
-        while pos < ext.end:
-            if fill == 0:
-                wstart = pos
-                # End windows on granularity boundaries so zero blocks line up with the writer's.
-                wlimit = (pos + window) // gran * gran
-                if wlimit <= pos:
-                    wlimit = pos + window
-            take = min(ext.end, wlimit) - pos
-            if ext.zero:
-                mv[fill: fill + take] = zero_fill[:take]
-            else:
-                host = None if ext.host is None else ext.host + (pos - ext.start)
-                image.read_extent(Extent(pos, take, False, host), mv[fill: fill + take])
-            fill += take
-            pos += take
-            if pos >= wlimit:
-                flush()
-    flush()
+                progress(start + length, total)
     return stats
 
 
 def make_writer(output_format: str, dest: Destination, size: int, *, compression: str | None = None,
-                cluster_size: int = 65536) -> Writer:
+                cluster_size: int = 65536, sync: bool = False) -> Writer:
+    """A writer for ``dest``. ``sync`` flushes to stable storage at the end; block devices always are."""
+    sync = sync or dest.block_device
     if output_format == "raw":
         if compression:
             raise UsageError("compression needs -O qcow2; raw output is never compressed")
-        return RawWriter(dest.fd, size, name=dest.path, block_device=dest.block_device)
+        return RawWriter(dest.fd, size, name=dest.path, block_device=dest.block_device, sync=sync)
     if output_format == "qcow2":
-        return Qcow2Writer(dest.fd, size, name=dest.path, cluster_size=cluster_size, compression=compression)
+        return Qcow2Writer(dest.fd, size, name=dest.path, cluster_size=cluster_size, compression=compression,
+                           sync=sync)
     raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
 
 
 def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output_format: str = "raw",
                 compression: str | None = None, cluster_size: int = 65536, force: bool = False,
-                progress: Progress | None = None) -> tuple[CopyStats, int]:
+                sync: bool = False, progress: Progress | None = None) -> tuple[CopyStats, int]:
     """Write an opened image to ``destination`` atomically; returns the copy stats and bytes written."""
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
     with Destination(destination, force=force, size=image.virtual_size) as dest:
         writer = make_writer(output_format, dest, image.virtual_size, compression=compression,
-                             cluster_size=cluster_size)
+                             cluster_size=cluster_size, sync=sync)
         try:
             stats = copy_image(image, writer, progress)
             writer.finish()
@@ -140,11 +213,13 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
 
 def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str], *,
             output_format: str = "raw", source_format: str | None = None, compression: str | None = None,
-            cluster_size: int = 65536, force: bool = False, progress: Progress | None = None) -> ConvertResult:
+            cluster_size: int = 65536, force: bool = False, sync: bool = False,
+            progress: Progress | None = None) -> ConvertResult:
     """Convert the image at ``source`` into ``destination`` (``raw`` or ``qcow2``).
 
     ``compression`` (``zlib`` or ``zstd``) compresses qcow2 clusters. Nothing exists at ``destination``
-    unless the conversion completed.
+    unless the conversion completed. ``sync`` flushes the result to stable storage before it is renamed into
+    place (like qemu-img, a file is not flushed by default; a block device always is).
     """
     began = time.monotonic()
     src = os.fspath(source)
@@ -154,7 +229,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     with open_image(src, source_format) as image:
         try:
             stats, written = write_image(image, dst, output_format=output_format, compression=compression,
-                                         cluster_size=cluster_size, force=force, progress=progress)
+                                         cluster_size=cluster_size, force=force, sync=sync, progress=progress)
         except (DestinationError, UsageError):
             raise
         except DiskportError as e:

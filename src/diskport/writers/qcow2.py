@@ -55,13 +55,14 @@ def _zstd(data: memoryview) -> bytes:
 
 class Qcow2Writer(Writer):
     def __init__(self, fd: int, virtual_size: int, *, name: str, cluster_size: int = 65536,
-                 compression: str | None = None, threads: int | None = None) -> None:
+                 compression: str | None = None, threads: int | None = None, sync: bool = False) -> None:
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
             raise UsageError(f"cluster size {cluster_size} is not a power of two from 512 to 2097152")
         if compression is not None and compression not in COMPRESSION_TYPES:
             raise UsageError(f"unknown qcow2 compression '{compression}' (zlib or zstd)")
         self.fd = fd
         self.name = name
+        self.sync = sync
         self.size = virtual_size
         self.cs = cluster_size
         self.cluster_bits = cluster_size.bit_length() - 1
@@ -264,6 +265,8 @@ class Qcow2Writer(Writer):
                              incompat, 0, 0, 4, HEADER_LENGTH)
         header += bytes([ctype]) + bytes(7) + bytes(8)  # compression type, padding, end of extensions
         self._pwrite(header, 0)
+        if not self.sync:
+            return
         try:
             os.fdatasync(self.fd)
         except OSError as e:

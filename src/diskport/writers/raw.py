@@ -23,8 +23,9 @@ _ZERO_CHUNK = 4 * 1024 * 1024
 class RawWriter(Writer):
     zero_granularity = 4096
 
-    def __init__(self, fd: int, size: int, *, name: str, block_device: bool = False) -> None:
+    def __init__(self, fd: int, size: int, *, name: str, block_device: bool = False, sync: bool = False) -> None:
         self.fd = fd
+        self.sync = sync or block_device
         self.size = size
         self.name = name
         self.block_device = block_device
@@ -69,6 +70,8 @@ class RawWriter(Writer):
             offset += n
 
     def finish(self) -> None:
+        if not self.sync:
+            return
         try:
             os.fdatasync(self.fd)
         except OSError as e:
