@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DISKPORT, GiB, Case, alternate, need, remove, sample_raw, timed  # noqa: E402
+from common import DISKPORT, Case, GiB, alternate, need, remove, sample_raw, timed
 
 
 def main() -> int:

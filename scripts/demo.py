@@ -69,7 +69,7 @@ def generate(path: Path) -> str:
             n = min(CHUNK, SIZE - pos)
             digest.update(zeros[:n])
             pos += n
-        writer.finish()
+        writer.finish(SIZE)
     return digest.hexdigest()
 
 

@@ -74,10 +74,14 @@ FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choic
 @click.option("--cluster-size", type=int, default=65536, show_default=True, help="qcow2 cluster size.")
 @click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
 @click.option("--sync", is_flag=True, help="Flush DESTINATION to stable storage before finishing.")
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="Folder for scratch space when a compressed image needs random access "
+                   "[default: DESTINATION's folder].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
 def convert(source: str, destination: str, source_format: str | None, output_format: str, compress: bool,
-            compression: str | None, cluster_size: int, force: bool, sync: bool, quiet: bool) -> None:
+            compression: str | None, cluster_size: int, force: bool, sync: bool, scratch: str | None,
+            quiet: bool) -> None:
     """Convert SOURCE (any supported format) into DESTINATION (raw or qcow2).
 
     DESTINATION is written beside itself and renamed when complete: a failed or interrupted conversion
@@ -87,8 +91,10 @@ def convert(source: str, destination: str, source_format: str | None, output_for
     with ProgressBar(f"converting {click.format_filename(source)}", enabled=not quiet) as bar:
         result = convert_image(source, destination, output_format=output_format, source_format=source_format,
                                compression=method, cluster_size=cluster_size, force=force, sync=sync,
-                               progress=bar)
+                               scratch_dir=scratch, progress=bar)
     if not quiet:
+        if result.compression:
+            click.echo(f"{result.source}: {result.access}", err=True)
         click.echo(f"{result.source} ({result.source_format}, {human_size(result.virtual_size)}) -> "
                    f"{result.destination} ({result.output_format}): {human_size(result.data_bytes)} data, "
                    f"{human_size(result.zero_bytes)} zeros, {result.seconds:.2f} s", err=True)

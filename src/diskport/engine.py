@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,8 @@ class ConvertResult:
     zero_bytes: int
     written_bytes: int
     seconds: float
+    compression: list[str]
+    access: str
 
 
 class _Prefetcher:
@@ -156,8 +159,8 @@ class _Prefetcher:
 def copy_image(image: DiskImage, writer: Writer, progress: Progress | None = None,
                *, window: int = WINDOW) -> CopyStats:
     """Drive every extent of ``image`` into ``writer`` in guest order; does not call ``writer.finish``."""
-    total = image.virtual_size
-    stats = CopyStats(virtual_size=total)
+    total = image.virtual_size if image.size_known else 0  # 0: not known until a stream ends
+    stats = CopyStats()
     gran = writer.zero_granularity
     window = max(gran, window // gran * gran)
     with _Prefetcher(image, window, gran) as prefetch:
@@ -176,10 +179,11 @@ def copy_image(image: DiskImage, writer: Writer, progress: Progress | None = Non
                         stats.data_bytes += b - a
             if progress is not None:
                 progress(start + length, total)
+    stats.virtual_size = image.virtual_size
     return stats
 
 
-def make_writer(output_format: str, dest: Destination, size: int, *, compression: str | None = None,
+def make_writer(output_format: str, dest: Destination, size: int | None, *, compression: str | None = None,
                 cluster_size: int = 65536, sync: bool = False) -> Writer:
     """A writer for ``dest``. ``sync`` flushes to stable storage at the end; block devices always are."""
     sync = sync or dest.block_device
@@ -199,34 +203,47 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
     """Write an opened image to ``destination`` atomically; returns the copy stats and bytes written."""
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
-    with Destination(destination, force=force, size=image.virtual_size) as dest:
-        writer = make_writer(output_format, dest, image.virtual_size, compression=compression,
+    size = image.virtual_size if image.size_known else None
+    with Destination(destination, force=force, size=size) as dest:
+        writer = make_writer(output_format, dest, size, compression=compression,
                              cluster_size=cluster_size, sync=sync)
         try:
             stats = copy_image(image, writer, progress)
-            writer.finish()
+            writer.finish(image.virtual_size)
         except BaseException:
             writer.abort()
             raise
     return stats, writer.bytes_written
 
 
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str], *,
             output_format: str = "raw", source_format: str | None = None, compression: str | None = None,
-            cluster_size: int = 65536, force: bool = False, sync: bool = False,
-            progress: Progress | None = None) -> ConvertResult:
+            cluster_size: int = 65536, force: bool = False, sync: bool = False, scratch_dir: str | None = None,
+            size_limit: int | None = None, progress: Progress | None = None) -> ConvertResult:
     """Convert the image at ``source`` into ``destination`` (``raw`` or ``qcow2``).
 
     ``compression`` (``zlib`` or ``zstd``) compresses qcow2 clusters. Nothing exists at ``destination``
     unless the conversion completed. ``sync`` flushes the result to stable storage before it is renamed into
-    place (like qemu-img, a file is not flushed by default; a block device always is).
+    place (like qemu-img, a file is not flushed by default; a block device always is). A random-access format
+    inside a compressed file is spooled to an unlinked scratch file in ``scratch_dir`` (default: the
+    destination's folder); ``size_limit`` bounds what a compressed raw disk may expand to.
     """
     began = time.monotonic()
     src = os.fspath(source)
     dst = os.fspath(destination)
+    if not force and os.path.exists(dst) and not os.path.isdir(dst) and not _is_block_device(dst):
+        raise DestinationError("already exists; pass --force to replace it", path=dst)
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise UsageError("source and destination are the same file", path=dst)
-    with open_image(src, source_format) as image:
+    scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
+    with open_image(src, source_format, scratch_dir=scratch, size_limit=size_limit) as image:
         try:
             stats, written = write_image(image, dst, output_format=output_format, compression=compression,
                                          cluster_size=cluster_size, force=force, sync=sync, progress=progress)
@@ -237,4 +254,5 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
         return ConvertResult(source=src, destination=dst, source_format=image.format,
                              output_format=output_format, virtual_size=image.virtual_size,
                              data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
-                             written_bytes=written, seconds=time.monotonic() - began)
+                             written_bytes=written, seconds=time.monotonic() - began,
+                             compression=list(image.compression), access=image.access)

@@ -14,11 +14,21 @@ from diskport.formats import open_image
 from diskport.units import human_size
 
 
-def inspect_image(location: str | os.PathLike[str], fmt: str | None = None) -> dict[str, Any]:
-    with open_image(location, fmt) as image:
+def inspect_image(location: str | os.PathLike[str], fmt: str | None = None, *,
+                  scratch_dir: str | None = None) -> dict[str, Any]:
+    """Facts about the image at ``location``.
+
+    A raw disk inside gzip or bzip2 declares no size: it is decompressed once, without writing anything, to
+    learn it. A random-access format inside a compressed file is spooled to scratch to be read.
+    """
+    with open_image(location, fmt, scratch_dir=scratch_dir) as image:
+        if not image.size_known:
+            for _ in image.extents():
+                pass
         facts = image.info()
         facts["filename"] = os.fspath(location)
-        facts.setdefault("compression", [])
+        if image.compression:
+            facts["access"] = image.access
         return facts
 
 
@@ -39,7 +49,7 @@ def render_text(facts: dict[str, Any]) -> str:
         f"format:        {facts['format']}",
     ]
     if facts.get("compression"):
-        lines.append(f"compression:   {' > '.join(facts['compression'])}")
+        lines.append(f"compression:   {' > '.join(facts['compression'])} ({facts['access']})")
     lines.append(f"virtual size:  {human_size(facts['virtual-size'])} ({facts['virtual-size']} bytes)")
     if "actual-size" in facts:
         lines.append(f"disk size:     {human_size(facts['actual-size'])}")

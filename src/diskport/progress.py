@@ -47,7 +47,7 @@ class ProgressBar:
         if now - self._last < 0.1 and done < total:
             return
         self._last = now
-        self._progress.update(self._task, completed=done, total=total)
+        self._progress.update(self._task, completed=done, total=total or None)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -9,6 +9,8 @@ validates is chosen. Two that both validate are refused as ambiguous rather than
 from __future__ import annotations
 
 import os
+import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +18,11 @@ from diskport.errors import DiskportError, UnsupportedImage
 from diskport.formats import iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
+from diskport.formats.stream import StreamedRawImage
 from diskport.sources import Source, open_source
+from diskport.sources.base import HeadSource
+from diskport.sources.spool import spool
+from diskport.sources.stream import DecompressingStream
 
 HEAD_SIZE = 64 * 1024
 
@@ -57,45 +63,119 @@ def probe_scores(source: Source, head: bytes | None = None) -> dict[str, int]:
     return {name: score for name, spec in FORMATS.items() if (score := spec.probe(head, source)) > 0}
 
 
-def open_detected(source: Source, fmt: str | None = None) -> DiskImage:
-    """Open ``source`` as ``fmt``, or as the format its content shows."""
+#: Ceiling for a raw disk inside a compressed file, which declares no size of its own.
+MAX_STREAM_SIZE = 64 * 1024**4
+#: Formats that read straight from a decompressing stream; the others need random access and are spooled.
+STREAMABLE = ("raw", "iso")
+
+
+def declared_size(name: str, head: bytes) -> int | None:
+    """The virtual size a format's first bytes declare, where they do (bounds a spool against bombs)."""
+    try:
+        if name == "qcow2":
+            return int(struct.unpack_from(">Q", head, 24)[0])
+        if name == "vmdk" and head[:4] == b"KDMV":
+            return int(struct.unpack_from("<Q", head, 12)[0]) * 512
+        if name == "vdi":
+            return int(struct.unpack_from("<Q", head, 0x170)[0])
+        if name == "vpc":
+            return int(struct.unpack_from(">Q", head, 48)[0])
+    except struct.error:
+        return None
+    return None
+
+
+def open_compressed(source: Source, kind: str, fmt: str | None, scratch_dir: str | None,
+                    size_limit: int | None) -> DiskImage:
+    """Open the image inside a compressed file: streamed when its format allows, else spooled to scratch."""
+    stream = DecompressingStream(source, kind)
+    try:
+        head_buf = bytearray(HEAD_SIZE)
+        head = bytes(head_buf[: stream.readinto(memoryview(head_buf))])
+        inner = detect_compression(head)
+        if inner:
+            raise UnsupportedImage(f"is {kind}-compressed {inner} data; decompress the outer layer first",
+                                   path=source.name, fmt=kind)
+        view = HeadSource(source.name, head)
+        name = ALIASES.get(fmt, fmt) if fmt else _choose(probe_scores(view, head), view, probe_only=True)
+        limit = size_limit if size_limit is not None else MAX_STREAM_SIZE
+        if name in STREAMABLE:
+            image: DiskImage = StreamedRawImage(stream, head, name, limit=limit,
+                                                fixed_vhd_footer=vhd.fixed_footer_size)
+            image.access = f"stream: {name} is read straight from the {kind} stream"
+            return image
+        declared = declared_size(name, head)
+        if declared is not None:
+            limit = min(limit, declared + declared // 8 + 256 * 1024 * 1024)
+        what = f"its declared virtual size ({declared} bytes)" if declared is not None else "the size limit"
+        spooled = spool(stream, head, scratch_dir or tempfile.gettempdir(), limit, what)
+        stream.close()
+        try:
+            image = FORMATS[name].open(spooled)
+        except DiskportError as e:
+            spooled.close()
+            raise e.locate(source.name, name) from None
+        except BaseException:
+            spooled.close()
+            raise
+        image.close_with(source.close)
+        image.outer = source
+        image.compression = [kind]
+        image.access = f"spooled: {name} needs random access, so the {kind} stream was copied to scratch first"
+        return image
+    except BaseException:
+        stream.close()
+        raise
+
+
+def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) -> str:
+    """The single top-scoring format; ties are broken by which formats' structures validate."""
+    top = max(scores.values())
+    leaders = [name for name, score in scores.items() if score == top]
+    if len(leaders) == 1 or probe_only:
+        return leaders[0]
+    valid = []
+    errors: list[DiskportError] = []
+    for name in leaders:
+        try:
+            FORMATS[name].open(source)  # validation only; the source stays open for the chosen reader
+            valid.append(name)
+        except DiskportError as e:
+            errors.append(e)
+    if len(valid) == 1:
+        return valid[0]
+    if not valid:
+        raise errors[0]
+    raise UnsupportedImage(f"content is valid as more than one format ({', '.join(valid)}); refusing to guess",
+                           path=source.name, hint="name the format with --format")
+
+
+def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | None = None,
+                  size_limit: int | None = None) -> DiskImage:
+    """Open ``source`` as ``fmt``, or as the format its content shows.
+
+    A compressed file is opened through :func:`open_compressed`; ``scratch_dir`` is where a random-access format
+    inside one is spooled, and ``size_limit`` bounds a raw disk inside one.
+    """
+    head = read_head(source)
+    compression = detect_compression(head)
+    if compression:
+        return open_compressed(source, compression, fmt, scratch_dir, size_limit)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)
         if name not in FORMATS:
             raise UnsupportedImage(f"unknown format '{fmt}' (known: {', '.join(format_names())})",
                                    path=source.name)
         return FORMATS[name].open(source)
-    head = read_head(source)
-    compression = detect_compression(head)
-    if compression:
-        raise UnsupportedImage(f"is {compression}-compressed; reading compressed images is not implemented yet",
-                               path=source.name)
-    scores = probe_scores(source, head)
-    top = max(scores.values())
-    leaders = [name for name, score in scores.items() if score == top]
-    if len(leaders) == 1:
-        return FORMATS[leaders[0]].open(source)
-    opened: list[DiskImage] = []
-    errors: list[DiskportError] = []
-    for name in leaders:
-        try:
-            opened.append(FORMATS[name].open(source))
-        except DiskportError as e:
-            errors.append(e)
-    if len(opened) == 1:
-        return opened[0]
-    if not opened:
-        raise errors[0]
-    raise UnsupportedImage(
-        f"content is valid as more than one format ({', '.join(i.format for i in opened)}); "
-        "refusing to guess", path=source.name, hint="name the format with --format")
+    return FORMATS[_choose(probe_scores(source, head), source)].open(source)
 
 
-def open_image(location: str | os.PathLike[str] | Source, fmt: str | None = None) -> DiskImage:
+def open_image(location: str | os.PathLike[str] | Source, fmt: str | None = None, *,
+               scratch_dir: str | None = None, size_limit: int | None = None) -> DiskImage:
     """Open a disk image from a path or a :class:`Source`; the caller closes it (it is a context manager)."""
     source = location if isinstance(location, Source) else open_source(location)
     try:
-        return open_detected(source, fmt)
+        return open_detected(source, fmt, scratch_dir=scratch_dir, size_limit=size_limit)
     except BaseException:
         if not isinstance(location, Source):
             source.close()

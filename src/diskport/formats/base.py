@@ -9,7 +9,7 @@ A :class:`DiskImage` has a ``virtual_size`` and yields :class:`Extent` runs in g
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -26,6 +26,29 @@ class Extent(NamedTuple):
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+def coalesce(runs: Iterable[Extent], *, merge_unmapped: bool = False) -> Iterator[Extent]:
+    """Merge adjacent zero runs, and data runs that continue each other in the source.
+
+    With ``merge_unmapped``, adjacent data runs without ``host`` merge too (for readers whose ``read_mapped``
+    serves any range, such as qcow2's compressed clusters).
+    """
+    pending: Extent | None = None
+    for ext in runs:
+        if pending is None:
+            pending = ext
+        elif pending.zero and ext.zero:
+            pending = Extent(pending.start, pending.length + ext.length, True, None)
+        elif not pending.zero and not ext.zero and (
+                (pending.host is not None and ext.host is not None and pending.host + pending.length == ext.host)
+                or (merge_unmapped and pending.host is None and ext.host is None)):
+            pending = Extent(pending.start, pending.length + ext.length, False, pending.host)
+        else:
+            yield pending
+            pending = ext
+    if pending is not None:
+        yield pending
 
 
 def clip(ext: Extent, start: int, end: int) -> Extent | None:
@@ -48,9 +71,18 @@ class DiskImage(ABC):
     format: str = "raw"
     virtual_size: int = 0
     cluster_size: int | None = None
+    #: False while the size is still being learned (a raw disk streaming out of gzip).
+    size_known: bool = True
 
     def __init__(self, source: Source) -> None:
         self.source = source
+        #: Compression layers the image was found inside, outermost first.
+        self.compression: list[str] = []
+        #: How the bytes were read: "direct", "stream" or "spooled", and why.
+        self.access = "direct"
+        self._closers: list[Callable[[], None]] = []
+        #: The file as the user named it, when ``source`` is a spooled copy of what is inside it.
+        self.outer: Source | None = None
 
     @abstractmethod
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
@@ -88,7 +120,7 @@ class DiskImage(ABC):
         return bytes(buf)
 
     def allocated_size(self) -> int | None:
-        return self.source.allocated_bytes()
+        return (self.outer or self.source).allocated_bytes()
 
     def info(self) -> dict[str, Any]:
         """Facts for ``inspect``; keys follow ``qemu-img info --output=json`` where the fact is the same."""
@@ -105,13 +137,20 @@ class DiskImage(ABC):
         specific = self.format_specific()
         if specific:
             facts["format-specific"] = {"type": self.format, "data": specific}
+        facts["compression"] = list(self.compression)
         return facts
 
     def format_specific(self) -> dict[str, Any]:
         return {}
 
+    def close_with(self, closer: Callable[[], None]) -> None:
+        """Also call ``closer`` when the image closes (the compressed file under a spooled copy)."""
+        self._closers.append(closer)
+
     def close(self) -> None:
         self.source.close()
+        while self._closers:
+            self._closers.pop()()
 
     def __enter__(self) -> DiskImage:
         return self

@@ -24,7 +24,7 @@ import numpy as np
 import zstandard
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import DiskImage, Extent, coalesce
 from diskport.sources.base import Source
 
 MAGIC = b"QFI\xfb"
@@ -308,9 +308,11 @@ class Qcow2Image(DiskImage):
         stop = self.virtual_size if end is None else min(end, self.virtual_size)
         if start >= stop:
             return
+        yield from coalesce(self._mapped_runs(start, stop), merge_unmapped=True)
+
+    def _mapped_runs(self, start: int, stop: int) -> Iterator[Extent]:
         unit = self.subcluster_size
         span = self.l2_span
-        pending: Extent | None = None
         pos = start
         while pos < stop:
             l1_index = pos // span
@@ -322,23 +324,10 @@ class Qcow2Image(DiskImage):
                 g0 = max(base + u * unit, pos)
                 g1 = min(base + (u + count) * unit, table_end)
                 if kind == _DATA:
-                    ext = Extent(g0, g1 - g0, False, host + (g0 - base - u * unit))
+                    yield Extent(g0, g1 - g0, False, host + (g0 - base - u * unit))
                 else:
-                    ext = Extent(g0, g1 - g0, kind == _ZERO, None)
-                if pending is None:
-                    pending = ext
-                elif (pending.zero and ext.zero) or (
-                        not pending.zero and not ext.zero and pending.host is None and ext.host is None):
-                    pending = Extent(pending.start, pending.length + ext.length, ext.zero, None)
-                elif (pending.host is not None and ext.host is not None
-                      and pending.host + pending.length == ext.host):
-                    pending = Extent(pending.start, pending.length + ext.length, False, pending.host)
-                else:
-                    yield pending
-                    pending = ext
+                    yield Extent(g0, g1 - g0, kind == _ZERO, None)
             pos = table_end
-        if pending is not None:
-            yield pending
 
     # -- compressed clusters --------------------------------------------------------------------------
     def _descriptor(self, guest: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import DiskImage, Extent, coalesce
 from diskport.sources.base import Source
 
 # Holes smaller than this are read as data: the filesystem's holes are at least a block anyway, and
@@ -25,18 +25,10 @@ class RawImage(DiskImage):
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        pending: Extent | None = None
-        for pos, length, is_data in self.source.allocated_extents(start, stop - start):
-            zero = not is_data and length >= _MIN_HOLE
-            ext = Extent(pos, length, zero, None if zero else pos)
-            if pending is not None and pending.zero == ext.zero:
-                pending = Extent(pending.start, pending.length + length, zero, pending.host)
-            else:
-                if pending is not None:
-                    yield pending
-                pending = ext
-        if pending is not None:
-            yield pending
+        runs = self.source.allocated_extents(start, stop - start)
+        yield from coalesce(Extent(pos, length, zero, None if zero else pos)
+                            for pos, length, is_data in runs
+                            for zero in (not is_data and length >= _MIN_HOLE,))
 
 
 def probe(head: bytes, source: Source) -> int:

@@ -76,3 +76,15 @@ class Source(ABC):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class HeadSource(Source):
+    """The first bytes of a stream, as a source for probes: reads past them return nothing."""
+
+    def __init__(self, name: str, head: bytes) -> None:
+        self.name = name
+        self.head = head
+        self.size = len(head)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.head[offset: offset + length]

@@ -17,16 +17,19 @@ from diskport.sources.base import Source
 
 
 class FileSource(Source):
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fd: int | None = None) -> None:
         self.name = os.fspath(path)
-        try:
-            self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise SourceError("no such file", path=self.name) from None
-        except IsADirectoryError:
-            raise SourceError("is a folder, not a disk image", path=self.name) from None
-        except OSError as e:
-            raise SourceError(f"cannot open: {e.strerror}", path=self.name) from None
+        if fd is not None:
+            self._fd = fd
+        else:
+            try:
+                self._fd = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise SourceError("no such file", path=self.name) from None
+            except IsADirectoryError:
+                raise SourceError("is a folder, not a disk image", path=self.name) from None
+            except OSError as e:
+                raise SourceError(f"cannot open: {e.strerror}", path=self.name) from None
         st = os.fstat(self._fd)
         self._block = stat.S_ISBLK(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
@@ -36,6 +39,11 @@ class FileSource(Source):
         self._blocks = st.st_blocks
         with contextlib.suppress(OSError):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str) -> FileSource:
+        """A source over an open descriptor (which it takes ownership of), e.g. an unlinked scratch file."""
+        return cls(name, fd=fd)
 
     @property
     def fd(self) -> int:

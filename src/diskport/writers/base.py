@@ -9,8 +9,8 @@ class Writer(ABC):
     """Receives the guest disk in ascending offset order: ``write`` for data, ``write_zeros`` for zero runs.
 
     ``zero_granularity`` is the size and alignment at which the engine should look for zero blocks inside data
-    (4 KiB for a sparse raw file, the cluster size for qcow2). ``finish`` completes the file; ``abort`` leaves
-    the target as the caller will remove it.
+    (4 KiB for a sparse raw file, the cluster size for qcow2). A writer may be created without the virtual size
+    (a decompressed stream learns it at its end); ``finish`` receives it. ``abort`` stops after a failure.
     """
 
     zero_granularity: int = 4096
@@ -22,7 +22,8 @@ class Writer(ABC):
     def write_zeros(self, offset: int, length: int) -> None: ...
 
     @abstractmethod
-    def finish(self) -> None: ...
+    def finish(self, virtual_size: int) -> None:
+        """Complete the target; ``virtual_size`` is final here even when it was unknown at the start."""
 
     def abort(self) -> None:  # noqa: B027 - optional hook
         """Stop writing after a failure; the target will be removed by the caller."""

@@ -2,10 +2,13 @@
 
 Layout, chosen so that the file is written front to back once and memory stays bounded:
 
-* cluster 0 the header, then the L1 table (its size is known from the virtual size);
+* cluster 0 the header (written last, once everything it points to exists);
 * data clusters in guest order, each L2 table written right after the data it maps (only the L2 table being
   filled is in memory);
-* at the end the refcount blocks and refcount table, then the header is written for real.
+* at the end the L1 table, the refcount blocks and the refcount table.
+
+Because the L1 table comes last, the virtual size need not be known until :meth:`finish`: a disk arriving as a
+decompressed stream of unknown length is written in one pass like any other.
 
 Zero clusters stay unallocated (the image has no backing file, so they read as zeros). With compression
 (deflate as qemu writes it: raw deflate with a 4 KiB window; or zstd), clusters are compressed on a thread pool
@@ -54,7 +57,7 @@ def _zstd(data: memoryview) -> bytes:
 
 
 class Qcow2Writer(Writer):
-    def __init__(self, fd: int, virtual_size: int, *, name: str, cluster_size: int = 65536,
+    def __init__(self, fd: int, virtual_size: int | None, *, name: str, cluster_size: int = 65536,
                  compression: str | None = None, threads: int | None = None, sync: bool = False) -> None:
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
             raise UsageError(f"cluster size {cluster_size} is not a power of two from 512 to 2097152")
@@ -63,20 +66,17 @@ class Qcow2Writer(Writer):
         self.fd = fd
         self.name = name
         self.sync = sync
-        self.size = virtual_size
+        self.size = virtual_size  # None until finish() when the source is a stream
         self.cs = cluster_size
         self.cluster_bits = cluster_size.bit_length() - 1
         self.zero_granularity = cluster_size
         self.compression = compression
         self.l2_entries = cluster_size // 8
         self.l2_span = self.l2_entries * cluster_size
-        self.l1_size = -(-virtual_size // self.l2_span)
-        self.l1 = np.zeros(self.l1_size, dtype=np.uint64)
-        l1_clusters = max(1, -(-self.l1_size * 8 // cluster_size))
-        self.l1_offset = cluster_size
-        self.next_cluster = 1 + l1_clusters  # first free host cluster
+        self.l1 = np.zeros(-(-(virtual_size or 0) // self.l2_span), dtype=np.uint64)
+        self.next_cluster = 1  # first free host cluster; cluster 0 holds the header
         self.comp_pos: int | None = None     # byte offset for the next compressed cluster, if one is open
-        self.refcounts = np.zeros(max(1024, self.next_cluster * 2), dtype=np.uint16)
+        self.refcounts = np.zeros(1024, dtype=np.uint16)
         self.refcounts[: self.next_cluster] = 1
         self.l2: np.ndarray | None = None
         self.l2_index = -1
@@ -138,6 +138,9 @@ class Qcow2Writer(Writer):
             return
         host = self._alloc_clusters(1) * self.cs
         self._pwrite(self.l2.astype(">u8").tobytes(), host)
+        if self.l2_index >= len(self.l1):
+            self.l1 = np.concatenate([self.l1, np.zeros(max(self.l2_index + 1 - len(self.l1), len(self.l1)),
+                                                        dtype=np.uint64)])
         self.l1[self.l2_index] = np.uint64(host | OFLAG_COPIED)
         self.l2 = None
         self.l2_index = -1
@@ -226,16 +229,27 @@ class Qcow2Writer(Writer):
         if self.pending is not None and offset // self.cs != self.pending_index:
             self._flush_pending()
 
-    def finish(self) -> None:
+    def finish(self, virtual_size: int) -> None:
         try:
-            self._finish()
+            self._finish(virtual_size)
         finally:
             self._shutdown()
 
-    def _finish(self) -> None:
+    def _finish(self, virtual_size: int) -> None:
         cs = self.cs
+        self.size = virtual_size
         self._flush_pending()
         self._flush_l2()
+        l1_size = -(-virtual_size // self.l2_span)
+        if len(self.l1) > l1_size and np.any(self.l1[l1_size:]):
+            raise DestinationError(f"data was written past the virtual size {virtual_size}", path=self.name,
+                                   fmt="qcow2")
+        l1 = np.zeros(l1_size, dtype=">u8")
+        l1[: min(l1_size, len(self.l1))] = self.l1[:l1_size]
+        l1_offset = 0
+        if l1_size:
+            l1_offset = self._alloc_clusters(-(-l1_size * 8 // cs)) * cs
+            self._pwrite(l1.tobytes(), l1_offset)
         self._close_compressed()
         used = self.next_cluster
         per_block = cs * 8 // 16
@@ -256,12 +270,10 @@ class Qcow2Writer(Writer):
         rc_table = np.zeros(table * cs // 8, dtype=">u8")
         rc_table[:blocks] = (np.arange(first_block, first_block + blocks, dtype=np.uint64) * np.uint64(cs))
         self._pwrite(rc_table.tobytes(), table_at * cs)
-        if self.l1_size:
-            self._pwrite(self.l1.astype(">u8").tobytes(), self.l1_offset)
         incompat = INCOMPAT_COMPRESSION if self.compression == "zstd" else 0
         ctype = COMPRESSION_TYPES.get(self.compression or "zlib", 0)
-        header = struct.pack(">4sIQIIQIIQQIIQQQQII", MAGIC, 3, 0, 0, self.cluster_bits, self.size, 0,
-                             self.l1_size, self.l1_offset, table_at * cs, table, 0, 0,
+        header = struct.pack(">4sIQIIQIIQQIIQQQQII", MAGIC, 3, 0, 0, self.cluster_bits, virtual_size, 0,
+                             l1_size, l1_offset, table_at * cs, table, 0, 0,
                              incompat, 0, 0, 4, HEADER_LENGTH)
         header += bytes([ctype]) + bytes(7) + bytes(8)  # compression type, padding, end of extensions
         self._pwrite(header, 0)

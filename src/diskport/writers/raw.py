@@ -23,7 +23,8 @@ _ZERO_CHUNK = 4 * 1024 * 1024
 class RawWriter(Writer):
     zero_granularity = 4096
 
-    def __init__(self, fd: int, size: int, *, name: str, block_device: bool = False, sync: bool = False) -> None:
+    def __init__(self, fd: int, size: int | None, *, name: str, block_device: bool = False,
+                 sync: bool = False) -> None:
         self.fd = fd
         self.sync = sync or block_device
         self.size = size
@@ -32,11 +33,14 @@ class RawWriter(Writer):
         self._written = 0
         self._zero_buf: bytes | None = None
         self._zeroout = block_device
-        if not block_device:
-            try:
-                os.ftruncate(fd, size)
-            except OSError as e:
-                raise DestinationError(f"cannot size the file to {size} bytes: {e.strerror}", path=name) from None
+        if not block_device and size is not None:
+            self._truncate(size)
+
+    def _truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise DestinationError(f"cannot size the file to {size} bytes: {e.strerror}", path=self.name) from None
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         view = memoryview(data)
@@ -69,7 +73,9 @@ class RawWriter(Writer):
             self.write(offset, memoryview(self._zero_buf)[:n])
             offset += n
 
-    def finish(self) -> None:
+    def finish(self, virtual_size: int) -> None:
+        if not self.block_device and virtual_size != self.size:
+            self._truncate(virtual_size)
         if not self.sync:
             return
         try:

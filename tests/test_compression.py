@@ -1,0 +1,156 @@
+"""Compressed images: every codec, multi-member files, streaming vs spooling, bombs, damage, scratch hygiene."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from diskport import UnsafeImage, convert
+from diskport.errors import CorruptImage
+from diskport.inspect import inspect_image
+from tests.conftest import MiB, make_image, qemu_raw_sha256, run_cli, sha256_file
+
+CODECS: dict[str, Callable[[bytes], bytes]] = {
+    "gz": gzip.compress,
+    "xz": lzma.compress,
+    "zst": lambda data: zstandard.ZstdCompressor().compress(data),
+    "bz2": bz2.compress,
+}
+NAMES = {"gz": "gzip", "xz": "xz", "zst": "zstd", "bz2": "bzip2"}
+
+
+def compress_in_parts(path: Path, ext: str, parts: int = 3) -> Path:
+    """Compress ``path`` as ``parts`` concatenated members/streams/frames, as parallel compressors write."""
+    data = path.read_bytes()
+    step = -(-len(data) // parts)
+    out = path.with_name(path.name + "." + ext)
+    out.write_bytes(b"".join(CODECS[ext](data[i: i + step]) for i in range(0, len(data), step)))
+    return out
+
+
+@pytest.mark.parametrize("ext", list(CODECS))
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_compressed_image_converts_exactly(tmp_path: Path, ext: str, fmt: str) -> None:
+    image = make_image(tmp_path, fmt, 6 * MiB + 4096)
+    expected = qemu_raw_sha256(image, tmp_path)
+    packed = compress_in_parts(image, ext)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.raw"
+    result = convert(packed, out, scratch_dir=str(scratch))
+    assert sha256_file(out) == expected
+    assert result.compression == [NAMES[ext]]
+    assert result.source_format == fmt
+    assert result.access.startswith("stream" if fmt == "raw" else "spooled")
+    assert os.listdir(scratch) == []
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.raw", "scratch", image.name, packed.name])
+
+
+def test_streamed_raw_to_qcow2_learns_size_at_the_end(tmp_path: Path) -> None:
+    raw = make_image(tmp_path, "raw", 5 * MiB + 512)
+    packed = compress_in_parts(raw, "gz")
+    out = tmp_path / "out.qcow2"
+    convert(packed, out, output_format="qcow2")
+    from tests.conftest import qemu_img
+
+    assert qemu_img("check", out, check=False).returncode == 0
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, out, check=False).returncode == 0
+
+
+def test_inspect_reports_layers_and_size(tmp_path: Path) -> None:
+    raw = make_image(tmp_path, "raw", 3 * MiB)
+    facts = inspect_image(compress_in_parts(raw, "bz2"))
+    assert facts["format"] == "raw"
+    assert facts["virtual-size"] == 3 * MiB
+    assert facts["compression"] == ["bzip2"]
+    qcow2 = make_image(tmp_path, "qcow2", 3 * MiB)
+    packed = compress_in_parts(qcow2, "xz")
+    facts = inspect_image(packed)
+    assert facts["format"] == "qcow2" and facts["compression"] == ["xz"]
+    assert facts["actual-size"] == os.stat(packed).st_blocks * 512
+
+
+def test_bomb_inside_declared_format_is_refused(tmp_path: Path) -> None:
+    """A qcow2 header that declares 1 MiB, followed by a gigabyte of zeros: refused, nothing left behind."""
+    header = struct.pack(">4sIQIIQ", b"QFI\xfb", 3, 0, 0, 16, MiB)
+    comp = zstandard.ZstdCompressor()
+    zeros = bytes(16 * MiB)
+    bomb = tmp_path / "bomb.qcow2.zst"
+    with open(bomb, "wb") as f, comp.stream_writer(f) as w:
+        w.write(header.ljust(65536, b"\0"))
+        for _ in range(64):
+            w.write(zeros)
+    assert bomb.stat().st_size < MiB
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(UnsafeImage, match="decompression bomb"):
+        convert(bomb, tmp_path / "out.raw", scratch_dir=str(scratch))
+    assert os.listdir(scratch) == []
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_raw_bomb_is_bounded_by_size_limit(tmp_path: Path) -> None:
+    packed = tmp_path / "zeros.raw.gz"
+    packed.write_bytes(gzip.compress(bytes(64 * MiB), compresslevel=1))
+    with pytest.raises(UnsafeImage, match="more than 16777216 bytes"):
+        convert(packed, tmp_path / "out.raw", size_limit=16 * MiB)
+    assert os.listdir(tmp_path) == ["zeros.raw.gz"]
+
+
+@pytest.mark.parametrize("ext", list(CODECS))
+def test_damaged_stream_fails_cleanly(tmp_path: Path, ext: str) -> None:
+    raw = make_image(tmp_path, "raw", 4 * MiB)
+    packed = compress_in_parts(raw, ext, parts=1)
+    data = bytearray(packed.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 64] = os.urandom(64)
+    packed.write_bytes(bytes(data))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = run_cli("convert", "-q", packed, out_dir / "disk.raw")
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert str(packed) in proc.stderr
+    assert os.listdir(out_dir) == []
+
+
+def test_truncated_stream_is_an_error(tmp_path: Path) -> None:
+    qcow2 = make_image(tmp_path, "qcow2", 4 * MiB)
+    packed = compress_in_parts(qcow2, "xz", parts=1)
+    os.truncate(packed, packed.stat().st_size // 2)
+    with pytest.raises(CorruptImage, match="xz data is damaged"):
+        convert(packed, tmp_path / "out.raw")
+
+
+def test_fixed_vhd_inside_gzip_streams_and_drops_its_footer(tmp_path: Path) -> None:
+    """A fixed VHD is a raw disk plus a trailing footer: streamed, recognised at the end, footer not written."""
+    from tests.conftest import qemu_img
+
+    vhd = make_image(tmp_path, "vpc", 10 * MiB, "subformat=fixed")
+    expected = qemu_raw_sha256(vhd, tmp_path, fmt="vpc")
+    packed = compress_in_parts(vhd, "gz")
+    out = tmp_path / "out.raw"
+    result = convert(packed, out)
+    assert result.source_format == "vpc" and result.access.startswith("stream")
+    assert sha256_file(out) == expected
+    info = qemu_img("info", "-f", "vpc", "--output=json", vhd).stdout
+    assert f'"virtual-size": {out.stat().st_size}' in info
+
+
+def test_truncated_fixed_vhd_inside_gzip_is_refused(tmp_path: Path) -> None:
+    vhd = make_image(tmp_path, "vpc", 10 * MiB, "subformat=fixed")
+    data = vhd.read_bytes()
+    cut = tmp_path / "cut.vhd"
+    cut.write_bytes(data[: 4 * MiB] + data[-512:])
+    packed = compress_in_parts(cut, "gz")
+    with pytest.raises(CorruptImage, match="truncated"):
+        convert(packed, tmp_path / "out.raw")
+    assert not (tmp_path / "out.raw").exists()
