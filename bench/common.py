@@ -58,13 +58,18 @@ class Case:
 
 def alternate(case: Case, rounds: int, ours: Callable[[], Timing], peer: Callable[[], Timing],
               between: Callable[[], None]) -> Case:
-    """Run ours and the peer alternately, ``rounds`` times each, starting with a different one each round."""
+    """Run ours and the peer alternately, ``rounds`` times each, starting with a different one each round.
+
+    Before every run the previous output is removed and the page cache's dirty pages are written back, so no
+    run pays for another's writes.
+    """
     for i in range(rounds):
         order = [(case.ours, ours), (case.peer, peer)]
         if i % 2:
             order.reverse()
         for results, run in order:
             between()
+            os.sync()
             results.append(run())
     between()
     return case

@@ -1,21 +1,46 @@
 """diskport convert vs qemu-img convert on the same inputs, same run, alternating.
 
-    python bench/convert.py [--size-gib 4] [--rounds 3] [--dir bench-out]
+    python bench/convert.py [--size-gib 4] [--rounds 3] [--dir bench-out] [--cases core,formats,compressed]
 
-Makes a raw image with about half its bytes data (part random, part compressible, the rest zero), converts it
-to qcow2 with qemu-img, then times qcow2->raw and raw->qcow2 with both tools and prints the ratio of the
-medians (below 1.0 means diskport is faster) and each tool's peak RSS.
+Makes a raw image with about half its bytes data (part random, part compressible, the rest zero) and, from it
+with qemu-img, the inputs of each case. Then times diskport and the peer alternately and prints the ratio of the
+medians (below 1.0 means diskport is faster) and each one's peak RSS.
+
+- core: qcow2 -> raw and raw -> qcow2 against ``qemu-img convert``.
+- formats: streamOptimized VMDK, VHDX and VDI -> raw against ``qemu-img convert``.
+- compressed: qcow2.gz and qcow2.xz -> raw against the pipeline a platform importer runs without diskport:
+  decompress to a scratch file (gzip -dc / xz -dc), then ``qemu-img convert``, then remove the scratch file.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DISKPORT, Case, GiB, alternate, need, remove, sample_raw, timed
+from common import DISKPORT, GiB, Case, alternate, need, remove, timed  # noqa: E402
+
+
+def make_sample(path: Path, size: int) -> None:
+    # In a child process, so this process stays small: a child's peak RSS includes what it inherits at fork.
+    code = "import sys; from common import sample_raw; sample_raw(__import__('pathlib').Path(sys.argv[1]), int(sys.argv[2]))"
+    subprocess.run([sys.executable, "-c", code, str(path), str(size)], check=True,
+                   cwd=Path(__file__).resolve().parent)
+
+
+def derived(raw: Path, name: str, build: list[str]) -> Path:
+    """An input made from the sample raw image, made once and kept for later runs."""
+    out = raw.with_name(name)
+    if not out.exists() or out.stat().st_mtime < raw.stat().st_mtime:
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as f:
+            subprocess.run([arg.replace("{raw}", str(raw)).replace("{out}", str(tmp)) for arg in build],
+                           check=True, stdout=f if "{out}" not in " ".join(build) else None)
+        tmp.rename(out)
+    return out
 
 
 def main() -> int:
@@ -23,35 +48,59 @@ def main() -> int:
     parser.add_argument("--size-gib", type=float, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("bench-out"))
+    parser.add_argument("--cases", default="core,formats,compressed")
     args = parser.parse_args()
+    groups = set(args.cases.split(","))
     qemu_img = need("qemu-img")
-    work: Path = args.dir
+    work: Path = args.dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GiB)
     raw = work / "sample.raw"
-    qcow2 = work / "sample.qcow2"
     if not raw.exists() or raw.stat().st_size != size:
         print(f"making a {args.size_gib} GiB sample (about half data) in {work}", flush=True)
-        sample_raw(raw, size)
-        remove(qcow2)
-    if not qcow2.exists():
-        timed([qemu_img, "convert", "-f", "raw", "-O", "qcow2", raw, qcow2])
+        make_sample(raw, size)
+    qcow2 = derived(raw, "sample.qcow2", [qemu_img, "convert", "-f", "raw", "-O", "qcow2", "{raw}", "{out}"])
     out_raw = work / "out.raw"
     out_qcow2 = work / "out.qcow2"
+    scratch = work / "scratch.img"
+    cases: list[Case] = []
 
-    cases = [
-        alternate(Case("qcow2 -> raw"), args.rounds,
-                  lambda: timed([*DISKPORT, "convert", "-q", "-O", "raw", qcow2, out_raw]),
-                  lambda: timed([qemu_img, "convert", "-f", "qcow2", "-O", "raw", qcow2, out_raw]),
-                  lambda: remove(out_raw)),
-        alternate(Case("raw -> qcow2"), args.rounds,
-                  lambda: timed([*DISKPORT, "convert", "-q", "-O", "qcow2", raw, out_qcow2]),
-                  lambda: timed([qemu_img, "convert", "-f", "raw", "-O", "qcow2", raw, out_qcow2]),
-                  lambda: remove(out_qcow2)),
-    ]
-    print(f"\n{args.size_gib} GiB image, {args.rounds} alternating rounds, medians:")
+    def versus_qemu(name: str, src: Path, fmt: str, out: Path, out_fmt: str) -> None:
+        print(f"timing {name} ...", flush=True)
+        cases.append(alternate(
+            Case(name), args.rounds,
+            lambda: timed([*DISKPORT, "convert", "-q", "-O", out_fmt, src, out]),
+            lambda: timed([qemu_img, "convert", "-f", fmt, "-O", out_fmt, src, out]),
+            lambda: remove(out)))
+
+    if "core" in groups:
+        versus_qemu("qcow2 -> raw", qcow2, "qcow2", out_raw, "raw")
+        versus_qemu("raw -> qcow2", raw, "raw", out_qcow2, "qcow2")
+    if "formats" in groups:
+        for name, fmt, options in [("streamOptimized.vmdk", "vmdk", "subformat=streamOptimized"),
+                                   ("dynamic.vhdx", "vhdx", "subformat=dynamic"),
+                                   ("dynamic.vdi", "vdi", "static=off")]:
+            src = derived(raw, f"sample-{name}", [qemu_img, "convert", "-f", "raw", "-O", fmt, "-o", options,
+                                                  "{raw}", "{out}"])
+            versus_qemu(f"{name} -> raw", src, fmt, out_raw, "raw")
+    if "compressed" in groups:
+        for ext, tool in [("gz", "gzip"), ("xz", "xz")]:
+            need(tool)
+            packed = derived(qcow2, f"sample.qcow2.{ext}", [tool, "-c", "-T0" if tool == "xz" else "-6",
+                                                           str(qcow2)])
+            pipeline = (f"{tool} -dc '{packed}' > '{scratch}' && "
+                        f"'{qemu_img}' convert -f qcow2 -O raw '{scratch}' '{out_raw}' && rm -f '{scratch}'")
+            print(f"timing qcow2.{ext} -> raw ...", flush=True)
+            cases.append(alternate(
+                Case(f"qcow2.{ext} -> raw"), args.rounds,
+                lambda p=packed: timed([*DISKPORT, "convert", "-q", "--scratch", work, p, out_raw]),
+                lambda c=pipeline: timed(["bash", "-c", c]),
+                lambda: remove(out_raw, scratch)))
+
+    print(f"\n{args.size_gib} GiB image, {args.rounds} alternating rounds, medians (peer: qemu-img, or "
+          "decompress-to-scratch + qemu-img for compressed input):")
     for case in cases:
-        print(case.row("qemu-img"))
+        print(case.row("peer"))
     return 0
 
 

@@ -158,3 +158,30 @@ def test_convert_raw_to_qcow2_to_raw_round_trip(tmp_path: Path) -> None:
     assert run_cli("convert", "-q", "-O", "qcow2", "--compression", "zstd", raw, q).returncode == 0
     assert run_cli("convert", "-q", q, back).returncode == 0
     assert sha256_file(back) == sha256_file(raw)
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal (a real pty), convert draws a bar with bytes, rate and time left."""
+    import pty
+
+    image = make_image(tmp_path, "qcow2", 64 * MiB)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "diskport", "convert", str(image), str(tmp_path / "o.raw")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
+                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    proc.wait(timeout=60)
+    os.close(leader)
+    assert proc.returncode == 0
+    text = output.decode(errors="replace")
+    assert "converting" in text
+    assert "MiB" in text

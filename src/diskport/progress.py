@@ -24,6 +24,7 @@ class ProgressBar:
     def __enter__(self) -> ProgressBar:
         if self.enabled:
             # rich is imported only when a bar is drawn: it costs a noticeable share of a short job's start-up.
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -35,7 +36,8 @@ class ProgressBar:
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+                TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                console=Console(stderr=True))
             self._progress.start()
             self._task = self._progress.add_task(self._label, total=None)
         return self
