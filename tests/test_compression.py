@@ -154,3 +154,31 @@ def test_truncated_fixed_vhd_inside_gzip_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CorruptImage, match="truncated"):
         convert(packed, tmp_path / "out.raw")
     assert not (tmp_path / "out.raw").exists()
+
+
+@pytest.mark.parametrize("ext", ["gz", "zst"])
+def test_stream_optimized_vmdk_inside_compression_streams(tmp_path: Path, ext: str) -> None:
+    vmdk = make_image(tmp_path, "vmdk", 9 * MiB + 65536, "subformat=streamOptimized")
+    expected = qemu_raw_sha256(vmdk, tmp_path)
+    packed = compress_in_parts(vmdk, ext, parts=1)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.raw"
+    result = convert(packed, out, scratch_dir=str(scratch))
+    assert result.access.startswith("stream: streamOptimized"), result.access
+    assert sha256_file(out) == expected
+    facts = inspect_image(packed)
+    assert facts["format"] == "vmdk" and facts["virtual-size"] == 9 * MiB + 65536
+
+
+def test_truncated_stream_optimized_inside_gzip_fails_cleanly(tmp_path: Path) -> None:
+    vmdk = make_image(tmp_path, "vmdk", 8 * MiB, "subformat=streamOptimized", layout=[(0, 8 * MiB, "random")])
+    cut = tmp_path / "cut.vmdk"
+    data = vmdk.read_bytes()
+    for length in (4 * MiB + 1000, len(data) - 3 * 512):  # inside a grain; before the footer and end marker
+        cut.write_bytes(data[:length])
+        packed = compress_in_parts(cut, "gz", parts=1)
+        with pytest.raises(CorruptImage, match="truncated"):
+            convert(packed, tmp_path / "out.raw")
+        assert not (tmp_path / "out.raw").exists()
+        packed.unlink()

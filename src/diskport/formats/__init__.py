@@ -99,10 +99,14 @@ def open_compressed(source: Source, kind: str, fmt: str | None, scratch_dir: str
         view = HeadSource(source.name, head)
         name = ALIASES.get(fmt, fmt) if fmt else _choose(probe_scores(view, head), view, probe_only=True)
         limit = size_limit if size_limit is not None else MAX_STREAM_SIZE
+        image: DiskImage
         if name in STREAMABLE:
-            image: DiskImage = StreamedRawImage(stream, head, name, limit=limit,
-                                                fixed_vhd_footer=vhd.fixed_footer_size)
+            image = StreamedRawImage(stream, head, name, limit=limit, fixed_vhd_footer=vhd.fixed_footer_size)
             image.access = f"stream: {name} is read straight from the {kind} stream"
+            return image
+        if name == "vmdk" and vmdk.is_stream_optimized(head):
+            image = vmdk.StreamedVmdkImage(stream, head)
+            image.access = f"stream: streamOptimized VMDK is read straight from the {kind} stream"
             return image
         declared = declared_size(name, head)
         if declared is not None:

@@ -55,7 +55,8 @@ from isal import isal_zlib
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
 from diskport.formats.base import DiskImage, Extent
-from diskport.sources.base import Source
+from diskport.sources.base import HeadSource, Source
+from diskport.sources.stream import DecompressingStream
 
 FMT = "vmdk"
 SPARSE_MAGIC = b"KDMV"
@@ -236,6 +237,19 @@ def _parse_cid(desc: Descriptor, key: str, source: Source) -> int | None:
     if not _CID.fullmatch(text):
         raise _corrupt(source, f"descriptor {key} {text[:40]!r} is not a 32-bit hexadecimal number")
     return int(text, 16)
+
+
+def read_identity(desc: Descriptor, source: Source) -> tuple[int | None, int | None]:
+    """CID and parentCID of a descriptor; a delta disk (one with a parent) is refused with the parent named."""
+    cid = _parse_cid(desc, "CID", source)
+    parent_cid = _parse_cid(desc, "parentCID", source)
+    parent = desc.get("parentFileNameHint")
+    if parent or (parent_cid is not None and parent_cid != NO_PARENT_CID):
+        named = f"'{parent}'" if parent else f"with CID {parent_cid:08x} (no parentFileNameHint)"
+        raise UnsafeImage(f"is a delta disk of the parent disk {named}; diskport does not follow external "
+                          "references", path=source.name, fmt=FMT,
+                          hint="consolidate the snapshot chain into one disk (VMware, or qemu-img convert) first")
+    return cid, parent_cid
 
 
 # -- sparse extent header ---------------------------------------------------------------------------------
@@ -674,16 +688,7 @@ class VmdkImage(DiskImage):
 
     def _read_identity(self, desc: Descriptor) -> None:
         """CID and parentCID; a delta disk (one with a parent) is refused before any extent is opened."""
-        src = self.source
-        self.cid = _parse_cid(desc, "CID", src)
-        self.parent_cid = _parse_cid(desc, "parentCID", src)
-        parent = desc.get("parentFileNameHint")
-        if parent or (self.parent_cid is not None and self.parent_cid != NO_PARENT_CID):
-            named = f"'{parent}'" if parent else f"with CID {self.parent_cid:08x} (no parentFileNameHint)"
-            raise UnsafeImage(f"is a delta disk of the parent disk {named}; diskport does not follow external "
-                              "references", path=src.name, fmt=FMT,
-                              hint="consolidate the snapshot chain into one disk (VMware, or qemu-img convert) "
-                                   "first")
+        self.cid, self.parent_cid = read_identity(desc, self.source)
 
     def _open_descriptor(self, desc: Descriptor) -> None:
         src = self.source
@@ -847,3 +852,142 @@ class VmdkImage(DiskImage):
 
 def open_vmdk(source: Source) -> VmdkImage:
     return VmdkImage(source)
+
+
+# -- streamOptimized as a stream ---------------------------------------------------------------------------
+class StreamedVmdkImage(DiskImage):
+    """A streamOptimized VMDK read front to back from a forward-only stream (inside gzip, say), no scratch.
+
+    The grains follow the header and descriptor in ascending order, each behind a grain marker (spec
+    "Stream-Optimized Compressed Sparse Extents"); the grain tables, grain directory and footer that follow are
+    metadata markers that a sequential reader skips. Grains out of order cannot be streamed and are refused
+    with that said. Gaps between grains read as zeros.
+    """
+
+    format = FMT
+
+    def __init__(self, stream: DecompressingStream, head: bytes) -> None:
+        super().__init__(stream.source)
+        self.stream = stream
+        self.compression = [stream.kind]
+        src = HeadSource(stream.source.name, head)
+        header = SparseHeader.unpack(head) if len(head) >= _HEADER.size else None
+        if (header is None or header.flags & (FLAG_COMPRESSED_GRAINS | FLAG_MARKERS)
+                != FLAG_COMPRESSED_GRAINS | FLAG_MARKERS or header.compress_algorithm != COMPRESSION_DEFLATE):
+            raise UnsupportedImage("only streamOptimized VMDK can be read as a stream", path=src.name, fmt=FMT)
+        if not 1 <= header.grain_sectors <= MAX_GRAIN_SECTORS or header.grain_sectors & (header.grain_sectors - 1):
+            raise _corrupt(src, f"grain size of {header.grain_sectors} sectors is not a power of two up to "
+                           f"{MAX_GRAIN_SECTORS}", 20)
+        if header.capacity * SECTOR > MAX_VIRTUAL_SIZE:
+            raise _corrupt(src, f"capacity of {header.capacity} sectors is implausibly large", 12)
+        desc = parse_descriptor(read_embedded_descriptor(src, header), src, with_extents=False)
+        self.cid, self.parent_cid = read_identity(desc, src)
+        self.header = header
+        self.virtual_size = header.capacity * SECTOR
+        self.cluster_size = self.grain_size = header.grain_sectors * SECTOR
+        self._head = head
+        self._consumed = 0  # bytes of the decompressed stream handed out so far
+        self._grain_start = 0
+        self._grain = b""
+        self._started = False
+
+    def _read(self, n: int) -> bytes:
+        """Exactly ``n`` more bytes of the stream (b"" at its very end), from the head first."""
+        out = bytearray()
+        if self._consumed < len(self._head):
+            out += self._head[self._consumed: self._consumed + n]
+        if len(out) < n:
+            buf = bytearray(n - len(out))
+            got = self.stream.readinto(memoryview(buf))
+            out += buf[:got]
+        self._consumed += len(out)
+        if out and len(out) < n:
+            raise _corrupt(self.source, f"stream ends inside a marker or grain after {self._consumed} bytes",
+                           hint="the file is truncated")
+        return bytes(out)
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            step = min(n, 8 * 1024 * 1024)
+            if len(self._read(step)) != step:
+                raise _corrupt(self.source, "stream ends inside metadata", hint="the file is truncated")
+            n -= step
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        if start != 0 or end is not None or self._started:
+            raise UnsupportedImage("a compressed streamOptimized VMDK can only be read once, from the start",
+                                   path=self.source.name, fmt=FMT)
+        self._started = True
+        src = self.source
+        grain = self.grain_size
+        self._skip(self.header.overhead * SECTOR)
+        pos = 0  # guest bytes covered so far
+        while True:
+            marker = self._read(_MARKER.size)
+            if not marker:
+                raise _corrupt(src, f"stream ends after {self._consumed} bytes without an end-of-stream marker",
+                               hint="the file is truncated")
+            value, size, kind = _MARKER.unpack(marker)
+            if size == 0:  # a metadata marker: skip its padding and its sectors
+                if kind == MARKER_END_OF_STREAM:
+                    break
+                if value > MAX_GD_ENTRIES:
+                    raise _corrupt(src, f"metadata marker of {value} sectors is implausibly large",
+                                   self._consumed - _MARKER.size)
+                self._skip(SECTOR - _MARKER.size + value * SECTOR)
+                continue
+            offset = value * SECTOR
+            if size > 2 * grain or size < _MARKER.size - _GRAIN_MARKER.size:
+                raise _corrupt(src, f"compressed grain of {size} bytes is smaller than a zlib stream or larger "
+                               "than twice the grain size",
+                               self._consumed - _MARKER.size)
+            if offset % grain or offset < pos or offset >= self.virtual_size:
+                raise UnsupportedImage(f"grain for sector {value} is out of order or out of range, so the image "
+                                       "cannot be read as a stream", path=src.name, fmt=FMT,
+                                       hint="decompress the file first and convert that")
+            compressed = marker[_GRAIN_MARKER.size:] + self._read(size - (_MARKER.size - _GRAIN_MARKER.size))
+            self._skip(-(_GRAIN_MARKER.size + size) % SECTOR)
+            length = min(grain, self.virtual_size - offset)
+            self._grain = _inflate_grain(compressed, grain, length, src, offset)
+            if offset > pos:
+                yield Extent(pos, offset - pos, True, None)
+            self._grain_start = offset
+            yield Extent(offset, length, False, None)
+            pos = offset + length
+        if pos < self.virtual_size:
+            yield Extent(pos, self.virtual_size - pos, True, None)
+
+    def read_mapped(self, ext: Extent, buf: memoryview) -> None:
+        at = ext.start - self._grain_start
+        buf[:] = self._grain[at: at + ext.length]
+
+    def format_specific(self) -> dict[str, Any]:
+        return {"create-type": "streamOptimized", "version": self.header.version, "cluster-size": self.grain_size,
+                "compressed": True, "cid": self.cid, "parent-cid": self.parent_cid}
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def _inflate_grain(data: bytes, grain: int, length: int, src: Source, offset: int) -> bytes:
+    """One compressed grain (a zlib stream) inflated to exactly ``length`` bytes (the last grain may be short)."""
+    try:
+        inflater = isal_zlib.decompressobj()
+        out = inflater.decompress(data, grain)
+    except _INFLATE_ERRORS as e:
+        raise _corrupt(src, f"compressed grain for guest offset {offset:#x} does not inflate: {e}") from None
+    if len(out) < length:
+        out += bytes(length - len(out)) if inflater.eof else b""
+        if len(out) < length:
+            raise _corrupt(src, f"compressed grain for guest offset {offset:#x} is truncated")
+    return out[:length]
+
+
+def is_stream_optimized(head: bytes) -> bool:
+    """Whether ``head`` starts a streamOptimized extent whose descriptor lies within it (streamable)."""
+    if len(head) < _HEADER.size or head[:4] != SPARSE_MAGIC:
+        return False
+    header = SparseHeader.unpack(head)
+    return (header.flags & FLAG_MARKERS != 0 and header.flags & FLAG_COMPRESSED_GRAINS != 0
+            and (header.descriptor_offset + header.descriptor_size) * SECTOR <= len(head))
