@@ -3,7 +3,6 @@ every refusal; a seeded fuzz loop checks that malformed input only ever raises D
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import struct
@@ -19,6 +18,7 @@ from diskport.formats.base import DiskImage, Extent
 from diskport.formats.vdi import open_vdi
 from diskport.sources.base import Source
 from tests.conftest import MiB, diskport_raw_sha256, make_image, qemu_img, qemu_io, qemu_raw_sha256
+from tests.imagecheck import check_extent_contract, exercise, full_read, mutate
 
 BLOCK = MiB  # qemu's VDI block size
 # Header offsets (pre-header + header 1.1; see the vdi module docstring).
@@ -80,25 +80,8 @@ def data_offset(buf: bytes | bytearray) -> int:
     return int(struct.unpack_from("<I", buf, AT_DATA)[0])
 
 
-def full_read(image: DiskImage) -> bytes:
-    out = bytearray(image.virtual_size)
-    image.read_into(0, memoryview(out))
-    return bytes(out)
 
 
-def check_extent_contract(image: DiskImage, start: int = 0, end: int | None = None) -> list[Extent]:
-    stop = image.virtual_size if end is None else min(end, image.virtual_size)
-    exts = list(image.extents(start, end))
-    pos = start
-    for e in exts:
-        assert e.start == pos and e.length > 0, (e, pos)
-        assert not (e.zero and e.host is not None)
-        pos = e.end
-    assert pos == max(stop, start)
-    for a, b in itertools.pairwise(exts):  # coalesced: neighbours never merge further
-        assert not (a.zero and b.zero)
-        assert a.zero or b.zero or a.host is None or b.host is None or a.host + a.length != b.host
-    return exts
 
 
 def sparse_layout(size: int) -> list[tuple[int, int, str]]:
@@ -307,43 +290,10 @@ def test_info(tmp_path: Path) -> None:
 
 
 # -- fuzz ----------------------------------------------------------------------------------------------------
-INTERESTING_32 = [0, 1, 0x1FF, 0x200, 0x400, 0xFFFF, 0x100000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]
-INTERESTING_64 = [0, 0x200, 1 << 20, 1 << 32, 1 << 40, (1 << 63) - 1, (1 << 64) - 1]
 
 
-def mutate(buf: bytearray, regions: list[tuple[int, int]], rng: random.Random) -> None:
-    for _ in range(rng.randint(1, 4)):
-        lo, hi = rng.choice(regions)
-        at = rng.randrange(lo, hi)
-        kind = rng.randrange(5)
-        if kind == 0:
-            buf[at] ^= 1 << rng.randrange(8)
-        elif kind == 1:
-            buf[at] = rng.randrange(256)
-        elif kind == 2:
-            struct.pack_into("<I", buf, at - at % 4, rng.choice(INTERESTING_32))
-        elif kind == 3:
-            struct.pack_into("<Q", buf, at - at % 8, rng.choice(INTERESTING_64))
-        elif at + 4 <= len(buf):
-            struct.pack_into("<I", buf, at, rng.randrange(1 << 32))
 
 
-def exercise(image: DiskImage) -> None:
-    """Everything a conversion does: every extent, every data byte (in bounded chunks)."""
-    pos = 0
-    chunk = bytearray(1 * MiB)
-    for ext in image.extents():
-        assert ext.start == pos and ext.length > 0
-        pos = ext.end
-        if ext.zero:
-            continue
-        at = ext.start
-        while at < ext.end:
-            n = min(len(chunk), ext.end - at)
-            host = None if ext.host is None else ext.host + (at - ext.start)
-            image.read_extent(Extent(at, n, False, host), memoryview(chunk)[:n])
-            at += n
-    assert pos == image.virtual_size
 
 
 def test_fuzz(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from tests.conftest import (
     sha256_file,
     write_pattern_raw,
 )
+from tests.imagecheck import check_extent_contract, exercise, full_read, mutate
 
 EXT2_SHA256 = "870be7ae16c1fa8faab05c6eb9205dc9a7ae35c5f552c5cf8a267c0bc6a5cb99"
 EXT2_SIZE = 4212736
@@ -114,22 +115,8 @@ def bat(buf: bytes | bytearray) -> tuple[int, list[int]]:
     return table, list(struct.unpack_from(f">{entries}I", buf, table))
 
 
-def full_read(image: DiskImage) -> bytes:
-    out = bytearray(image.virtual_size)
-    image.read_into(0, memoryview(out))
-    return bytes(out)
 
 
-def check_extent_contract(image: DiskImage, start: int = 0, end: int | None = None) -> list[Extent]:
-    stop = image.virtual_size if end is None else min(end, image.virtual_size)
-    exts = list(image.extents(start, end))
-    pos = start
-    for e in exts:
-        assert e.start == pos and e.length > 0, (e, pos)
-        assert not (e.zero and e.host is not None)
-        pos = e.end
-    assert pos == max(stop, start)
-    return exts
 
 
 def qemu_raw(image: Path, tmp_path: Path) -> bytes:
@@ -524,44 +511,10 @@ def test_sha_helpers_see_whole_disk(tmp_path: Path) -> None:
 
 
 # -- fuzz ----------------------------------------------------------------------------------------------------
-INTERESTING_32 = [0, 1, 0x7F, 0x80, 0x1FF, 0x200, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE,
-                  0xFFFFFFFF]
-INTERESTING_64 = [0, 0x200, 0x600, 1 << 32, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
 
 
-def mutate(buf: bytearray, regions: list[tuple[int, int]], rng: random.Random) -> None:
-    for _ in range(rng.randint(1, 4)):
-        lo, hi = rng.choice(regions)
-        at = rng.randrange(lo, hi)
-        kind = rng.randrange(5)
-        if kind == 0:
-            buf[at] ^= 1 << rng.randrange(8)
-        elif kind == 1:
-            buf[at] = rng.randrange(256)
-        elif kind == 2 and at + 4 <= len(buf):
-            struct.pack_into(">I", buf, at - at % 4, rng.choice(INTERESTING_32))
-        elif kind == 3 and at + 8 <= len(buf):
-            struct.pack_into(">Q", buf, at - at % 8, rng.choice(INTERESTING_64))
-        elif at + 4 <= len(buf):
-            struct.pack_into(">I", buf, at, rng.randrange(1 << 32))
 
 
-def exercise(image: DiskImage) -> None:
-    """Everything a conversion does: every extent, every data byte (in bounded chunks)."""
-    pos = 0
-    chunk = bytearray(1 * MiB)
-    for ext in image.extents():
-        assert ext.start == pos and ext.length > 0
-        pos = ext.end
-        if ext.zero:
-            continue
-        at = ext.start
-        while at < ext.end:
-            n = min(len(chunk), ext.end - at)
-            host = None if ext.host is None else ext.host + (at - ext.start)
-            image.read_extent(Extent(at, n, False, host), memoryview(chunk)[:n])
-            at += n
-    assert pos == image.virtual_size
 
 
 def fuzz_bases(tmp_path: Path) -> list[bytes]:
@@ -587,7 +540,7 @@ def test_fuzz(tmp_path: Path) -> None:
             table, entries = bat(base)
             bitmaps = [(e * 512, e * 512 + 512) for e in entries if e != 0xFFFFFFFF]
             regions += [(0, 512), (512, 1536), (table, table + 4 * len(entries)), *bitmaps]
-        mutate(buf, regions, rng)
+        mutate(buf, regions, rng, byteorder=">")
         if rng.random() < 0.7:  # get past the checksums most of the time, to reach the deeper checks
             for at in footer_offsets(buf):
                 fix_footer_checksum(buf, at)

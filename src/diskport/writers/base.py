@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+
+from diskport.errors import DestinationError
 
 
 class Writer(ABC):
@@ -14,6 +17,30 @@ class Writer(ABC):
     """
 
     zero_granularity: int = 4096
+    #: Set by subclasses: the open target, its name for messages, the format written.
+    fd: int
+    name: str
+    fmt: str | None = None
+    _written: int = 0
+
+    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        """Write all of ``data`` at ``offset``; a failure (disk full) is a DestinationError naming the target."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+                self._written += n
+        except OSError as e:
+            raise DestinationError(f"write at {offset:#x} failed: {e.strerror}", path=self.name,
+                                   fmt=self.fmt) from None
+
+    def _flush(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise DestinationError(f"flush failed: {e.strerror}", path=self.name, fmt=self.fmt) from None
 
     @abstractmethod
     def write(self, offset: int, data: memoryview | bytes) -> None: ...
@@ -31,4 +58,4 @@ class Writer(ABC):
     @property
     def bytes_written(self) -> int:
         """Bytes of the target file written so far (data, metadata)."""
-        return 0
+        return self._written

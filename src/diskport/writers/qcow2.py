@@ -57,6 +57,8 @@ def _zstd(data: memoryview) -> bytes:
 
 
 class Qcow2Writer(Writer):
+    fmt = "qcow2"
+
     def __init__(self, fd: int, virtual_size: int | None, *, name: str, cluster_size: int = 65536,
                  compression: str | None = None, threads: int | None = None, sync: bool = False) -> None:
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
@@ -82,7 +84,6 @@ class Qcow2Writer(Writer):
         self.l2_index = -1
         self.pending_index = -1
         self.pending: bytearray | None = None
-        self._written = 0
         self._compress: Callable[[memoryview], bytes] | None = None
         self._pool: ThreadPoolExecutor | None = None
         if compression is not None:
@@ -92,18 +93,6 @@ class Qcow2Writer(Writer):
         self._csize_shift = 62 - (self.cluster_bits - 8)
 
     # -- low level ---------------------------------------------------------------------------------------
-    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
-                offset += n
-                self._written += n
-        except OSError as e:
-            raise DestinationError(f"write at {offset:#x} failed: {e.strerror}", path=self.name,
-                                   fmt="qcow2") from None
-
     def _ref(self, first: int, count: int) -> None:
         end = first + count
         if end > len(self.refcounts):
@@ -277,12 +266,8 @@ class Qcow2Writer(Writer):
                              incompat, 0, 0, 4, HEADER_LENGTH)
         header += bytes([ctype]) + bytes(7) + bytes(8)  # compression type, padding, end of extensions
         self._pwrite(header, 0)
-        if not self.sync:
-            return
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise DestinationError(f"flush failed: {e.strerror}", path=self.name, fmt="qcow2") from None
+        if self.sync:
+            self._flush()
 
     def _shutdown(self) -> None:
         if self._pool is not None:
@@ -291,7 +276,3 @@ class Qcow2Writer(Writer):
 
     def abort(self) -> None:
         self._shutdown()
-
-    @property
-    def bytes_written(self) -> int:
-        return self._written

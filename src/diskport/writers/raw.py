@@ -30,7 +30,6 @@ class RawWriter(Writer):
         self.size = size
         self.name = name
         self.block_device = block_device
-        self._written = 0
         self._zero_buf: bytes | None = None
         self._zeroout = block_device
         if not block_device and size is not None:
@@ -43,15 +42,7 @@ class RawWriter(Writer):
             raise DestinationError(f"cannot size the file to {size} bytes: {e.strerror}", path=self.name) from None
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
-                offset += n
-                self._written += n
-        except OSError as e:
-            raise DestinationError(f"write at {offset:#x} failed: {e.strerror}", path=self.name) from None
+        self._pwrite(data, offset)
 
     def write_zeros(self, offset: int, length: int) -> None:
         if not self.block_device or length <= 0:
@@ -76,13 +67,5 @@ class RawWriter(Writer):
     def finish(self, virtual_size: int) -> None:
         if not self.block_device and virtual_size != self.size:
             self._truncate(virtual_size)
-        if not self.sync:
-            return
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise DestinationError(f"flush failed: {e.strerror}", path=self.name) from None
-
-    @property
-    def bytes_written(self) -> int:
-        return self._written
+        if self.sync:
+            self._flush()
