@@ -32,9 +32,14 @@ Reading an image takes these steps, in this order:
 
 Safety: every offset and length is checked against the file size before it is used; the BAT is read in
 bounded windows (it is never held whole) and only as far as the virtual size needs; metadata items are
-limited to 1 MiB, the log region to 1 GiB and the replay overlay to 64 MiB. A block whose bytes the log
-replay changed is read through the overlay, every other block straight from the file, consecutive blocks
-that are also consecutive in the file as one extent.
+limited to 1 MiB, the log region to 1 GiB and the replay overlay to 64 MiB. Payload blocks must lie past the
+header section, clear of the log, BAT and metadata regions and of each other, so a small file cannot expand
+into a large amount of data.
+
+Extents: consecutive FULLY_PRESENT blocks that are also consecutive in the file become one extent with a
+host offset. Within a block the log replay touched, replayed sectors are DATA extents without a host (served
+by :meth:`VhdxImage.read_mapped` through the overlay), zeroed ranges are zero extents and the rest keeps its
+host offset. qemu refuses to open an image with a pending log read-only; this reader needs no write access.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import google_crc32c
 import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import DiskImage, Extent, coalesce
 from diskport.sources.base import Source
 
 FMT = "vhdx"
@@ -675,21 +680,7 @@ class VhdxImage(DiskImage):
         stop = self.virtual_size if end is None else min(end, self.virtual_size)
         if start >= stop:
             return
-        pending: Extent | None = None
-        for ext in self._pieces(start, stop):
-            if pending is None:
-                pending = ext
-            elif (pending.zero and ext.zero) or (
-                    not pending.zero and not ext.zero and pending.host is None and ext.host is None):
-                pending = Extent(pending.start, pending.length + ext.length, ext.zero, None)
-            elif (pending.host is not None and ext.host is not None
-                  and pending.host + pending.length == ext.host):
-                pending = Extent(pending.start, pending.length + ext.length, False, pending.host)
-            else:
-                yield pending
-                pending = ext
-        if pending is not None:
-            yield pending
+        yield from coalesce(self._pieces(start, stop), merge_unmapped=True)
 
     def _pieces(self, start: int, stop: int) -> Iterator[Extent]:
         """Uncoalesced extents over ``[start, stop)``: runs of blocks, and pieces of overlaid blocks."""
