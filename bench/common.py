@@ -18,6 +18,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 REPO = Path(__file__).resolve().parent.parent
 DISKPORT = [sys.executable, "-m", "diskport"]
+SETTLE = 5.0  # seconds between runs; see alternate()
 
 
 @dataclass
@@ -53,15 +54,21 @@ class Case:
         p = statistics.median(t.seconds for t in self.peer)
         return (f"{self.name:<28} diskport {o:7.2f} s  {peer_name} {p:7.2f} s  ratio {o / p:5.2f}x  "
                 f"peak RSS {max(t.peak_rss for t in self.ours) / MiB:5.0f} MiB vs "
-                f"{max(t.peak_rss for t in self.peer) / MiB:5.0f} MiB")
+                f"{max(t.peak_rss for t in self.peer) / MiB:5.0f} MiB\n"
+                f"{'':<28} runs: diskport {' '.join(f'{t.seconds:.2f}' for t in self.ours)}; "
+                f"{peer_name} {' '.join(f'{t.seconds:.2f}' for t in self.peer)}")
 
 
 def alternate(case: Case, rounds: int, ours: Callable[[], Timing], peer: Callable[[], Timing],
               between: Callable[[], None]) -> Case:
     """Run ours and the peer alternately, ``rounds`` times each, starting with a different one each round.
 
-    Before every run the previous output is removed and the page cache's dirty pages are written back, so no
-    run pays for another's writes.
+    Before every run the previous output is removed, dirty pages are written back, and the machine is left
+    alone for ``SETTLE`` seconds. These VMs hand freed memory back to the host about two seconds after it is
+    freed (virtio-balloon free page reporting); a run that starts at once reuses the pages the previous run's
+    output just released and writes several times faster than one that must fault in fresh pages. Without the
+    pause a run's speed depends on which tool ran before it and how long it took; with it every run starts
+    from the same state.
     """
     for i in range(rounds):
         order = [(case.ours, ours), (case.peer, peer)]
@@ -70,6 +77,7 @@ def alternate(case: Case, rounds: int, ours: Callable[[], Timing], peer: Callabl
         for results, run in order:
             between()
             os.sync()
+            time.sleep(SETTLE)
             results.append(run())
     between()
     return case

@@ -5,6 +5,12 @@ final name (and the folder synced); on any exception, including ``KeyboardInterr
 :class:`~diskport.signals.Interrupted` raised for SIGTERM, the temporary file is removed, so a failed job leaves
 neither a half-written destination nor scratch behind. A block device is written in place: it cannot be
 renamed, and it is checked to be large enough before anything is written.
+
+Beside the ordinary descriptor ``fd``, :attr:`Destination.direct_fd` is the same file opened with ``O_DIRECT``
+where the filesystem or device allows it (-1 where not). Writers send aligned bulk data through it: it bypasses
+the page cache, so converting a disk does not fill memory with gigabytes of output (in a Kubernetes pod the page
+cache counts against the memory limit) and, on the machines measured, writes several times faster than the
+page cache can take fresh pages. qemu-img offers the same as ``-t none``; ovirt-imageio does it by default.
 """
 
 from __future__ import annotations
@@ -16,6 +22,14 @@ import tempfile
 from types import TracebackType
 
 from diskport.errors import DestinationError
+
+
+def _open_direct(path: str) -> int:
+    """``path`` opened for O_DIRECT writes, or -1 where the filesystem refuses it (tmpfs, some FUSE)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _umask() -> int:
@@ -30,6 +44,7 @@ class Destination:
         self.force = force
         self.size = size
         self.fd = -1
+        self.direct_fd = -1
         self.tmp_path: str | None = None
         self.block_device = False
 
@@ -57,6 +72,7 @@ class Destination:
         except OSError as e:
             raise DestinationError(f"cannot create a file beside the destination: {e.strerror}",
                                    path=self.path) from None
+        self.direct_fd = _open_direct(self.tmp_path)
         return self
 
     def _open_block_device(self) -> None:
@@ -71,6 +87,7 @@ class Destination:
             self.fd = -1
             raise DestinationError(f"block device holds {device_size} bytes; the disk needs {self.size}",
                                    path=self.path)
+        self.direct_fd = _open_direct(self.path)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -79,10 +96,15 @@ class Destination:
         else:
             self.discard()
 
+    def _close(self) -> None:
+        for fd in (self.direct_fd, self.fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.direct_fd = -1
+
     def commit(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._close()
         if self.tmp_path is not None:
             try:
                 os.replace(self.tmp_path, self.path)
@@ -99,10 +121,7 @@ class Destination:
                     os.close(dir_fd)
 
     def discard(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        self._close()
         if self.tmp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp_path)

@@ -9,6 +9,7 @@ the destination is written beside its final name and renamed only when complete.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import stat
@@ -55,12 +56,17 @@ class ConvertResult:
     access: str
 
 
+Run = tuple[int, int, bool]  # (start, end, is_zero) inside a window
+Item = tuple[int, int, "mmap.mmap | None", list[Run]]
+
+
 class _Prefetcher:
     """Reads the image ahead of the writer on a background thread.
 
-    The producer walks the extents and fills windows from a small pool of buffers; the caller's thread scans
-    and writes them in order. preadv, pwrite, zlib and numpy release the GIL, so reading overlaps writing.
-    Items are ``(start, length, buffer)``: ``buffer`` None means a zero run sent straight to the writer.
+    The producer walks the extents, fills windows from a small pool of page-aligned buffers (so they can be
+    written with O_DIRECT) and finds the zero blocks in each; the caller's thread writes them in order. preadv,
+    pwrite, the codecs and numpy release the GIL, so reading and scanning overlap writing. Items are
+    ``(start, length, buffer, runs)``; ``buffer`` None means a zero run sent straight to the writer.
     """
 
     DEPTH = 3
@@ -69,10 +75,10 @@ class _Prefetcher:
         self.image = image
         self.window = window
         self.gran = gran
-        self.free: queue.Queue[bytearray] = queue.Queue()
+        self.free: queue.Queue[mmap.mmap | None] = queue.Queue()
         for _ in range(self.DEPTH):
-            self.free.put(bytearray(window))
-        self.ready: queue.Queue[tuple[int, int, bytearray | None] | BaseException | None] = queue.Queue()
+            self.free.put(mmap.mmap(-1, window))
+        self.ready: queue.Queue[Item | BaseException | None] = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="diskport-prefetch", daemon=True)
 
@@ -84,10 +90,10 @@ class _Prefetcher:
         self.stop.set()
         # Unblock a producer waiting for a free buffer, then wait for it to notice the stop.
         for _ in range(self.DEPTH):
-            self.free.put(bytearray(0))
+            self.free.put(None)
         self.thread.join()
 
-    def _take_buffer(self) -> bytearray | None:
+    def _take_buffer(self) -> mmap.mmap | None:
         buf = self.free.get()
         return None if self.stop.is_set() else buf
 
@@ -101,14 +107,14 @@ class _Prefetcher:
     def _produce(self) -> None:
         image, window, gran = self.image, self.window, self.gran
         zero_fill = memoryview(bytes(window))
-        buf: bytearray | None = None
+        buf: mmap.mmap | None = None
         mv = memoryview(b"")
         wstart = fill = wlimit = 0
 
         def emit() -> None:
             nonlocal buf, fill
             if buf is not None and fill:
-                self.ready.put((wstart, fill, buf))
+                self.ready.put((wstart, fill, buf, zero_runs(mv[:fill], wstart, gran)))
                 buf = None
                 fill = 0
 
@@ -117,7 +123,7 @@ class _Prefetcher:
                 return
             if ext.zero and (fill == 0 or ext.length >= DIRECT_ZERO):
                 emit()
-                self.ready.put((ext.start, ext.length, None))
+                self.ready.put((ext.start, ext.length, None, []))
                 continue
             pos = ext.start
             while pos < ext.end:
@@ -144,7 +150,7 @@ class _Prefetcher:
                     emit()
         emit()
 
-    def items(self) -> Iterator[tuple[int, int, bytearray | None]]:
+    def items(self) -> Iterator[Item]:
         while True:
             item = self.ready.get()
             if item is None:
@@ -164,13 +170,13 @@ def copy_image(image: DiskImage, writer: Writer, progress: Progress | None = Non
     gran = writer.zero_granularity
     window = max(gran, window // gran * gran)
     with _Prefetcher(image, window, gran) as prefetch:
-        for start, length, buf in prefetch.items():
+        for start, length, buf, runs in prefetch.items():
             if buf is None:
                 writer.write_zeros(start, length)
                 stats.zero_bytes += length
             else:
                 mv = memoryview(buf)[:length]
-                for a, b, is_zero in zero_runs(mv, start, gran):
+                for a, b, is_zero in runs:
                     if is_zero:
                         writer.write_zeros(start + a, b - a)
                         stats.zero_bytes += b - a
@@ -190,10 +196,11 @@ def make_writer(output_format: str, dest: Destination, size: int | None, *, comp
     if output_format == "raw":
         if compression:
             raise UsageError("compression needs -O qcow2; raw output is never compressed")
-        return RawWriter(dest.fd, size, name=dest.path, block_device=dest.block_device, sync=sync)
+        return RawWriter(dest.fd, size, name=dest.path, block_device=dest.block_device, sync=sync,
+                         direct_fd=dest.direct_fd)
     if output_format == "qcow2":
         return Qcow2Writer(dest.fd, size, name=dest.path, cluster_size=cluster_size, compression=compression,
-                           sync=sync)
+                           sync=sync, direct_fd=dest.direct_fd)
     raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
 
 

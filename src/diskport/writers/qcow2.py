@@ -60,12 +60,14 @@ class Qcow2Writer(Writer):
     fmt = "qcow2"
 
     def __init__(self, fd: int, virtual_size: int | None, *, name: str, cluster_size: int = 65536,
-                 compression: str | None = None, threads: int | None = None, sync: bool = False) -> None:
+                 compression: str | None = None, threads: int | None = None, sync: bool = False,
+                 direct_fd: int = -1) -> None:
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
             raise UsageError(f"cluster size {cluster_size} is not a power of two from 512 to 2097152")
         if compression is not None and compression not in COMPRESSION_TYPES:
             raise UsageError(f"unknown qcow2 compression '{compression}' (zlib or zstd)")
         self.fd = fd
+        self.direct_fd = direct_fd
         self.name = name
         self.sync = sync
         self.size = virtual_size  # None until finish() when the source is a stream

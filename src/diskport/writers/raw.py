@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import struct
 
@@ -24,13 +25,14 @@ class RawWriter(Writer):
     zero_granularity = 4096
 
     def __init__(self, fd: int, size: int | None, *, name: str, block_device: bool = False,
-                 sync: bool = False) -> None:
+                 sync: bool = False, direct_fd: int = -1) -> None:
         self.fd = fd
+        self.direct_fd = direct_fd
         self.sync = sync or block_device
         self.size = size
         self.name = name
         self.block_device = block_device
-        self._zero_buf: bytes | None = None
+        self._zero_buf: mmap.mmap | None = None
         self._zeroout = block_device
         if not block_device and size is not None:
             self._truncate(size)
@@ -57,7 +59,7 @@ class RawWriter(Writer):
                                            path=self.name) from None
                 self._zeroout = False
         if self._zero_buf is None:
-            self._zero_buf = bytes(_ZERO_CHUNK)
+            self._zero_buf = mmap.mmap(-1, _ZERO_CHUNK)  # page aligned, so it can go out through O_DIRECT
         end = offset + length
         while offset < end:
             n = min(_ZERO_CHUNK, end - offset)
