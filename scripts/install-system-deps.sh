@@ -7,6 +7,9 @@ set -euo pipefail
 declare -A NEEDED=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
+  [xz]=xz-utils
+  [gzip]=gzip
+  [losetup]=mount
 )
 
 missing=()

@@ -182,3 +182,97 @@ def test_truncated_stream_optimized_inside_gzip_fails_cleanly(tmp_path: Path) ->
             convert(packed, tmp_path / "out.raw")
         assert not (tmp_path / "out.raw").exists()
         packed.unlink()
+
+
+# Every single-file variant qemu-img makes, in every codec (descriptor-plus-extent VMDKs are several files and
+# cannot be one compressed file).
+WRAPPED = [
+    ("qcow2", "", "qcow2"),
+    ("vmdk", "subformat=monolithicSparse", "vmdk"),
+    ("vmdk", "subformat=streamOptimized", "vmdk"),
+    ("vpc", "subformat=dynamic", "vpc"),
+    ("vpc", "subformat=fixed", "vpc"),
+    ("vhdx", "subformat=dynamic", "vhdx"),
+    ("vhdx", "subformat=fixed", "vhdx"),
+    ("vdi", "static=off", "vdi"),
+    ("vdi", "static=on", "vdi"),
+]
+
+
+@pytest.mark.parametrize("ext", list(CODECS))
+@pytest.mark.parametrize(("fmt", "options", "expected_format"), WRAPPED, ids=[f"{f}-{o}" for f, o, _ in WRAPPED])
+def test_every_variant_in_every_codec(tmp_path: Path, fmt: str, options: str, expected_format: str,
+                                      ext: str) -> None:
+    image = make_image(tmp_path, fmt, 4 * MiB + 512 * 3, options)
+    expected = qemu_raw_sha256(image, tmp_path, fmt=fmt)
+    packed = compress_in_parts(image, ext, parts=2)
+    out = tmp_path / "out.raw"
+    result = convert(packed, out)
+    assert result.source_format == expected_format
+    assert result.compression == [NAMES[ext]]
+    assert sha256_file(out) == expected
+
+
+def xz_cli(path: Path, *args: str) -> Path:
+    from tests.conftest import require_tool
+
+    out = path.with_name(path.name + ".xz")
+    with open(out, "wb") as f:
+        import subprocess
+
+        subprocess.run([require_tool("xz"), "-c", *args, str(path)], stdout=f, check=True)
+    return out
+
+
+def test_multi_block_xz_decodes_in_parallel_and_exactly(tmp_path: Path) -> None:
+    from diskport.sources.file import FileSource
+    from diskport.sources.xz import find_blocks
+
+    qcow2 = make_image(tmp_path, "qcow2", 12 * MiB)
+    expected = qemu_raw_sha256(qcow2, tmp_path)
+    packed = xz_cli(qcow2, "-T2", "--block-size=1MiB")
+    two_streams = tmp_path / "two.raw.xz"
+    with FileSource(packed) as source:
+        blocks = find_blocks(source)
+    assert blocks is not None and len(blocks) > 4
+    assert sum(b.uncompressed for b in blocks) == qcow2.stat().st_size
+    out = tmp_path / "out.raw"
+    convert(packed, out)
+    assert sha256_file(out) == expected
+    # a raw disk split over two concatenated streams (as parallel compressors write) decodes whole
+    raw = make_image(tmp_path, "raw", 6 * MiB, name="disk.raw")
+    halves = [tmp_path / "a.raw", tmp_path / "b.raw"]
+    data = raw.read_bytes()
+    halves[0].write_bytes(data[: 3 * MiB])
+    halves[1].write_bytes(data[3 * MiB:])
+    two_streams.write_bytes(b"".join(xz_cli(h, "--block-size=512KiB").read_bytes() for h in halves))
+    with FileSource(two_streams) as source:
+        streams = {b.stream_header for b in find_blocks(source) or []}
+    assert len(streams) == 1 and len(find_blocks(FileSource(two_streams)) or []) >= 12
+    out.unlink()
+    convert(two_streams, out)
+    assert sha256_file(out) == sha256_file(raw)
+
+
+def test_damaged_xz_block_is_reported(tmp_path: Path) -> None:
+    raw = make_image(tmp_path, "raw", 8 * MiB, layout=[(0, 8 * MiB, "random")])
+    packed = xz_cli(raw, "-0", "--block-size=1MiB")
+    data = bytearray(packed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    packed.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="xz"):
+        convert(packed, tmp_path / "out.raw")
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_unrecognised_xz_layout_falls_back_to_sequential(tmp_path: Path) -> None:
+    from diskport.sources.file import FileSource
+    from diskport.sources.xz import find_blocks
+
+    raw = make_image(tmp_path, "raw", 3 * MiB)
+    packed = tmp_path / "disk.raw.xz"
+    packed.write_bytes(lzma.compress(raw.read_bytes()) + b"trailing garbage")
+    with FileSource(packed) as source:
+        assert find_blocks(source) is None  # no footer at the end: the sequential decoder takes over
+    convert(packed, tmp_path / "out.raw")
+    assert sha256_file(tmp_path / "out.raw") == sha256_file(raw)

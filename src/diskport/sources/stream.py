@@ -19,6 +19,7 @@ from isal import igzip
 
 from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.formats.compression import BZIP2, GZIP, XZ, ZSTD
+from diskport.sources import xz
 from diskport.sources.base import Source
 
 _CODEC_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError, ValueError)
@@ -56,7 +57,10 @@ class DecompressingStream:
         if kind == GZIP:
             self._reader = igzip.IGzipFile(fileobj=buffered, mode="rb")  # type: ignore[no-untyped-call,assignment]
         elif kind == XZ:
-            self._reader = lzma.LZMAFile(buffered)  # type: ignore[assignment]  # noqa: SIM115 - closed in close()
+            # Multi-block files decode on every core; the rest through the standard, sequential decoder.
+            parallel = xz.parallel_reader(source)
+            self._reader = (parallel if parallel is not None  # type: ignore[assignment]
+                            else lzma.LZMAFile(buffered))  # noqa: SIM115 - closed in close()
         elif kind == BZIP2:
             self._reader = bz2.BZ2File(buffered)  # type: ignore[assignment]
         elif kind == ZSTD:
