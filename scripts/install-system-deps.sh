@@ -10,6 +10,8 @@ declare -A NEEDED=(
   [xz]=xz-utils
   [gzip]=gzip
   [losetup]=mount
+  [nginx]=nginx
+  [openssl]=openssl
 )
 
 missing=()

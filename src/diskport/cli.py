@@ -17,11 +17,13 @@ import click
 
 from diskport import __version__
 from diskport.engine import convert as convert_image
-from diskport.errors import DiskportError
+from diskport.errors import DiskportError, UsageError
 from diskport.formats import format_names
+from diskport.importer import import_image, parse_size
 from diskport.inspect import inspect_image, render_text
-from diskport.progress import ProgressBar
+from diskport.progress import JsonProgress, ProgressBar
 from diskport.signals import Interrupted, terminate_raises
+from diskport.sources.http import HttpOptions
 from diskport.units import human_size
 from diskport.writers import OUTPUT_FORMATS
 
@@ -115,6 +117,61 @@ def convert(source: str, destination: str, source_format: str | None, output_for
         click.echo(f"{result.source} ({result.source_format}, {human_size(result.virtual_size)}) -> "
                    f"{result.destination} ({result.output_format}): {human_size(result.data_bytes)} data, "
                    f"{human_size(result.zero_bytes)} zeros, {result.seconds:.2f} s", err=True)
+
+
+@main.command("import")
+@click.argument("source")
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.option("--size", "size_text", metavar="SIZE",
+              help="Size of the persistent disk: bytes, or K/M/G/T (powers of 1024) or Ki/Mi/Gi/Ti. A larger "
+                   "disk fails before anything is written; a raw disk is grown to SIZE.")
+@click.option("-O", "--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True)
+@click.option("--checksum", metavar="ALGO:HEX", help="Verify the download (md5, sha1, sha256, sha512).")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for https.")
+@click.option("--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
+@click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+              help="Extra request header (repeatable); never sent to another host after a redirect.")
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="Folder for scratch space, used only when needed [default: DESTINATION's folder].")
+@click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
+@click.option("--progress", "progress_mode", type=click.Choice(["bar", "json", "none"]), default="bar",
+              show_default=True, help="bar (on a terminal), JSON lines on stderr, or nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@handle_errors
+def import_(source: str, destination: str, size_text: str | None, output_format: str, checksum: str | None,
+            ca_bundle: str | None, insecure: bool, headers: tuple[str, ...], scratch: str | None, force: bool,
+            progress_mode: str, quiet: bool) -> None:
+    """Import the disk at SOURCE (an http(s) URL, a file:// URL or a path) into DESTINATION (file or block
+    device), decompressed and converted (raw by default).
+
+    Random-access formats are read straight over ranged requests when the server answers them; scratch space
+    is used only for a random-access format inside a compressed file, on a server without ranges, or with
+    --checksum, and the summary says which path was taken and why.
+    """
+    extra: dict[str, str] = {}
+    for header in headers:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header takes 'Name: value', not '{header}'")
+        extra[name.strip()] = value.strip()
+    http = HttpOptions(headers=extra, ca_bundle=ca_bundle, insecure=insecure)
+    size = parse_size(size_text) if size_text else None
+    json_progress = JsonProgress("import") if progress_mode == "json" and not quiet else None
+    with ProgressBar(f"importing {source}", enabled=progress_mode == "bar" and not quiet) as bar:
+        reporter = json_progress or bar
+        result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
+                              http=http, scratch_dir=scratch, force=force, progress=reporter,
+                              on_download=json_progress.on_download if json_progress else None)
+    if json_progress is not None:
+        json_progress(result.virtual_size, result.virtual_size, final=True)
+    if not quiet:
+        click.echo(f"{result.source}: {result.access}", err=True)
+        layers = "".join(f", {layer}" for layer in result.compression)
+        click.echo(f"{result.source} ({result.source_format}{layers}, {human_size(result.virtual_size)}) -> "
+                   f"{result.destination} ({result.output_format}): "
+                   f"{human_size(result.downloaded_bytes)} downloaded, {human_size(result.data_bytes)} data, "
+                   f"{result.seconds:.2f} s" + (f", {result.checksum} verified" if result.checksum else ""),
+                   err=True)
 
 
 @main.command()

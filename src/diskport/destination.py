@@ -24,6 +24,13 @@ from types import TracebackType
 from diskport.errors import DestinationError
 
 
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _open_direct(path: str) -> int:
     """``path`` opened for O_DIRECT writes, or -1 where the filesystem refuses it (tmpfs, some FUSE)."""
     try:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import mmap
 import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from diskport.destination import Destination
+from diskport.destination import Destination, is_block_device
 from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage, Extent
@@ -206,8 +205,14 @@ def make_writer(output_format: str, dest: Destination, size: int | None, *, comp
 
 def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output_format: str = "raw",
                 compression: str | None = None, cluster_size: int = 65536, force: bool = False,
-                sync: bool = False, progress: Progress | None = None) -> tuple[CopyStats, int]:
-    """Write an opened image to ``destination`` atomically; returns the copy stats and bytes written."""
+                sync: bool = False, progress: Progress | None = None, grow_to: int | None = None,
+                before_commit: Callable[[], None] | None = None) -> tuple[CopyStats, int]:
+    """Write an opened image to ``destination`` atomically; returns the copy stats and bytes written.
+
+    ``grow_to`` makes the disk at least that large (a persistent disk bigger than the image). ``before_commit``
+    runs after the last byte is written and before the destination is renamed into place; if it raises (a
+    checksum mismatch), nothing is left behind.
+    """
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
     size = image.virtual_size if image.size_known else None
@@ -216,18 +221,16 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
                              cluster_size=cluster_size, sync=sync)
         try:
             stats = copy_image(image, writer, progress)
-            writer.finish(image.virtual_size)
+            if grow_to is not None and grow_to < image.virtual_size:
+                raise DestinationError(f"the disk holds {image.virtual_size} bytes, more than the {grow_to} "
+                                       "bytes asked for", path=dest.path)
+            writer.finish(max(image.virtual_size, grow_to or 0))
+            if before_commit is not None:
+                before_commit()
         except BaseException:
             writer.abort()
             raise
     return stats, writer.bytes_written
-
-
-def _is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str], *,
@@ -245,7 +248,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     began = time.monotonic()
     src = os.fspath(source)
     dst = os.fspath(destination)
-    if not force and os.path.exists(dst) and not os.path.isdir(dst) and not _is_block_device(dst):
+    if not force and os.path.exists(dst) and not os.path.isdir(dst) and not is_block_device(dst):
         raise DestinationError("already exists; pass --force to replace it", path=dst)
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise UsageError("source and destination are the same file", path=dst)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import threading
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -55,3 +57,32 @@ class ProgressBar:
                  tb: TracebackType | None) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+class JsonProgress:
+    """Progress as JSON lines on stderr, for a platform to read (at most twice a second, and once at the end).
+
+    Each line: ``{"phase": ..., "converted": bytes, "total": virtual size or null, "downloaded": bytes,
+    "download_total": bytes or null}``.
+    """
+
+    def __init__(self, phase: str, download_total: int | None = None) -> None:
+        self.phase = phase
+        self.downloaded = 0
+        self.download_total = download_total
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def on_download(self, n: int) -> None:
+        with self._lock:
+            self.downloaded += n
+
+    def __call__(self, done: int, total: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < 0.5:
+            return
+        self._last = now
+        line = {"phase": self.phase, "converted": done, "total": total or None, "downloaded": self.downloaded,
+                "download_total": self.download_total}
+        sys.stderr.write(json.dumps(line) + "\n")
+        sys.stderr.flush()

@@ -85,9 +85,10 @@ def declared_size(name: str, head: bytes) -> int | None:
     return None
 
 
-def open_compressed(source: Source, kind: str, fmt: str | None, scratch_dir: str | None,
-                    size_limit: int | None) -> DiskImage:
-    """Open the image inside a compressed file: streamed when its format allows, else spooled to scratch."""
+def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: str | None,
+                size_limit: int | None) -> DiskImage:
+    """Open an image that can only be read in order (inside a compressed file, or a ``sequential`` source):
+    straight from the stream when its format allows, else spooled to scratch first."""
     stream = DecompressingStream(source, kind)
     try:
         head_buf = bytearray(HEAD_SIZE)
@@ -102,11 +103,11 @@ def open_compressed(source: Source, kind: str, fmt: str | None, scratch_dir: str
         image: DiskImage
         if name in STREAMABLE:
             image = StreamedRawImage(stream, head, name, limit=limit, fixed_vhd_footer=vhd.fixed_footer_size)
-            image.access = f"stream: {name} is read straight from the {kind} stream"
+            image.access = f"stream: {name} is read straight from {stream.label}"
             return image
         if name == "vmdk" and vmdk.is_stream_optimized(head):
             image = vmdk.StreamedVmdkImage(stream, head)
-            image.access = f"stream: streamOptimized VMDK is read straight from the {kind} stream"
+            image.access = f"stream: streamOptimized VMDK is read straight from {stream.label}"
             return image
         declared = declared_size(name, head)
         if declared is not None:
@@ -124,8 +125,8 @@ def open_compressed(source: Source, kind: str, fmt: str | None, scratch_dir: str
             raise
         image.close_with(source.close)
         image.outer = source
-        image.compression = [kind]
-        image.access = f"spooled: {name} needs random access, so the {kind} stream was copied to scratch first"
+        image.compression = [kind] if kind else []
+        image.access = f"spooled: {name} needs random access, so {stream.label} was copied to scratch first"
         return image
     except BaseException:
         stream.close()
@@ -158,13 +159,14 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
                   size_limit: int | None = None) -> DiskImage:
     """Open ``source`` as ``fmt``, or as the format its content shows.
 
-    A compressed file is opened through :func:`open_compressed`; ``scratch_dir`` is where a random-access format
+    A compressed file, or a source that can only be read in order, is opened through :func:`open_stream`;
+    ``scratch_dir`` is where a random-access format
     inside one is spooled, and ``size_limit`` bounds a raw disk inside one.
     """
     head = read_head(source)
     compression = detect_compression(head)
-    if compression:
-        return open_compressed(source, compression, fmt, scratch_dir, size_limit)
+    if compression or source.sequential:
+        return open_stream(source, compression, fmt, scratch_dir, size_limit)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)
         if name not in FORMATS:

@@ -32,7 +32,7 @@ class StreamedRawImage(DiskImage):
         super().__init__(stream.source)
         self.stream = stream
         self.format = fmt
-        self.compression = [stream.kind]
+        self.compression = [stream.kind] if stream.kind else []
         self.virtual_size = 0
         self.limit = limit
         self._head = head
@@ -83,7 +83,8 @@ class StreamedRawImage(DiskImage):
 
     def _emit(self, pos: int, chunk: memoryview) -> Iterator[Extent]:
         if pos + len(chunk) > self.limit:
-            raise UnsafeImage(f"decompresses to more than {self.limit} bytes (decompression bomb?)",
+            raise UnsafeImage(f"holds more than {self.limit} bytes" + (" (decompression bomb?)" if self.stream.kind
+                                                                      else ""),
                               path=self.source.name, fmt=self.stream.kind,
                               hint="pass --size if the disk really is larger")
         self._chunk_start = pos

@@ -869,7 +869,7 @@ class StreamedVmdkImage(DiskImage):
     def __init__(self, stream: DecompressingStream, head: bytes) -> None:
         super().__init__(stream.source)
         self.stream = stream
-        self.compression = [stream.kind]
+        self.compression = [stream.kind] if stream.kind else []
         src = HeadSource(stream.source.name, head)
         header = SparseHeader.unpack(head) if len(head) >= _HEADER.size else None
         if (header is None or header.flags & (FLAG_COMPRESSED_GRAINS | FLAG_MARKERS)

@@ -19,8 +19,9 @@ class Source(ABC):
 
     name: str
     size: int
-    #: True for a source that can only be read front to back (an HTTP server without ranges).
+    #: True for a source that can only be read front to back (an HTTP server without ranges), and why.
     sequential: bool = False
+    sequential_reason: str = ""
 
     @abstractmethod
     def pread(self, offset: int, length: int) -> bytes:

@@ -131,8 +131,3 @@ class FileSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def open_source(location: str | os.PathLike[str]) -> Source:
-    """Open a source by location. Local paths only here; URLs join in the import work."""
-    return FileSource(location)

@@ -36,14 +36,15 @@ def spool(stream: DecompressingStream, head: bytes, scratch_dir: str, limit: int
             if not n:
                 break
             if pos + n > limit:
-                raise UnsafeImage(f"decompresses to more than {limit} bytes, more than {what} allows "
-                                  "(decompression bomb?)", path=stream.source.name, fmt=stream.kind)
+                raise UnsafeImage(f"holds more than {limit} bytes, more than {what} allows"
+                                  + (" (decompression bomb?)" if stream.kind else ""),
+                                  path=stream.source.name, fmt=stream.kind)
             for a, b, is_zero in zero_runs(view[:n], pos, 4096):
                 if not is_zero:
                     os.pwrite(fd, view[a:b], pos + a)
             pos += n
         os.ftruncate(fd, pos)
-        source = FileSource.from_fd(os.dup(fd), f"{stream.source.name} ({stream.kind}-decompressed)")
+        source = FileSource.from_fd(os.dup(fd), f"{stream.source.name} (spooled)")
     except OSError as e:
         raise DestinationError(f"writing the scratch file failed: {e.strerror}", path=scratch_dir) from None
     finally:

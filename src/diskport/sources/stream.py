@@ -46,15 +46,21 @@ class SourceReader(io.RawIOBase):
 
 
 class DecompressingStream:
-    """Forward-only decompressed bytes of ``source``; ``consumed`` counts compressed bytes read so far."""
+    """Forward-only decompressed bytes of ``source``; ``consumed`` counts compressed bytes read so far.
 
-    def __init__(self, source: Source, kind: str) -> None:
+    ``kind`` None is the identity: the bytes of a source that can only be read in order (an HTTP server without
+    ranges, a download being hashed), which then take the same streaming or spooling path as compressed data.
+    """
+
+    def __init__(self, source: Source, kind: str | None) -> None:
         self.source = source
         self.kind = kind
         self._raw = SourceReader(source)
         buffered = io.BufferedReader(self._raw, buffer_size=1024 * 1024)
         self._reader: BinaryIO
-        if kind == GZIP:
+        if kind is None:
+            self._reader = buffered
+        elif kind == GZIP:
             self._reader = igzip.IGzipFile(fileobj=buffered, mode="rb")  # type: ignore[no-untyped-call,assignment]
         elif kind == XZ:
             # Multi-block files decode on every core; the rest through the standard, sequential decoder.
@@ -70,6 +76,11 @@ class DecompressingStream:
         self.position = 0
 
     @property
+    def label(self) -> str:
+        """How messages name this stream: "the gzip stream", or the reason a plain source is read in order."""
+        return f"the {self.kind} stream" if self.kind else (self.source.sequential_reason or "the data, in order")
+
+    @property
     def consumed(self) -> int:
         return self._raw.pos
 
@@ -83,7 +94,7 @@ class DecompressingStream:
                     break
                 done += n
         except _CODEC_ERRORS as e:
-            raise CorruptImage(f"{self.kind} data is damaged after {self.position + done} decompressed bytes: "
+            raise CorruptImage(f"{self.kind or 'the'} data is damaged after {self.position + done} decompressed bytes: "
                                f"{e}", path=self.source.name, fmt=self.kind) from None
         self.position += done
         return done

@@ -1,0 +1,99 @@
+"""``diskport import``: a disk at a URL or path, downloaded, decompressed and converted into a persistent disk.
+
+The orchestration of the pieces the other commands use: :mod:`diskport.sources.http` reads the URL (straight
+over ranged GETs when the server answers them, in order otherwise), :func:`diskport.formats.open_image` finds the
+format and decides between streaming and spooling, and the engine writes the destination beside itself and
+renames it at the end. What this module adds: the choice of source by scheme, ``--size``, ``--checksum``, and a
+summary that says which path was taken and why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from diskport.destination import is_block_device
+from diskport.engine import Progress, write_image
+from diskport.errors import DestinationError, DiskportError, UsageError
+from diskport.formats import open_image
+from diskport.sources import open_source
+from diskport.sources.checksum import ChecksumSource, parse_checksum
+from diskport.sources.http import HttpOptions, HttpSource
+
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGTPE]i?)?[bB]?\s*")
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or a number with K/M/G/T/P/E (powers of 1024, as qemu-img reads them) or Ki/Mi/Gi/Ti/Pi/Ei (as
+    Kubernetes writes them)."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise UsageError(f"size '{text}' is not bytes or a number with K/M/G/T (or Ki/Mi/Gi/Ti)")
+    return int(m.group(1)) * int(1024 ** _UNITS[(m.group(2) or "").rstrip("i")])
+
+
+@dataclass
+class ImportResult:
+    source: str
+    destination: str
+    source_format: str
+    output_format: str
+    compression: list[str]
+    access: str
+    virtual_size: int
+    downloaded_bytes: int
+    data_bytes: int
+    zero_bytes: int
+    seconds: float
+    checksum: str | None
+
+
+def import_image(location: str, destination: str | os.PathLike[str], *, size: int | None = None,
+                 output_format: str = "raw", checksum: str | None = None, http: HttpOptions | None = None,
+                 scratch_dir: str | None = None, force: bool = False, sync: bool = True,
+                 progress: Progress | None = None,
+                 on_download: Callable[[int], None] | None = None) -> ImportResult:
+    """Import the disk at ``location`` into ``destination`` (a file or a block device).
+
+    ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw
+    disk is grown to it. ``checksum`` (``sha256:HEX``, also md5, sha1, sha512) is verified over the bytes as
+    downloaded before the destination is put in place. The result is flushed to stable storage (``sync``).
+    """
+    began = time.monotonic()
+    dst = os.fspath(destination)
+    expected = parse_checksum(checksum) if checksum else None
+    if not force and os.path.exists(dst) and not os.path.isdir(dst) and not is_block_device(dst):
+        raise DestinationError("already exists; pass --force to replace it", path=dst)
+    source = open_source(location, http, on_download)
+    try:
+        checked = ChecksumSource(source, *expected) if expected else None
+        scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
+        image = open_image(checked or source, scratch_dir=scratch, size_limit=size)
+    except BaseException:
+        source.close()
+        raise
+    with image:
+        if isinstance(source, HttpSource) and not source.sequential and image.access == "direct":
+            image.access = "direct: read over HTTP range requests, no scratch space"
+        if size is not None and image.size_known and image.virtual_size > size:
+            raise DestinationError(f"the disk is {image.virtual_size} bytes, larger than --size {size}",
+                                   path=dst, hint="pass a larger --size")
+        try:
+            stats, _ = write_image(image, dst, output_format=output_format, force=force, sync=sync,
+                                   progress=progress, grow_to=size,
+                                   before_commit=checked.verify if checked else None)
+        except (DestinationError, UsageError):
+            raise
+        except DiskportError as e:
+            raise e.locate(location, image.format) from None
+        downloaded = source.downloaded if isinstance(source, HttpSource) else source.size
+        return ImportResult(source=location, destination=dst, source_format=image.format,
+                            output_format=output_format, compression=list(image.compression),
+                            access=image.access, virtual_size=stats.virtual_size, downloaded_bytes=downloaded,
+                            data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
+                            seconds=time.monotonic() - began,
+                            checksum=f"{expected[0]}:{expected[1]}" if expected else None)
