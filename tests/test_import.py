@@ -206,3 +206,75 @@ def test_json_progress_and_inspect_url(nginx: NginxServer, qcow2: tuple[Path, st
     assert lines[-1]["downloaded"] > 0
     facts = json.loads(run_cli("inspect", "--json", nginx.url("disk.qcow2"), check=True).stdout)
     assert facts["format"] == "qcow2" and facts["virtual-size"] == 12 * MiB + 4096
+
+
+def test_metrics_endpoint_and_phases(fault_server: FaultServer, qcow2: tuple[Path, str], tmp_path: Path) -> None:
+    """While an import runs (slowed by a stall), /metrics serves Prometheus text; JSON lines end with "done"."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fault_server.faults.stall_after = 1024 * 1024
+    fault_server.faults.stall_seconds = 3
+    dest = out_dir(tmp_path) / "disk.img"
+    proc = subprocess.Popen([sys.executable, "-m", "diskport", "import", "--progress=json", "--metrics-port",
+                             str(port), fault_server.url("disk.qcow2"), str(dest)],
+                            stderr=subprocess.PIPE, text=True)
+    text = ""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "diskport_phase" not in text:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert 'diskport_phase{phase="running"} 1' in text
+    assert "# TYPE diskport_downloaded_bytes_total counter" in text
+    assert "diskport_download_size_bytes " in text
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert lines[-1]["phase"] == "done" and lines[-1]["converted"] == 12 * MiB + 4096
+    assert lines[-1]["download_total"] == qcow2[0].stat().st_size
+
+
+@pytest.mark.parametrize(("sig", "code"), [(15, 143), (2, 130)])
+def test_interrupted_import_leaves_nothing(fault_server: FaultServer, qcow2: tuple[Path, str], tmp_path: Path,
+                                           sig: int, code: int) -> None:
+    import subprocess
+    import sys
+    import time
+
+    fault_server.faults.stall_after = 2 * MiB
+    fault_server.faults.stall_seconds = 5
+    folder = out_dir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "diskport", "import", "-q", fault_server.url("disk.qcow2"),
+                             str(folder / "disk.img")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not fault_server.injected["stall"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fault_server.injected["stall"], "the import never reached the stall"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert os.listdir(folder) == []
+
+
+def test_proxy_from_environment(proxy_server: object, nginx: NginxServer, qcow2: tuple[Path, str],
+                                tmp_path: Path) -> None:
+    from tests.servers import ProxyServer
+
+    assert isinstance(proxy_server, ProxyServer)
+    _, expected = qcow2
+    dest = out_dir(tmp_path) / "disk.img"
+    env = {**os.environ, "HTTP_PROXY": proxy_server.proxy_url, "http_proxy": proxy_server.proxy_url,
+           "NO_PROXY": "", "no_proxy": ""}
+    proc = run_cli("import", "-q", nginx.url("disk.qcow2"), dest, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(dest) == expected
+    assert any("disk.qcow2" in r.path for r in proxy_server.requests)

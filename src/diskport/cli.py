@@ -21,7 +21,7 @@ from diskport.errors import DiskportError, UsageError
 from diskport.formats import format_names
 from diskport.importer import import_image, parse_size
 from diskport.inspect import inspect_image, render_text
-from diskport.progress import JsonProgress, ProgressBar
+from diskport.progress import JobProgress
 from diskport.signals import Interrupted, terminate_raises
 from diskport.sources.http import HttpOptions
 from diskport.units import human_size
@@ -107,10 +107,10 @@ def convert(source: str, destination: str, source_format: str | None, output_for
     leaves nothing behind.
     """
     method = compression or ("zlib" if compress else None)
-    with ProgressBar(f"converting {click.format_filename(source)}", enabled=not quiet) as bar:
+    with JobProgress(f"converting {click.format_filename(source)}", bar=not quiet) as job:
         result = convert_image(source, destination, output_format=output_format, source_format=source_format,
                                compression=method, cluster_size=cluster_size, force=force, sync=sync,
-                               scratch_dir=scratch, progress=bar)
+                               scratch_dir=scratch, progress=job)
     if not quiet:
         if result.compression:
             click.echo(f"{result.source}: {result.access}", err=True)
@@ -136,11 +136,13 @@ def convert(source: str, destination: str, source_format: str | None, output_for
 @click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
 @click.option("--progress", "progress_mode", type=click.Choice(["bar", "json", "none"]), default="bar",
               show_default=True, help="bar (on a terminal), JSON lines on stderr, or nothing.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve progress as Prometheus metrics on PORT (/metrics) while the import runs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def import_(source: str, destination: str, size_text: str | None, output_format: str, checksum: str | None,
             ca_bundle: str | None, insecure: bool, headers: tuple[str, ...], scratch: str | None, force: bool,
-            progress_mode: str, quiet: bool) -> None:
+            progress_mode: str, metrics_port: int | None, quiet: bool) -> None:
     """Import the disk at SOURCE (an http(s) URL, a file:// URL or a path) into DESTINATION (file or block
     device), decompressed and converted (raw by default).
 
@@ -156,14 +158,11 @@ def import_(source: str, destination: str, size_text: str | None, output_format:
         extra[name.strip()] = value.strip()
     http = HttpOptions(headers=extra, ca_bundle=ca_bundle, insecure=insecure)
     size = parse_size(size_text) if size_text else None
-    json_progress = JsonProgress("import") if progress_mode == "json" and not quiet else None
-    with ProgressBar(f"importing {source}", enabled=progress_mode == "bar" and not quiet) as bar:
-        reporter = json_progress or bar
+    with JobProgress("converted", bar=progress_mode == "bar" and not quiet,
+                     json_lines=progress_mode == "json" and not quiet, metrics_port=metrics_port,
+                     download_total=0 if "://" in source else None) as job:
         result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
-                              http=http, scratch_dir=scratch, force=force, progress=reporter,
-                              on_download=json_progress.on_download if json_progress else None)
-    if json_progress is not None:
-        json_progress(result.virtual_size, result.virtual_size, final=True)
+                              http=http, scratch_dir=scratch, force=force, job=job)
     if not quiet:
         click.echo(f"{result.source}: {result.access}", err=True)
         layers = "".join(f", {layer}" for layer in result.compression)

@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from diskport.destination import is_block_device
-from diskport.engine import Progress, write_image
+from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
+from diskport.progress import JobProgress
 from diskport.sources import open_source
 from diskport.sources.checksum import ChecksumSource, parse_checksum
-from diskport.sources.http import HttpOptions, HttpSource
+from diskport.sources.http import UNKNOWN_SIZE, HttpOptions, HttpSource
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGTPE]i?)?[bB]?\s*")
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
@@ -55,20 +55,22 @@ class ImportResult:
 def import_image(location: str, destination: str | os.PathLike[str], *, size: int | None = None,
                  output_format: str = "raw", checksum: str | None = None, http: HttpOptions | None = None,
                  scratch_dir: str | None = None, force: bool = False, sync: bool = True,
-                 progress: Progress | None = None,
-                 on_download: Callable[[int], None] | None = None) -> ImportResult:
+                 job: JobProgress | None = None) -> ImportResult:
     """Import the disk at ``location`` into ``destination`` (a file or a block device).
 
     ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw
     disk is grown to it. ``checksum`` (``sha256:HEX``, also md5, sha1, sha512) is verified over the bytes as
     downloaded before the destination is put in place. The result is flushed to stable storage (``sync``).
+    ``job`` receives the progress: bytes downloaded and converted, and the phase.
     """
     began = time.monotonic()
     dst = os.fspath(destination)
     expected = parse_checksum(checksum) if checksum else None
     if not force and os.path.exists(dst) and not os.path.isdir(dst) and not is_block_device(dst):
         raise DestinationError("already exists; pass --force to replace it", path=dst)
-    source = open_source(location, http, on_download)
+    source = open_source(location, http, job.on_download if job else None)
+    if job is not None and isinstance(source, HttpSource) and source.size != UNKNOWN_SIZE:
+        job.download_total = source.size
     try:
         checked = ChecksumSource(source, *expected) if expected else None
         scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
@@ -84,16 +86,24 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                                    path=dst, hint="pass a larger --size")
         try:
             stats, _ = write_image(image, dst, output_format=output_format, force=force, sync=sync,
-                                   progress=progress, grow_to=size,
-                                   before_commit=checked.verify if checked else None)
+                                   progress=job, grow_to=size,
+                                   before_commit=(lambda: _verify(checked, job)) if checked else None)
         except (DestinationError, UsageError):
             raise
         except DiskportError as e:
             raise e.locate(location, image.format) from None
         downloaded = source.downloaded if isinstance(source, HttpSource) else source.size
+        if job is not None:
+            job(stats.virtual_size, stats.virtual_size)
         return ImportResult(source=location, destination=dst, source_format=image.format,
                             output_format=output_format, compression=list(image.compression),
                             access=image.access, virtual_size=stats.virtual_size, downloaded_bytes=downloaded,
                             data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
                             seconds=time.monotonic() - began,
                             checksum=f"{expected[0]}:{expected[1]}" if expected else None)
+
+
+def _verify(checked: ChecksumSource, job: JobProgress | None) -> None:
+    if job is not None:
+        job.set_phase("verifying")
+    checked.verify()
