@@ -10,6 +10,7 @@ declare -A NEEDED=(
   [xz]=xz-utils
   [gzip]=gzip
   [losetup]=mount
+  [curl]=curl
   [nginx]=nginx
   [openssl]=openssl
 )

@@ -278,3 +278,25 @@ def test_proxy_from_environment(proxy_server: object, nginx: NginxServer, qcow2:
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(dest) == expected
     assert any("disk.qcow2" in r.path for r in proxy_server.requests)
+
+
+def test_spurious_416_is_retried_and_a_persistent_one_fails_cleanly(fault_server: FaultServer,
+                                                                      qcow2: tuple[Path, str],
+                                                                      tmp_path: Path) -> None:
+    _, expected = qcow2
+    fault_server.faults.answer_416_times = 2
+    dest = out_dir(tmp_path) / "disk.img"
+    import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
+    assert sha256_file(dest) == expected, "a 416 must never turn into an empty disk"
+    fault_server.faults.answer_416_times = 1000
+    again = out_dir(tmp_path) / "again.img"
+    with pytest.raises(SourceError, match="416"):
+        import_image(fault_server.url("disk.qcow2"), again, http=FAST)
+    assert sorted(os.listdir(again.parent)) == ["disk.img"]
+
+
+def test_empty_file_imports_as_empty_disk(nginx: NginxServer, tmp_path: Path) -> None:
+    nginx.put("empty.img", b"")
+    dest = out_dir(tmp_path) / "disk.img"
+    result = import_image(nginx.url("empty.img"), dest, http=FAST)
+    assert dest.stat().st_size == 0 and result.virtual_size == 0

@@ -116,6 +116,12 @@ class HttpSource(Source):
     # -- the first request -----------------------------------------------------------------------------
     def _open(self) -> None:
         response = self._send(0, HEAD_BYTES - 1)
+        for _ in range(self.options.retries):
+            if response.status_code != 416 or response.headers.get("content-range", "").strip() == "bytes */0":
+                break
+            response.close()  # a file that is not empty cannot be unsatisfiable from byte 0: a passing fault
+            time.sleep(self.options.backoff)
+            response = self._send(0, HEAD_BYTES - 1)
         if response.status_code == 206:
             start, _, total = self._content_range(response)
             if start != 0 or total is None:
@@ -126,11 +132,15 @@ class HttpSource(Source):
             self.validator = response.headers.get("etag") or response.headers.get("last-modified")
             self._head = self._read_body(response, min(HEAD_BYTES, total))
             return
-        if response.status_code == 416:  # an empty file cannot satisfy bytes=0-65535
+        if response.status_code == 416:
+            unsatisfied = response.headers.get("content-range", "").strip()
             response.close()
-            self.size = 0
-            self._head = b""
-            return
+            if unsatisfied == "bytes */0":  # only an empty file cannot satisfy bytes=0-65535
+                self.size = 0
+                self._head = b""
+                return
+            raise SourceError(f"HTTP 416 to the first bytes of a file that is not empty ({unsatisfied or 'no size'})",
+                              path=self.name)
         self._open_sequential(response)
 
     def _open_sequential(self, response: httpx.Response) -> None:

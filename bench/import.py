@@ -1,0 +1,80 @@
+"""diskport import vs the pipeline a platform importer runs without it (KubeVirt CDI's): download to a scratch
+file with curl, then ``qemu-img convert -O raw``. Same inputs, same run, alternating.
+
+    python bench/import.py [--size-gib 4] [--rounds 3] [--dir bench-out]
+
+Serves a qcow2 of about half data and its .gz from Debian's nginx on loopback. For the .gz the pipeline is
+``curl | gzip -dc > scratch`` then ``qemu-img convert``. Prints the ratio of the medians, each one's peak RSS,
+and diskport's access path (a ranged qcow2 must use no scratch at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from tests.servers import NginxServer  # noqa: E402
+
+from common import DISKPORT, Case, GiB, alternate, need, remove, timed  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gib", type=float, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    qemu_img, curl = need("qemu-img"), need("curl")
+    need("gzip")
+    work: Path = args.dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(args.size_gib * GiB)
+    raw, qcow2, packed = work / "sample.raw", work / "sample.qcow2", work / "sample.qcow2.gz"
+    if not raw.exists() or raw.stat().st_size != size:
+        print(f"making a {args.size_gib} GiB sample (about half data) in {work}", flush=True)
+        code = ("import sys, pathlib; from common import sample_raw; "
+                "sample_raw(pathlib.Path(sys.argv[1]), int(sys.argv[2]))")
+        subprocess.run([sys.executable, "-c", code, str(raw), str(size)], check=True, cwd=HERE)
+        remove(qcow2, packed)
+    if not qcow2.exists():
+        timed([qemu_img, "convert", "-f", "raw", "-O", "qcow2", raw, qcow2])
+    if not packed.exists():
+        with open(packed, "wb") as f:
+            subprocess.run(["gzip", "-c", str(qcow2)], stdout=f, check=True)
+    out = work / "import-out.raw"
+    scratch = work / "import-scratch.img"
+    cases = []
+    with tempfile.TemporaryDirectory() as prefix, NginxServer(work, Path(prefix)) as nginx:
+        for name, pipeline in [
+            ("sample.qcow2", f"'{curl}' -sf -o '{scratch}' '{{url}}'"),
+            ("sample.qcow2.gz", f"'{curl}' -sf '{{url}}' | gzip -dc > '{scratch}'"),
+        ]:
+            url = nginx.url(name)
+            probe = subprocess.run([*DISKPORT, "import", "--force", url, str(out)], capture_output=True, text=True,
+                                   check=True)
+            access = probe.stderr.splitlines()[0]
+            remove(out)
+            peer = (pipeline.format(url=url) + f" && '{qemu_img}' convert -f qcow2 -O raw '{scratch}' '{out}'"
+                    f" && rm -f '{scratch}'")
+            print(f"timing {name} ...", flush=True)
+            case = alternate(Case(f"import {name}"), args.rounds,
+                             lambda u=url: timed([*DISKPORT, "import", "-q", u, out]),
+                             lambda c=peer: timed(["bash", "-c", c]),
+                             lambda: remove(out, scratch))
+            cases.append((case, access))
+    print(f"\n{args.size_gib} GiB image, {args.rounds} alternating rounds, medians "
+          "(peer: curl to a scratch file, then qemu-img convert):")
+    for case, access in cases:
+        print(case.row("pipeline"))
+        print(f"{'':<28} diskport: {access.split(': ', 1)[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
