@@ -83,6 +83,21 @@ def _url(scheme: str, host: str, port: int, name: str) -> str:
     return f"{scheme}://{host}:{port}/{quote(name.lstrip('/'))}"
 
 
+class _ServesFiles:
+    """``url(name)`` and ``put(name, data)`` for a server of ``root`` (the three file servers share them)."""
+
+    root: Path
+    scheme: str
+    port: int
+
+    def url(self, name: str, host: str = LOOPBACK) -> str:
+        return _url(self.scheme, host, self.port, name)
+
+    def put(self, name: str, data: bytes) -> str:
+        _put(self.root, name, data)
+        return self.url(name)
+
+
 def _put(root: Path, name: str, data: bytes) -> None:
     path = root / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +307,7 @@ class _PlainHandler(_RecordingHandler, SimpleHTTPRequestHandler):
             self.write_body(chunk)
 
 
-class PlainHTTPServer(_ThreadedServer):
+class PlainHTTPServer(_ServesFiles, _ThreadedServer):
     """``http.server`` serving ``root``: it ignores Range (always 200 + Content-Length, Last-Modified, no ETag).
 
     It models the many servers and proxies that do not do ranges, for which an import must read the body as a
@@ -307,12 +322,6 @@ class PlainHTTPServer(_ThreadedServer):
 
         super().__init__(handler)
 
-    def url(self, name: str, host: str = LOOPBACK) -> str:
-        return _url(self.scheme, host, self.port, name)
-
-    def put(self, name: str, data: bytes) -> str:
-        _put(self.root, name, data)
-        return self.url(name)
 
     def __enter__(self) -> PlainHTTPServer:
         self.start()
@@ -560,7 +569,7 @@ class _FaultHandler(_RecordingHandler):
         return gone
 
 
-class FaultServer(_ThreadedServer):
+class FaultServer(_ServesFiles, _ThreadedServer):
     """Our own ranged HTTP/1.1 file server over ``root``, misbehaving as ``.faults`` says.
 
     Without faults it is a correct ranged server: ``Range: bytes=a-b | a- | -n`` gives 206 with Content-Range,
@@ -579,12 +588,6 @@ class FaultServer(_ThreadedServer):
         self._changed = False
         super().__init__(_FaultHandler)
 
-    def url(self, name: str, host: str = LOOPBACK) -> str:
-        return _url(self.scheme, host, self.port, name)
-
-    def put(self, name: str, data: bytes) -> str:
-        _put(self.root, name, data)
-        return self.url(name)
 
     def __enter__(self) -> FaultServer:
         self.start()
@@ -862,7 +865,7 @@ def _q(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class NginxServer:
+class NginxServer(_ServesFiles):
     """Debian's nginx serving ``root`` on 127.0.0.1:<free port>, a non-daemon child run from ``prefix``.
 
     Defaults left on: byte ranges, ETag, Last-Modified, If-Range; ``sendfile on``, ``gzip off``. The config,
@@ -878,12 +881,6 @@ class NginxServer:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def url(self, name: str, host: str = LOOPBACK) -> str:
-        return _url(self.scheme, host, self.port, name)
-
-    def put(self, name: str, data: bytes) -> str:
-        _put(self.root, name, data)
-        return self.url(name)
 
     # -- logs --------------------------------------------------------------------------------------------------
     @property
