@@ -24,6 +24,17 @@ from types import TracebackType
 from diskport.errors import DestinationError
 
 
+def refuse_existing(path: str, force: bool) -> None:
+    """An existing file at ``path`` is replaced only with ``force``; a block device is written in place.
+
+    :class:`Destination` checks this as it opens; commands call it first too, so the user hears it before a
+    download or a conversion starts.
+    """
+    if force or not os.path.exists(path) or os.path.isdir(path) or is_block_device(path):
+        return
+    raise DestinationError("already exists; pass --force to replace it", path=path)
+
+
 def is_block_device(path: str) -> bool:
     try:
         return stat.S_ISBLK(os.stat(path).st_mode)
@@ -67,8 +78,7 @@ class Destination:
             return self
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise DestinationError("is a folder; name the file to write", path=self.path)
-        if st is not None and not self.force:
-            raise DestinationError("already exists; pass --force to replace it", path=self.path)
+        refuse_existing(self.path, self.force)
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise DestinationError(f"folder {folder} does not exist", path=self.path)

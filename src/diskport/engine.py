@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from diskport.destination import Destination, is_block_device
+from diskport.destination import Destination, refuse_existing
 from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage, Extent
@@ -248,8 +248,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     began = time.monotonic()
     src = os.fspath(source)
     dst = os.fspath(destination)
-    if not force and os.path.exists(dst) and not os.path.isdir(dst) and not is_block_device(dst):
-        raise DestinationError("already exists; pass --force to replace it", path=dst)
+    refuse_existing(dst, force)
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise UsageError("source and destination are the same file", path=dst)
     scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from diskport.destination import is_block_device
+from diskport.destination import refuse_existing
 from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
@@ -66,8 +66,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
     began = time.monotonic()
     dst = os.fspath(destination)
     expected = parse_checksum(checksum) if checksum else None
-    if not force and os.path.exists(dst) and not os.path.isdir(dst) and not is_block_device(dst):
-        raise DestinationError("already exists; pass --force to replace it", path=dst)
+    refuse_existing(dst, force)
     source = open_source(location, http, job.on_download if job else None)
     if job is not None and isinstance(source, HttpSource) and source.size != UNKNOWN_SIZE:
         job.download_total = source.size

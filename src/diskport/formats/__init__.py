@@ -137,8 +137,11 @@ def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) ->
     """The single top-scoring format; ties are broken by which formats' structures validate."""
     top = max(scores.values())
     leaders = [name for name, score in scores.items() if score == top]
-    if len(leaders) == 1 or probe_only:
+    if len(leaders) == 1:
         return leaders[0]
+    if probe_only:  # only the first bytes of a stream: nothing to validate, so no guessing either
+        raise UnsupportedImage(f"content matches more than one format ({', '.join(leaders)}); refusing to guess",
+                               path=source.name, hint="name the format with --format")
     valid = []
     errors: list[DiskportError] = []
     for name in leaders:

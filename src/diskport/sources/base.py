@@ -81,6 +81,18 @@ class Source(ABC):
         self.close()
 
 
+class ReadintoSource(Source):
+    """A source that implements :meth:`readinto`; ``pread`` is derived from it."""
+
+    def pread(self, offset: int, length: int) -> bytes:
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        n = self.readinto(offset, memoryview(buf))
+        return bytes(buf[:n])
+
+    @abstractmethod
+    def readinto(self, offset: int, buf: memoryview) -> int: ...
+
+
 class HeadSource(Source):
     """The first bytes of a stream, as a source for probes: reads past them return nothing."""
 

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 
 from diskport.errors import SourceError, UsageError
-from diskport.sources.base import Source
+from diskport.sources.base import ReadintoSource, Source
 
 ALGORITHMS = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 CHUNK = 8 * 1024 * 1024
@@ -30,7 +30,7 @@ def parse_checksum(text: str) -> tuple[str, str]:
     return algo, digest
 
 
-class ChecksumSource(Source):
+class ChecksumSource(ReadintoSource):
     sequential = True
 
     def __init__(self, inner: Source, algo: str, expected: str) -> None:
@@ -52,11 +52,6 @@ class ChecksumSource(Source):
                 break
             self.hash.update(memoryview(buf)[:n])
             self.hashed += n
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(max(0, min(length, self.size - offset)))
-        n = self.readinto(offset, memoryview(buf))
-        return bytes(buf[:n])
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         if offset > self.hashed:

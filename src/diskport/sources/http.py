@@ -36,7 +36,7 @@ import httpx
 
 from diskport import __version__
 from diskport.errors import SourceError
-from diskport.sources.base import Source
+from diskport.sources.base import ReadintoSource
 
 HEAD_BYTES = 64 * 1024
 BLOCK = 256 * 1024
@@ -80,7 +80,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class HttpSource(Source):
+class HttpSource(ReadintoSource):
     """The image at ``url``. ``sequential`` is True when the server does not answer ranges."""
 
     def __init__(self, url: str, options: HttpOptions | None = None, *,
@@ -106,7 +106,6 @@ class HttpSource(Source):
         self._head = b""
         self.validator: str | None = None
         self.sequential = False
-        self.final_url = url
         try:
             self._open()
         except BaseException:
@@ -211,7 +210,6 @@ class HttpSource(Source):
                     headers = {k: v for k, v in headers.items()
                                if k.lower() not in _SENSITIVE and k not in self.options.headers}
                 continue
-            self.final_url = url
             status = response.status_code
             if status == 429 or status >= 500:
                 wait = _retry_after(response)
@@ -245,11 +243,6 @@ class HttpSource(Source):
             self._on_bytes(n)
 
     # -- Source ------------------------------------------------------------------------------------------
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(max(0, min(length, self.size - offset)))
-        n = self.readinto(offset, memoryview(buf))
-        return bytes(buf[:n])
-
     def readinto(self, offset: int, buf: memoryview) -> int:
         length = min(len(buf), max(0, self.size - offset))
         if length <= 0:
@@ -432,6 +425,3 @@ class _Cursor:
             self.response = None
         self._chunks = None
 
-
-def is_url(location: str) -> bool:
-    return "://" in location

@@ -46,7 +46,7 @@ class SourceReader(io.RawIOBase):
 
 
 class DecompressingStream:
-    """Forward-only decompressed bytes of ``source``; ``consumed`` counts compressed bytes read so far.
+    """Forward-only decompressed bytes of ``source``.
 
     ``kind`` None is the identity: the bytes of a source that can only be read in order (an HTTP server without
     ranges, a download being hashed), which then take the same streaming or spooling path as compressed data.
@@ -80,9 +80,6 @@ class DecompressingStream:
         """How messages name this stream: "the gzip stream", or the reason a plain source is read in order."""
         return f"the {self.kind} stream" if self.kind else (self.source.sequential_reason or "the data, in order")
 
-    @property
-    def consumed(self) -> int:
-        return self._raw.pos
 
     def readinto(self, buf: memoryview) -> int:
         """Fill ``buf`` as far as the stream goes; fewer bytes only at its end."""

@@ -150,7 +150,6 @@ class ParallelXzReader(io.RawIOBase):
         self.next_block = 0
         self.ahead: deque[Future[bytes]] = deque()
         self.current = memoryview(b"")
-        self.consumed = 0  # compressed bytes of the blocks handed out so far
 
     def readable(self) -> bool:
         return True
