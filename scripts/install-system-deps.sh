@@ -13,6 +13,10 @@ declare -A NEEDED=(
   [curl]=curl
   [nginx]=nginx
   [openssl]=openssl
+  [docker-registry]=docker-registry
+  [skopeo]=skopeo
+  [umoci]=umoci
+  [htpasswd]=apache2-utils
 )
 
 missing=()

@@ -69,3 +69,7 @@ class SourceError(DiskportError):
 
 class DestinationError(DiskportError):
     """The destination could not be written (disk full, permissions, too small)."""
+
+
+class RegistryError(DiskportError):
+    """A registry refused a request or answered something diskport cannot use (auth, missing manifest)."""
