@@ -3,9 +3,10 @@ file with curl, then ``qemu-img convert -O raw``. Same inputs, same run, alterna
 
     python bench/import.py [--size-gib 4] [--rounds 3] [--dir bench-out]
 
-Serves a qcow2 of about half data and its .gz from Debian's nginx on loopback. For the .gz the pipeline is
-``curl | gzip -dc > scratch`` then ``qemu-img convert``. Prints the ratio of the medians, each one's peak RSS,
-and diskport's access path (a ranged qcow2 must use no scratch at all).
+Serves a qcow2 of about half data and its .gz from Debian's nginx on loopback, and the qcow2 again from an
+nginx that caps each connection's rate (``--rate-per-connection``), as CDNs and object stores do. For the .gz
+the pipeline is ``curl | gzip -dc > scratch`` then ``qemu-img convert``. Prints the ratio of the medians, each
+one's peak RSS, and diskport's access path (a ranged qcow2 must use no scratch at all).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> int:
     parser.add_argument("--size-gib", type=float, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("bench-out"))
+    parser.add_argument("--rate-per-connection", metavar="RATE", default="200m",
+                        help="also serve the qcow2 from an nginx that caps each connection at RATE (nginx syntax, "
+                             "as CDNs and object stores do); 'none' to skip [default: 200m]")
     args = parser.parse_args()
     qemu_img, curl = need("qemu-img"), need("curl")
     need("gzip")
@@ -50,11 +54,14 @@ def main() -> int:
     out = work / "import-out.raw"
     scratch = work / "import-scratch.img"
     cases = []
-    with tempfile.TemporaryDirectory() as prefix, NginxServer(work, Path(prefix)) as nginx:
-        for name, pipeline in [
-            ("sample.qcow2", f"'{curl}' -sf -o '{scratch}' '{{url}}'"),
-            ("sample.qcow2.gz", f"'{curl}' -sf '{{url}}' | gzip -dc > '{scratch}'"),
-        ]:
+    download = f"'{curl}' -sf -o '{scratch}' '{{url}}'"
+    runs = [("sample.qcow2", None, download),
+            ("sample.qcow2.gz", None, f"'{curl}' -sf '{{url}}' | gzip -dc > '{scratch}'")]
+    if args.rate_per_connection != "none":
+        runs.append(("sample.qcow2", args.rate_per_connection, download))
+    for name, rate, pipeline in runs:
+        with tempfile.TemporaryDirectory() as prefix, NginxServer(work, Path(prefix),
+                                                                  rate_per_connection=rate) as nginx:
             url = nginx.url(name)
             probe = subprocess.run([*DISKPORT, "import", "--force", url, str(out)], capture_output=True, text=True,
                                    check=True)
@@ -62,8 +69,9 @@ def main() -> int:
             remove(out)
             peer = (pipeline.format(url=url) + f" && '{qemu_img}' convert -f qcow2 -O raw '{scratch}' '{out}'"
                     f" && rm -f '{scratch}'")
-            print(f"timing {name} ...", flush=True)
-            case = alternate(Case(f"import {name}"), args.rounds,
+            label = f"{name}, {rate}B/s a connection" if rate else name
+            print(f"timing {label} ...", flush=True)
+            case = alternate(Case(f"import {label}"), args.rounds,
                              lambda u=url: timed([*DISKPORT, "import", "-q", u, out]),
                              lambda c=peer: timed(["bash", "-c", c]),
                              lambda: remove(out, scratch))

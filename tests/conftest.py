@@ -5,13 +5,14 @@ A missing oracle tool is a test failure, never a skip: ``make test`` installs th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,17 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.fail(f"{TESTDATA} is missing: the external test images live beside the repo", pytrace=False)
     return TESTDATA
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, size: int, fill: int = 0xFF) -> Iterator[str]:
+    """A real block device (a loop device over ``backing``, filled with ``fill``), detached afterwards."""
+    require_tool("losetup")
+    with open(backing, "wb") as f:
+        for _ in range(0, size, MiB):
+            f.write(bytes([fill]) * MiB)
+    dev = run("losetup", "--find", "--show", backing).stdout.strip()
+    try:
+        yield dev
+    finally:
+        run("losetup", "-d", dev, check=False)

@@ -846,7 +846,7 @@ def make_test_pki(folder: Path) -> TestPki:
 # ---------------------------------------------------------------------------------------------------------
 
 _LOG_FORMAT = (
-    '{"msec":"$msec","host":"$http_host","server_port":"$server_port","method":"$request_method",'
+    '{"msec":"$msec","request_time":"$request_time","host":"$http_host","server_port":"$server_port","method":"$request_method",'
     '"uri":"$request_uri","status":$status,"bytes_sent":$bytes_sent,"body_bytes_sent":$body_bytes_sent,'
     '"range":"$http_range","if_range":"$http_if_range","authorization":"$http_authorization",'
     '"user_agent":"$http_user_agent","connection":$connection,"connection_requests":$connection_requests,'
@@ -875,9 +875,10 @@ class NginxServer(_ServesFiles):
 
     scheme = "http"
 
-    def __init__(self, root: Path, prefix: Path) -> None:
+    def __init__(self, root: Path, prefix: Path, *, rate_per_connection: str | None = None) -> None:
         self.root = root
         self.prefix = prefix
+        self.rate = rate_per_connection  # nginx limit_rate ("100m"): a CDN or object store's cap per connection
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -952,6 +953,7 @@ http {{
     gzip off;
     etag on;
     keepalive_timeout 10s;
+    {f"limit_rate {self.rate};" if self.rate else ""}
 {"".join(self._servers())}
 }}
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, make_image, qemu_img, qemu_io, require_tool, run, run_cli, sha256_file
+from tests.conftest import MiB, loop_device, make_image, qemu_img, qemu_io, run, run_cli, sha256_file
 
 
 def test_inspect_json_uses_qemu_field_names(tmp_path: Path, testdata: Path) -> None:
@@ -127,11 +127,7 @@ def test_memory_stays_bounded_on_100g_sparse(tmp_path: Path) -> None:
 
 def test_block_device_destination_zeroes_old_data(tmp_path: Path) -> None:
     """A device may hold old data: zero runs must be zeroed on it, never skipped."""
-    require_tool("losetup")
-    backing = tmp_path / "device.img"
-    backing.write_bytes(b"\xff" * (16 * MiB))
-    dev = run("losetup", "--find", "--show", backing).stdout.strip()
-    try:
+    with loop_device(tmp_path / "device.img", 16 * MiB) as dev:
         image = tmp_path / "disk.qcow2"
         qemu_img("create", "-f", "qcow2", image, "8M")
         qemu_io(image, "qcow2", "write -P 0x42 1M 1M")
@@ -147,8 +143,6 @@ def test_block_device_destination_zeroes_old_data(tmp_path: Path) -> None:
         proc = run_cli("convert", "-q", small, dev)
         assert proc.returncode == 1
         assert "block device holds 16777216 bytes; the disk needs 33554432" in proc.stderr
-    finally:
-        run("losetup", "-d", dev, check=False)
 
 
 def test_convert_raw_to_qcow2_to_raw_round_trip(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ nothing left behind."""
 from __future__ import annotations
 
 import gzip
+import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
 from diskport.sources.http import HttpOptions
-from tests.conftest import MiB, make_image, qemu_raw_sha256, run_cli, sha256_file
+from tests.conftest import MiB, loop_device, make_image, qemu_raw_sha256, run_cli, sha256_file
 from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=4, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
@@ -43,6 +45,43 @@ def test_ranged_qcow2_converts_without_scratch(nginx: NginxServer, qcow2: tuple[
     # no more was fetched than the file holds, give or take what was in flight when the reader jumped
     assert result.downloaded_bytes <= image.stat().st_size * 1.05
     assert os.listdir(dest.parent) == ["disk.img"]
+
+
+def test_several_ranges_in_flight(serve_dir: Path, tmp_path: Path) -> None:
+    """Large reads go out as several ranged requests at once, on their own connections: with nginx capping each
+    connection's rate (as CDNs and object stores do), their times overlap, and the bytes are exact. (nginx lets
+    one second's worth through at once, then paces: at 1 MB/s, each 2 MiB range takes about a second.)"""
+    image = make_image(serve_dir, "qcow2", 16 * MiB, name="busy.qcow2")
+    expected = qemu_raw_sha256(image, tmp_path)
+    dest = out_dir(tmp_path) / "disk.img"
+    with NginxServer(serve_dir, tmp_path / "nginx-capped", rate_per_connection="1m") as capped:
+        import_image(capped.url("busy.qcow2"), dest, http=HttpOptions(streams=4, chunk=2 * MiB))
+        big = [e for e in capped.access_entries() if int(e["body_bytes_sent"]) >= MiB]
+    assert sha256_file(dest) == expected
+    assert len({e["connection"] for e in big}) >= 3, big
+    spans = sorted((float(e["msec"]) - float(e["request_time"]), float(e["msec"])) for e in big)
+    overlapping = sum(1 for (_, end), (begin, _) in itertools.pairwise(spans) if begin < end)
+    assert overlapping >= 2, spans
+
+
+def test_import_into_block_device(nginx: NginxServer, qcow2: tuple[Path, str], tmp_path: Path) -> None:
+    """A persistent disk in block mode: the device is written in place, zero runs zeroed (the device held 0xff),
+    bytes past the disk untouched; a disk larger than the device fails before anything is written."""
+    _, expected = qcow2
+    virtual = 12 * MiB + 4096
+    with loop_device(tmp_path / "pv.img", 16 * MiB) as dev:
+        proc = run_cli("import", "-q", nginx.url("disk.qcow2"), dev)
+        assert proc.returncode == 0, proc.stderr
+        with open(dev, "rb") as f:
+            disk, rest = f.read(virtual), f.read()
+        assert hashlib.sha256(disk).hexdigest() == expected
+        assert rest == b"\xff" * (16 * MiB - virtual)
+    with loop_device(tmp_path / "small.img", 8 * MiB) as dev:
+        proc = run_cli("import", "-q", nginx.url("disk.qcow2"), dev)
+        assert proc.returncode == 1
+        assert f"holds {8 * MiB} bytes; the disk needs {virtual}" in proc.stderr, proc.stderr
+        with open(dev, "rb") as f:
+            assert f.read() == b"\xff" * (8 * MiB), "nothing was written"
 
 
 def test_server_without_ranges_spools_and_says_why(plain_http: PlainHTTPServer, qcow2: tuple[Path, str],

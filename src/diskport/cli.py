@@ -131,6 +131,8 @@ def convert(source: str, destination: str, source_format: str | None, output_for
 @click.option("--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="Extra request header (repeatable); never sent to another host after a redirect.")
+@click.option("--connections", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Ranged requests in flight at once (8 MiB each) when the server answers ranges.")
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
               help="Folder for scratch space, used only when needed [default: DESTINATION's folder].")
 @click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
@@ -141,8 +143,8 @@ def convert(source: str, destination: str, source_format: str | None, output_for
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def import_(source: str, destination: str, size_text: str | None, output_format: str, checksum: str | None,
-            ca_bundle: str | None, insecure: bool, headers: tuple[str, ...], scratch: str | None, force: bool,
-            progress_mode: str, metrics_port: int | None, quiet: bool) -> None:
+            ca_bundle: str | None, insecure: bool, headers: tuple[str, ...], connections: int, scratch: str | None,
+            force: bool, progress_mode: str, metrics_port: int | None, quiet: bool) -> None:
     """Import the disk at SOURCE (an http(s) URL, a file:// URL or a path) into DESTINATION (file or block
     device), decompressed and converted (raw by default).
 
@@ -156,7 +158,7 @@ def import_(source: str, destination: str, size_text: str | None, output_format:
         if not sep or not name.strip():
             raise UsageError(f"--header takes 'Name: value', not '{header}'")
         extra[name.strip()] = value.strip()
-    http = HttpOptions(headers=extra, ca_bundle=ca_bundle, insecure=insecure)
+    http = HttpOptions(headers=extra, ca_bundle=ca_bundle, insecure=insecure, streams=connections)
     size = parse_size(size_text) if size_text else None
     with JobProgress("converted", bar=progress_mode == "bar" and not quiet,
                      json_lines=progress_mode == "json" and not quiet, metrics_port=metrics_port,

@@ -6,10 +6,12 @@ are not in any client library:
 * **Ranges when the server has them.** The first request asks for the first 64 KiB with ``Range``; a 206 answer
   makes the source random-access (``pread`` anywhere: a qcow2 converts straight over ranged GETs, no scratch).
   A 200 answer makes it sequential: the body already flowing is the stream, read front to back.
-* **Small reads are cached, large reads are streamed.** Reads under 256 KiB (headers, tables) are served from
-  an LRU of 256 KiB blocks; larger reads are fetched as they are asked for. Reads that continue where the last
-  one ended reuse one open response (``Range: bytes=N-``), so a sequential reader costs one request, not one
-  per window.
+* **Small reads are cached, large reads are streamed, several ranges at once.** Reads under 256 KiB (headers,
+  tables) are served from an LRU of 256 KiB blocks. A large read starts a pipeline: ``streams`` ranged requests
+  of ``chunk`` bytes each are in flight on their own connections, ahead of the reader, and reads that go on
+  where the last one ended take the next chunk. Servers and object stores that cap each connection's rate give
+  ``streams`` times the throughput, and there is never a round trip's pause between two ranges. Memory is
+  ``streams * chunk`` (4 x 8 MiB by default).
 * **Resume, never stitch.** A body that breaks off is resumed from the last byte received with a ``Range``
   request carrying ``If-Range`` (the ETag, else Last-Modified). A server that answers 200 to it has a different
   file now: that is an error, never a splice of two files. Without a validator a break cannot be resumed safely
@@ -27,8 +29,9 @@ import re
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -41,7 +44,6 @@ from diskport.sources.base import ReadintoSource
 HEAD_BYTES = 64 * 1024
 BLOCK = 256 * 1024
 CACHE_BLOCKS = 64          # 16 MiB of small reads
-READ_AHEAD = 32 * 1024 * 1024  # how far one ranged request reaches past the read that opened it
 MAX_REDIRECTS = 10
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _SENSITIVE = {"authorization", "cookie", "proxy-authorization"}
@@ -57,6 +59,10 @@ class HttpOptions:
     max_backoff: float = 30.0
     stall_timeout: float = 60.0   # seconds without a byte
     connect_timeout: float = 30.0
+    streams: int = 4              # ranged requests in flight for large reads
+    chunk: int = 8 * 1024 * 1024  # bytes per ranged request
+    #: Authentication for the origin (a registry's token auth); never used for another host after a redirect.
+    auth: httpx.Auth | None = None
 
 
 class _Retry(Exception):
@@ -102,7 +108,8 @@ class HttpSource(ReadintoSource):
                                             "Accept-Encoding": "identity"},
                                    limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
         self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cursor: _Cursor | None = None
+        self._cursor: _Cursor | None = None   # the body of a server without ranges
+        self._pipeline: _Pipeline | None = None
         self._head = b""
         self.validator: str | None = None
         self.sequential = False
@@ -189,7 +196,9 @@ class HttpSource(ReadintoSource):
         origin = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+                auth = self.options.auth if urlsplit(url).netloc == origin else None
+                response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True,
+                                            auth=auth)
             except httpx.TimeoutException as e:
                 raise _Retry(f"no answer within the timeout ({type(e).__name__})") from None
             except httpx.TransportError as e:
@@ -251,7 +260,7 @@ class HttpSource(ReadintoSource):
             return self._sequential_read(offset, buf[:length])
         if length < BLOCK:
             return self._cached_read(offset, buf[:length])
-        return self._cursor_read(offset, buf[:length])
+        return self._pipelined_read(offset, buf[:length])
 
     def _sequential_read(self, offset: int, buf: memoryview) -> int:
         if offset < len(self._head):  # the head, when the first answer was already a full body
@@ -300,26 +309,21 @@ class HttpSource(ReadintoSource):
         finally:
             cursor.close()
 
-    def _cursor_read(self, offset: int, buf: memoryview) -> int:
-        cursor = self._cursor
-        if cursor is None or cursor.position != offset or (cursor.end is not None and cursor.end < offset):
-            if cursor is not None:
-                cursor.close()
-            # A bounded range: reads that go on where this one ends reuse it, and a jump elsewhere wastes at most
-            # what was already on its way.
-            end = min(self.size, offset + max(len(buf), READ_AHEAD)) - 1
-            cursor = self._cursor = _Cursor(self, None, offset, end=end)
-        done = cursor.readinto(buf)
-        if done < len(buf) and cursor.position == offset + done and offset + done < self.size:
-            cursor.close()  # its range is used up; go on with the next one
-            self._cursor = None
-            done += self._cursor_read(offset + done, buf[done:])
-        return done
+    def _pipelined_read(self, offset: int, buf: memoryview) -> int:
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.serves(offset):
+            if pipeline is not None:
+                pipeline.close()
+            pipeline = self._pipeline = _Pipeline(self, offset)
+        return pipeline.readinto(offset, buf)
 
     def allocated_bytes(self) -> int | None:
         return None
 
     def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
         if self._cursor is not None:
             self._cursor.close()
             self._cursor = None
@@ -366,17 +370,25 @@ class _Cursor:
     def readinto(self, buf: memoryview) -> int:
         done = 0
         while done < len(buf):
+            chunk = self.next_chunk(len(buf) - done)
+            if chunk is None:
+                break
+            buf[done: done + len(chunk)] = chunk  # memoryview slices: no copies but this one
+            done += len(chunk)
+        return done
+
+    def next_chunk(self, limit: int = 1 << 62) -> memoryview | None:
+        """The next bytes of the body as the socket gave them (at most ``limit``), None at its end."""
+        while True:
             if self._pending:
-                n = min(len(self._pending), len(buf) - done)
-                buf[done: done + n] = self._pending[:n]  # memoryview slices: no copies but this one
-                self._pending = self._pending[n:]
-                done += n
-                self.position += n
-                continue
+                chunk = self._pending[:limit]
+                self._pending = self._pending[len(chunk):]
+                self.position += len(chunk)
+                return chunk
             if self.end is not None and self.position > self.end:
-                break
+                return None
             if self.source.sequential and self.position >= self.source.size:
-                break
+                return None
             try:
                 if self.response is None:
                     if self.source.sequential:
@@ -388,27 +400,25 @@ class _Cursor:
                                           "Last-Modified to resume safely", path=self.source.name)
                     self._open()
                     if self.response is None:
-                        break
+                        return None
                 if self._chunks is None:
                     assert self.response is not None
                     # httpx's own chunks (what the socket gave): re-chunking costs 3x the throughput.
                     self._chunks = self.response.iter_raw()
-                chunk = next(self._chunks, None)
+                raw = next(self._chunks, None)
             except (httpx.TransportError, httpx.StreamError, _Retry) as e:
-                chunk = None
                 self._broken(e)
                 continue
-            if chunk is None:
+            if raw is None:
                 if self.source.sequential and self.source.size == UNKNOWN_SIZE:
-                    break  # the body ended, and nobody said how long it would be
+                    return None  # the body ended, and nobody said how long it would be
                 expected_end = self.source.size if self.end is None else self.end + 1
                 if self.position < expected_end:
                     self._broken(SourceError(f"body ended at {self.position} of {expected_end} bytes"))
                     continue
-                break
-            self.source._count(len(chunk))
-            self._pending = memoryview(chunk)
-        return done
+                return None
+            self.source._count(len(raw))
+            self._pending = memoryview(raw)
 
     def _broken(self, error: BaseException) -> None:
         """The body broke off: drop it; the next read resumes at ``position`` (a bounded number of times)."""
@@ -425,3 +435,78 @@ class _Cursor:
             self.response = None
         self._chunks = None
 
+
+
+class _Pipeline:
+    """Ranged requests of ``chunk`` bytes, ``streams`` of them in flight ahead of a reader going forward.
+
+    Each chunk is fetched whole into its own buffer by a worker (through a :class:`_Cursor`, so a break resumes
+    with If-Range); the reader copies chunks out in order. A read behind the pipeline, or far ahead of what is
+    in flight, starts a new one; a read a little ahead skips forward through the chunks already on their way.
+    """
+
+    def __init__(self, source: HttpSource, start: int) -> None:
+        self.source = source
+        self.position = start         # next byte the reader gets
+        self._next = start            # first byte not yet requested
+        self._streams = max(1, source.options.streams)
+        self._chunk = max(BLOCK, source.options.chunk)
+        self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="diskport-http")
+        self._inflight: deque[tuple[int, Future[deque[memoryview]]]] = deque()
+        self._parts: deque[memoryview] = deque()  # the chunk being read, as the socket gave it
+        self._fill()
+
+    def serves(self, offset: int) -> bool:
+        return self.position <= offset < self._next
+
+    def _fill(self) -> None:
+        while len(self._inflight) < self._streams and self._next < self.source.size:
+            length = min(self._chunk, self.source.size - self._next)
+            self._inflight.append((self._next, self._pool.submit(self._fetch, self._next, length)))
+            self._next += length
+
+    def _fetch(self, start: int, length: int) -> deque[memoryview]:
+        """The range's bytes as the socket delivered them: kept, not joined, so each byte is copied once."""
+        parts: deque[memoryview] = deque()
+        got = 0
+        cursor = _Cursor(self.source, None, start, end=start + length - 1)
+        try:
+            while (part := cursor.next_chunk()) is not None:
+                parts.append(part)
+                got += len(part)
+        finally:
+            cursor.close()
+        if got != length:
+            raise SourceError(f"range {start}+{length} ended after {got} bytes", path=self.source.name)
+        return parts
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        done = 0
+        parts = self._parts
+        while done < len(buf):
+            if not parts:
+                if not self._inflight:
+                    break
+                _, future = self._inflight.popleft()
+                parts.extend(future.result())
+                self._fill()
+                continue
+            part = parts[0]
+            skip = offset + done - self.position  # a read that starts ahead of the reader: drop what lies between
+            n = min(len(part), skip) if skip else min(len(part), len(buf) - done)
+            if not skip:
+                buf[done: done + n] = part[:n]
+                done += n
+            self.position += n
+            if n == len(part):
+                parts.popleft()
+            else:
+                parts[0] = part[n:]
+        return done
+
+    def close(self) -> None:
+        for _, future in self._inflight:
+            future.cancel()
+        self._inflight.clear()
+        self._parts.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
