@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.servers"]  # real servers on loopback: nginx, plain http, TLS, fault injection, proxy
+pytest_plugins = [
+    "tests.servers",           # real servers on loopback: nginx, plain http, TLS, fault injection, proxy
+    "tests.registry_servers",  # docker-registry (plain, TLS + htpasswd, token auth), token server, fault proxy
+]
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO.parent / "shared" / "testdata"

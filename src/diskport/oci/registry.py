@@ -1,0 +1,790 @@
+"""A client of the OCI distribution API (``/v2/``): blobs and manifests to and from a registry.
+
+Built by hand on httpx because no Python library moves multi-GB layers by these rules (the OCI distribution
+spec, v1.1, "Push" and "Pull" and "Error codes"; distribution's token authentication spec; the habits of docker,
+go-containerregistry and regclient):
+
+* **Blobs go up streamed, never held.** ``upload_blob`` first asks ``HEAD /v2/<name>/blobs/<digest>`` and sends
+  nothing when the registry has it. Otherwise it opens an upload (``POST /v2/<name>/blobs/uploads/``, or a
+  cross-repository mount with ``?mount=<digest>&from=<repo>``: 201 means mounted, 202 is an upload session to go
+  on with) and sends the file in one ``PUT <location>?digest=`` with a ``Content-Length``, read from disk in
+  1 MiB blocks. A registry (or a proxy before it) that answers 413, or a connection that breaks during that body,
+  makes it fall back to **chunked** uploads: ``PATCH`` requests of ``chunk_size`` bytes (64 MiB by default, at
+  least the ``OCI-Chunk-Min-Length`` the registry announces, halved on a 413) with ``Content-Range: start-end``,
+  then ``PUT ?digest=``. ``Location`` headers may be relative and change with every answer; the latest is used.
+* **Resume, not restart.** After a failure the upload's status is asked (``GET <location>``: ``Range: 0-N``) and
+  the upload goes on from byte N+1; a 416 does the same. A registry that has forgotten or invalidated the upload
+  (404: distribution cancels an upload whose stored size no longer matches its state token, which happens when a
+  broken body was partly written) gets a new upload from byte 0, a bounded number of times.
+* **Retries** with exponential backoff on connection errors, timeouts, 5xx and 429 (``Retry-After`` honoured),
+  bounded by a count and a time (:class:`RegistryOptions`); the budget is renewed whenever bytes get through.
+* **Authentication** is :class:`~diskport.oci.auth.RegistryAuth`: the first request (``GET /v2/``) learns the
+  challenge, the token for the repository's scopes is fetched before the first upload body, request bodies are
+  replayable (each iteration re-reads the file), so a token that expires mid-upload costs one new token, not the
+  upload. ``auth`` and ``blob_url`` let another HTTP client (the import's ``HttpSource``) stream a layer with the
+  same credentials, which never follow a redirect to another host.
+* **Trust nothing that is read.** Manifests are bounded (4 MiB), their digest is checked against the digest asked
+  for and against ``Docker-Content-Digest``; small blobs (configs) are bounded and checked against their digest;
+  the digest a registry reports after an upload must be the one sent.
+* **Transport**: https, verified against the system CAs plus ``ca_bundle`` (or not at all with
+  ``tls_verify=False``); plain http only for loopback registries, tried when https finds no TLS there. Proxies
+  come from the environment (``HTTPS_PROXY``, ``NO_PROXY``...). User-Agent ``diskport/<version>``.
+
+Every failure is a :class:`~diskport.errors.RegistryError` whose one-line message names the registry, the
+repository and what failed, with the registry's own error codes and messages (``errors[].code/message``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from diskport import __version__
+from diskport.errors import RegistryError, SourceError, UsageError
+from diskport.oci.auth import (
+    CREDENTIALS_HINT,
+    Credentials,
+    RegistryAuth,
+    ReplayableStream,
+    TokenServerError,
+    repository_scope,
+    resolve_credentials,
+)
+from diskport.oci.media import MANIFEST_TYPES, is_digest, sha256_digest
+from diskport.oci.reference import Reference, parse_reference, parse_repository
+from diskport.sources.http import _retry_after
+
+KiB = 1024
+MiB = 1024 * KiB
+DEFAULT_CHUNK = 64 * MiB
+MIN_CHUNK = 256 * KiB          # a 413 halves the chunk size down to this (or the registry's minimum)
+READ_BLOCK = 1 * MiB
+MAX_MANIFEST = 4 * MiB
+MAX_SMALL_BLOB = 16 * MiB
+MAX_ERROR_BODY = 64 * KiB
+MAX_RESTARTS = 3               # new upload sessions after the registry forgot one
+_RANGE = re.compile(r"(?:bytes=)?(\d+)-(\d+)")
+
+
+@dataclass
+class RegistryOptions:
+    """How to talk to a registry. Times are seconds."""
+
+    tls_verify: bool = True
+    ca_bundle: str | None = None          # PEM file of CAs trusted besides the system's
+    plain_http: bool | None = None        # None: https, http fallback on loopback; True: http (loopback only)
+    timeout: float = 60.0                 # no byte sent or received for this long is a failure (and retried)
+    connect_timeout: float = 30.0
+    commit_timeout: float = 900.0         # waiting for the answer to an upload's final PUT (a resumed upload is
+                                          # hashed again by the registry before it answers)
+    retries: int = 8                      # failures in a row (without progress) before giving up ...
+    retry_time: float = 600.0             # ... or this long spent failing in a row
+    backoff: float = 0.5                  # first wait; doubles each retry
+    max_backoff: float = 30.0
+    chunk_size: int = DEFAULT_CHUNK       # PATCH size of a chunked upload
+    chunked: bool = False                 # upload in chunks from the start (no monolithic PUT first)
+    read_block: int = READ_BLOCK          # bytes read from disk and handed to the socket at a time
+    max_manifest: int = MAX_MANIFEST
+    user_agent: str = field(default_factory=lambda: f"diskport/{__version__}")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What ``upload_blob`` did: ``how`` is ``exists`` (HEAD found it: nothing sent), ``mounted`` (from another
+    repository: nothing sent) or ``uploaded``. ``chunked``: the blob went up in PATCH chunks; ``resumes``: times it
+    continued after a failure from the offset the registry reported; ``restarts``: new upload sessions."""
+
+    digest: str
+    size: int
+    how: Literal["exists", "mounted", "uploaded"]
+    chunked: bool = False
+    resumes: int = 0
+    restarts: int = 0
+
+
+class FileSlice(ReplayableStream):
+    """Bytes ``[start, end)`` of the file at ``path`` as a request body, read from disk in ``block``-sized pieces
+    each time it is iterated (so it can be sent again without being held in memory). ``on_position`` is told the
+    file offset reached after each piece is handed on."""
+
+    def __init__(self, path: str | os.PathLike[str], start: int, end: int, block: int = READ_BLOCK,
+                 on_position: Callable[[int], None] | None = None) -> None:
+        self.path = os.fspath(path)
+        self.start, self.end, self.block = start, end, max(1, block)
+        self.on_position = on_position
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise SourceError(f"cannot open the blob file: {e.strerror}", path=self.path) from None
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, self.start, self.end - self.start, os.POSIX_FADV_SEQUENTIAL)
+            position = self.start
+            while position < self.end:
+                try:
+                    data = os.pread(fd, min(self.block, self.end - position), position)
+                except OSError as e:
+                    raise SourceError(f"cannot read the blob file: {e.strerror}", path=self.path,
+                                      offset=position) from None
+                if not data:
+                    raise SourceError(f"the file ended at byte {position} while {self.end} were to be sent",
+                                      path=self.path)
+                position += len(data)
+                yield data
+                if self.on_position is not None:
+                    self.on_position(position)
+        finally:
+            os.close(fd)
+
+
+class _Progress:
+    """Reports bytes sent beyond the furthest point reached, so a resent body is not counted twice."""
+
+    def __init__(self, callback: Callable[[int], None] | None) -> None:
+        self.callback = callback
+        self.high = 0
+        self._lock = threading.Lock()
+
+    def reach(self, position: int) -> None:
+        with self._lock:
+            delta = position - self.high
+            if delta <= 0:
+                return
+            self.high = position
+        if self.callback is not None:
+            self.callback(delta)
+
+
+class _Transient(Exception):
+    """A failure worth another attempt; ``wait`` overrides the backoff (Retry-After); ``broken``: the connection
+    broke (rather than the registry answering an error)."""
+
+    def __init__(self, reason: str, wait: float | None = None, broken: bool = False) -> None:
+        super().__init__(reason)
+        self.wait = wait
+        self.broken = broken
+
+
+class _NotTls(Exception):
+    """https found a server that does not speak TLS (a plain-http registry on loopback)."""
+
+
+class _Restart(Exception):
+    """The registry no longer has the upload session: start a new one."""
+
+
+class _Failures:
+    """Consecutive failures of one operation, bounded by count and time; ``reset`` when bytes got through."""
+
+    def __init__(self, options: RegistryOptions, where: str) -> None:
+        self.options = options
+        self.where = where
+        self.count = 0
+        self.first: float | None = None
+
+    def wait(self, error: _Transient, what: str) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.count += 1
+        o = self.options
+        delay = error.wait if error.wait is not None else min(o.backoff * 2 ** (self.count - 1), o.max_backoff)
+        if self.count > o.retries or now - self.first + delay > o.retry_time:
+            raise RegistryError(f"{self.where}: {what} failed after {self.count} attempts: {error}")
+        time.sleep(delay)
+
+    def reset(self) -> None:
+        self.count = 0
+        self.first = None
+
+
+def _ssl_error(error: BaseException) -> BaseException | None:
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The registry's explanation: ``CODE: message`` of each ``errors[]`` entry (OCI distribution spec, error
+    codes), else the first line of a text body; empty when there is none."""
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_ERROR_BODY:
+        return ""
+    try:
+        body = response.read()[:MAX_ERROR_BODY]
+    except (httpx.HTTPError, httpx.StreamError):
+        return ""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("errors"), list):
+        parts = []
+        for entry in obj["errors"]:
+            if isinstance(entry, dict):
+                code, message = entry.get("code"), entry.get("message")
+                parts.append(": ".join(str(x) for x in (code, message) if x))
+        return "; ".join(p for p in parts if p)
+    text = body.decode("utf-8", "replace").strip()
+    first = text.splitlines()[0] if text else ""
+    return first[:200] if first and not first.lstrip().startswith("<") else ""
+
+
+def _error_codes(response: httpx.Response) -> set[str]:
+    try:
+        obj = json.loads(response.read()[:MAX_ERROR_BODY])
+    except (ValueError, httpx.HTTPError, httpx.StreamError):
+        return set()
+    errors = obj.get("errors") if isinstance(obj, dict) else None
+    return {str(e.get("code")) for e in errors if isinstance(e, dict)} if isinstance(errors, list) else set()
+
+
+def _uploaded_bytes(range_header: str | None) -> int | None:
+    """Bytes an upload holds from its ``Range: 0-N`` header (N+1; ``0-0`` is what registries say for an empty
+    upload); None when the header is absent or not of that form."""
+    if not range_header:
+        return None
+    m = _RANGE.fullmatch(range_header.strip())
+    if m is None or int(m.group(1)) != 0:
+        return None
+    end = int(m.group(2))
+    return 0 if end == 0 else end + 1
+
+
+@dataclass
+class _Session:
+    """An upload session: where to send the next request, and the registry's minimum chunk."""
+
+    location: httpx.URL
+    min_chunk: int = 0
+
+
+@dataclass
+class _Upload:
+    """The state of one blob upload as the protocol loop moves it on."""
+
+    digest: str
+    size: int
+    path: Path
+    tracker: _Progress
+    session: _Session
+    failures: _Failures
+    chunk: int
+    chunked: bool
+    offset: int = 0
+    resumes: int = 0
+    restarts: int = 0
+    resync: bool = False
+
+    @property
+    def what(self) -> str:
+        return f"uploading blob {self.digest}"
+
+
+class RegistryClient:
+    """The repository ``reference`` names (``registry/namespace/name``; its tag or digest is the default for
+    :meth:`get_manifest`) on its registry.
+
+    ``credentials``: ``"auto"`` looks them up (:func:`~diskport.oci.auth.resolve_credentials`), None is anonymous.
+    ``push``: ask for push access from the first token (it is asked for anyway when something is pushed). ``auth``:
+    share an existing :class:`RegistryAuth` (same registry). One client may be used from several threads.
+    """
+
+    def __init__(self, reference: Reference | str, options: RegistryOptions | None = None, *,
+                 credentials: Credentials | Literal["auto"] | None = "auto", push: bool = False,
+                 auth: RegistryAuth | None = None) -> None:
+        self.reference = parse_reference(reference) if isinstance(reference, str) else reference
+        self.repository = self.reference.repository
+        self.registry = self.reference.registry
+        self.options = options or RegistryOptions()
+        self.where = self.reference.name
+        if self.options.plain_http and not self.reference.plain_http_allowed:
+            raise UsageError(f"{self.registry}: plain http is only allowed for registries on localhost, 127.0.0.1 "
+                             "and ::1")
+        if auth is None:
+            creds = resolve_credentials(self.reference) if credentials == "auto" else credentials
+            auth = RegistryAuth(self.reference.endpoint, creds, name=self.registry,
+                                user_agent=self.options.user_agent)
+        self._auth = auth
+        auth.add_scopes(repository_scope(self.repository, "pull", "push") if push
+                        else repository_scope(self.repository, "pull"))
+        self._client = httpx.Client(
+            verify=self._verify(), trust_env=True, follow_redirects=False, auth=auth,
+            timeout=httpx.Timeout(self.options.timeout, connect=self.options.connect_timeout),
+            headers={"User-Agent": self.options.user_agent, "Accept-Encoding": "identity"},
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8))
+        self._base: str | None = None
+        self._lock = threading.Lock()
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        if not self.options.tls_verify:
+            return False
+        context = ssl.create_default_context()
+        if self.options.ca_bundle:
+            try:
+                context.load_verify_locations(cafile=self.options.ca_bundle)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(f"--ca-bundle {self.options.ca_bundle}: cannot load it as PEM certificates ({e})") \
+                    from None
+        return context
+
+    # -- public accessors ----------------------------------------------------------------------------------
+    @property
+    def auth(self) -> RegistryAuth:
+        """The ``httpx.Auth`` of this registry, to stream a blob through another ``httpx.Client``."""
+        return self._auth
+
+    @property
+    def base_url(self) -> str:
+        """``https://host[:port]`` (or ``http://`` for a plain-http loopback registry); pings the registry first."""
+        self.ping()
+        assert self._base is not None
+        return self._base
+
+    def blob_url(self, digest: str) -> str:
+        """The URL a GET of blob ``digest`` goes to (it may redirect to storage on another host)."""
+        _check_digest(digest)
+        return f"{self.base_url}/v2/{self.repository}/blobs/{digest}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sending -------------------------------------------------------------------------------------------
+    def _send_once(self, request: httpx.Request, *, stream: bool = False, follow_redirects: bool = False,
+                   tls_fallback: bool = False) -> httpx.Response:
+        """One request; the answer unless it is a failure worth retrying (raised as :class:`_Transient`)."""
+        try:
+            response = self._client.send(request, stream=stream, follow_redirects=follow_redirects)
+        except TokenServerError as e:
+            raise _Transient(str(e), wait=e.retry_after) from None
+        except httpx.TimeoutException as e:
+            raise _Transient(f"no answer within the timeout ({type(e).__name__})", broken=True) from None
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
+            raise RegistryError(f"{self.where}: unusable URL {request.url}: {e}") from None
+        except httpx.TooManyRedirects:
+            raise RegistryError(f"{self.where}: too many redirects from {request.url}") from None
+        except httpx.TransportError as e:
+            cause = _ssl_error(e)
+            if isinstance(e, httpx.ConnectError) and cause is not None:
+                if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
+                    raise RegistryError(f"{self.registry}: TLS certificate verification failed: {cause}",
+                                        hint="pass --ca-bundle with the registry's CA certificate, or "
+                                             "--tls-verify=false") from None
+                if tls_fallback:
+                    raise _NotTls(str(cause)) from None
+                raise RegistryError(f"{self.registry}: TLS handshake failed: {cause}",
+                                    hint="is it a plain-http registry? only loopback registries may be") from None
+            raise _Transient(f"connection failed: {e or type(e).__name__}", broken=True) from None
+        status = response.status_code
+        if status == 429 or status >= 500:
+            wait = _retry_after(response)
+            detail = _error_detail(response)
+            response.close()
+            raise _Transient(f"HTTP {status} {response.reason_phrase}" + (f" ({detail})" if detail else ""), wait)
+        return response
+
+    def _request(self, method: str, url: str | httpx.URL, *, what: str, headers: dict[str, str] | None = None,
+                 content: bytes | None = None, stream: bool = False, follow_redirects: bool = False,
+                 timeout: httpx.Timeout | None = None, tls_fallback: bool = False) -> httpx.Response:
+        """A request with retries; the first answer that is not a retryable failure (the caller judges it)."""
+        failures = _Failures(self.options, self.where)
+        while True:
+            request = self._client.build_request(method, url, headers=headers, content=content,
+                                                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            try:
+                return self._send_once(request, stream=stream, follow_redirects=follow_redirects,
+                                       tls_fallback=tls_fallback)
+            except _Transient as e:
+                failures.wait(e, what)
+
+    def _fail(self, response: httpx.Response, what: str) -> RegistryError:
+        """The error for an answer that ends ``what``: one line naming registry, repository and the problem."""
+        status = response.status_code
+        detail = _error_detail(response)
+        said = f"HTTP {status}" + (f": {detail}" if detail else "")
+        creds = self._auth.credentials
+        if status == 401:
+            who = (f"the credentials from {creds.source} were refused" if creds is not None
+                   else "the registry wants credentials and none were found")
+            return RegistryError(f"authentication failed for {self.registry}: {who} ({what} in {self.repository}: "
+                                 f"{said})", hint=CREDENTIALS_HINT)
+        if status == 403:
+            return RegistryError(f"{self.where}: access denied: {what} ({said})",
+                                 hint=("the credentials from " + creds.source + " lack the permission")
+                                 if creds is not None else CREDENTIALS_HINT)
+        return RegistryError(f"{self.where}: {what} failed: {said}")
+
+    # -- ping ----------------------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """``GET /v2/``: checks the registry is there, learns its authentication (fetching a token for this
+        repository's scopes) and, for a loopback registry, whether it speaks TLS. Done once; later calls are free."""
+        with self._lock:
+            if self._base is not None:
+                return
+            plain = self.options.plain_http
+            if plain:
+                schemes = ["http"]
+            elif plain is None and self.reference.plain_http_allowed:
+                schemes = ["https", "http"]
+            else:
+                schemes = ["https"]
+            for i, scheme in enumerate(schemes):
+                base = f"{scheme}://{self.reference.endpoint}"
+                try:
+                    response = self._request("GET", f"{base}/v2/", what="GET /v2/",
+                                             tls_fallback=i + 1 < len(schemes))
+                except _NotTls:
+                    continue
+                if response.status_code == 404:
+                    raise RegistryError(f"{self.registry} is not a registry: GET {base}/v2/ answered 404",
+                                        hint="check the registry name and port")
+                if response.status_code != 200:
+                    raise self._fail(response, "GET /v2/")
+                self._base = base
+                return
+            raise RegistryError(f"{self.registry}: no registry answered")  # pragma: no cover - loop always returns
+
+    def _need_push(self) -> None:
+        self._auth.add_scopes(repository_scope(self.repository, "pull", "push"))
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}/v2/{self.repository}/{path}"
+
+    # -- blobs ---------------------------------------------------------------------------------------------
+    def blob_exists(self, digest: str) -> int | None:
+        """``HEAD`` the blob: its size when the repository has it (-1 if the registry gave no length), else None."""
+        _check_digest(digest)
+        response = self._request("HEAD", self.blob_url(digest), what=f"checking blob {digest}",
+                                 follow_redirects=True)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail(response, f"checking blob {digest}")
+        length = response.headers.get("content-length", "")
+        return int(length) if length.isdigit() else -1
+
+    def mount_blob(self, digest: str, from_repository: str) -> bool:
+        """Mount blob ``digest`` from ``from_repository`` on the same registry: True when mounted (201). When the
+        registry cannot (202: it opened an upload instead), that upload is cancelled and False returned."""
+        _check_digest(digest)
+        location = self._start_upload(digest, parse_repository(from_repository))
+        if location is None:
+            return True
+        self._cancel_upload(location)
+        return False
+
+    def _start_upload(self, digest: str | None = None, mount_from: str | None = None) -> _Session | None:
+        """``POST /blobs/uploads/`` (a mount when ``mount_from``): None when mounted, else the upload session."""
+        self._need_push()
+        url = httpx.URL(self._url("blobs/uploads/"))
+        what = "starting an upload"
+        if mount_from is not None and digest is not None:
+            self._auth.add_scopes(repository_scope(mount_from, "pull"))
+            url = url.copy_merge_params({"mount": digest, "from": mount_from})
+            what = f"mounting {digest} from {mount_from}"
+        response = self._request("POST", url, what=what, content=b"")
+        status = response.status_code
+        if status == 201 and mount_from is not None and digest is not None:
+            reported = response.headers.get("docker-content-digest")
+            if reported and reported != digest:
+                raise RegistryError(f"{self.where}: {what}: the registry mounted {reported}")
+            return None
+        if status != 202:
+            raise self._fail(response, what)
+        minimum = response.headers.get("oci-chunk-min-length", "")
+        return _Session(self._location(response), int(minimum) if minimum.isdigit() else 0)
+
+    def _location(self, response: httpx.Response) -> httpx.URL:
+        location = response.headers.get("location")
+        if not location:
+            raise RegistryError(f"{self.where}: the registry answered HTTP {response.status_code} to "
+                                f"{response.request.method} {response.request.url.path} without a Location")
+        try:
+            return response.url.join(location)
+        except httpx.InvalidURL:
+            raise RegistryError(f"{self.where}: the registry answered an unusable Location {location!r}") from None
+
+    def _cancel_upload(self, session: _Session) -> None:
+        with contextlib.suppress(_Transient, RegistryError):  # best effort: registries purge abandoned uploads
+            self._send_once(self._client.build_request("DELETE", session.location))
+
+    def upload_blob(self, digest: str, size: int, path: str | os.PathLike[str],
+                    progress: Callable[[int], None] | None = None, *,
+                    mount_from: Sequence[str] = ()) -> UploadResult:
+        """Put the blob ``digest`` (``size`` bytes, the file at ``path``) into the repository; see the module
+        docstring for the protocol. ``progress`` is called with the number of new bytes sent (the whole size at
+        once when nothing needs sending). ``mount_from``: repositories on this registry to mount it from first."""
+        _check_digest(digest)
+        try:
+            actual = os.stat(path).st_size
+        except OSError as e:
+            raise SourceError(f"cannot read the blob file: {e.strerror}", path=os.fspath(path)) from None
+        if actual != size:
+            raise SourceError(f"the blob file has {actual} bytes, its descriptor says {size}", path=os.fspath(path))
+        tracker = _Progress(progress)
+        self._need_push()
+        if self.blob_exists(digest) is not None:
+            tracker.reach(size)
+            return UploadResult(digest, size, "exists")
+        session: _Session | None = None
+        for i, repository in enumerate(mount_from):
+            if repository == self.repository:
+                continue
+            started = self._start_upload(digest, parse_repository(repository))
+            if started is None:
+                tracker.reach(size)
+                return UploadResult(digest, size, "mounted")
+            if i + 1 < len(mount_from):
+                self._cancel_upload(started)
+            else:
+                session = started
+        if session is None:
+            session = self._start_upload()
+            assert session is not None
+        return self._upload(session, digest, size, Path(path), tracker)
+
+    def _body_request(self, method: str, url: httpx.URL, path: Path, start: int, end: int, tracker: _Progress,
+                      *, content_range: bool, timeout: httpx.Timeout | None = None) -> httpx.Request:
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(end - start)}
+        if content_range:
+            headers["Content-Range"] = f"{start}-{end - 1}"
+        request = self._client.build_request(method, url, headers=headers,
+                                             timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        if end > start:
+            request.stream = FileSlice(path, start, end, self.options.read_block, tracker.reach)
+        return request
+
+    def _upload_status(self, session: _Session) -> int:
+        """How many bytes the registry holds of the upload (``GET <location>``: ``Range: 0-N``); updates the
+        session's location. :class:`_Restart` when the registry no longer knows the upload."""
+        response = self._request("GET", session.location, what="asking for the upload's status")
+        if response.status_code in (404, 400):
+            raise _Restart(f"the registry no longer has the upload (HTTP {response.status_code}"
+                           f"{': ' + d if (d := _error_detail(response)) else ''})")
+        if response.status_code not in (200, 202, 204):
+            raise self._fail(response, "asking for the upload's status")
+        if response.headers.get("location"):
+            session.location = self._location(response)
+        held = _uploaded_bytes(response.headers.get("range"))
+        return 0 if held is None else held
+
+    def _upload(self, session: _Session, digest: str, size: int, path: Path, tracker: _Progress) -> UploadResult:
+        """Send the blob into ``session``: the protocol loop (monolithic PUT, chunked PATCHes, resync, restart)."""
+        o = self.options
+        up = _Upload(digest, size, path, tracker, session, _Failures(o, self.where),
+                     chunk=max(o.chunk_size, session.min_chunk, 1), chunked=o.chunked)
+        while True:
+            try:
+                if up.resync:
+                    self._resync(up)
+                if up.chunked and up.offset < size:
+                    self._send_chunk(up)
+                    continue
+                result = self._finish(up)
+                if result is not None:
+                    return result
+            except _Transient as e:
+                if e.broken and not up.chunked:
+                    up.chunked = True  # a body that broke off: go on in smaller pieces
+                up.failures.wait(e, up.what)
+                up.resync = True
+            except _Restart as e:
+                up.restarts += 1
+                if up.restarts > MAX_RESTARTS:
+                    raise RegistryError(f"{self.where}: {up.what} failed: {e}, {up.restarts} times") from None
+                new = self._start_upload()
+                assert new is not None
+                up.session, up.offset, up.resync = new, 0, False
+
+    def _resync(self, up: _Upload) -> None:
+        """After a failure: go on from what the registry holds."""
+        up.resync = False
+        held = self._upload_status(up.session)
+        if held > up.size:
+            raise _Restart(f"the registry holds {held} bytes of a {up.size}-byte blob")
+        if held > 0:
+            up.resumes += 1
+            up.chunked = True  # a monolithic PUT cannot go on from the middle
+        up.offset = held
+
+    def _send_chunk(self, up: _Upload) -> None:
+        """One PATCH of ``[offset, offset + chunk)``; moves ``offset`` to what the registry then holds."""
+        end = min(up.offset + up.chunk, up.size)
+        request = self._body_request("PATCH", up.session.location, up.path, up.offset, end, up.tracker,
+                                     content_range=True)
+        response = self._send_once(request)
+        status = response.status_code
+        if status == 202:
+            up.session.location = self._location(response)
+            before, up.offset = up.offset, _uploaded_bytes(response.headers.get("range")) or end  # "0-0": as sent
+            if up.offset > up.size:
+                raise _Restart(f"the registry holds {up.offset} bytes of a {up.size}-byte blob")
+            if up.offset > before:
+                up.failures.reset()
+            else:  # accepted, yet not taken: do not go round for ever
+                up.failures.wait(_Transient(f"the registry kept the upload at {up.offset} bytes"), up.what)
+        elif status == 413 and up.chunk > max(MIN_CHUNK, up.session.min_chunk):
+            up.chunk = max(up.chunk // 2, MIN_CHUNK, up.session.min_chunk)
+        elif status == 416:
+            up.failures.wait(_Transient("HTTP 416: the registry is at another offset"), up.what)
+            up.resync = True
+        elif status == 404:
+            raise _Restart("the registry no longer has the upload (HTTP 404)")
+        else:
+            raise self._fail(response, f"{up.what} (bytes {up.offset}-{end - 1})")
+
+    def _finish(self, up: _Upload) -> UploadResult | None:
+        """The ``PUT ?digest=``: with the whole body (monolithic) or none (after the chunks). None: go on (the
+        registry wants chunks)."""
+        o = self.options
+        commit = httpx.Timeout(o.timeout, connect=o.connect_timeout, read=max(o.timeout, o.commit_timeout))
+        url = up.session.location.copy_merge_params({"digest": up.digest})
+        start = up.offset if up.chunked else 0
+        response = self._send_once(self._body_request("PUT", url, up.path, start, up.size, up.tracker,
+                                                      content_range=False, timeout=commit))
+        status = response.status_code
+        if status in (201, 204):
+            reported = response.headers.get("docker-content-digest")
+            if reported and reported != up.digest:
+                raise RegistryError(f"{self.where}: the registry stored blob {up.digest} as {reported}")
+            up.tracker.reach(up.size)
+            return UploadResult(up.digest, up.size, "uploaded", up.chunked, up.resumes, up.restarts)
+        if status == 413 and not up.chunked:
+            up.chunked = True
+            up.chunk = min(up.chunk, max(MIN_CHUNK, up.session.min_chunk, up.size // 2))
+            up.resync = True
+            return None
+        if status == 404:
+            raise _Restart("the registry no longer has the upload (HTTP 404)")
+        if status == 400 and (up.resumes or up.restarts) and \
+                _error_codes(response) & {"DIGEST_INVALID", "BLOB_UPLOAD_INVALID", "SIZE_INVALID"}:
+            raise _Restart(f"the resumed upload does not verify ({_error_detail(response)})")
+        raise self._fail(response, up.what)
+
+    # -- small blobs ---------------------------------------------------------------------------------------
+    def get_blob(self, digest: str, *, limit: int = MAX_SMALL_BLOB) -> bytes:
+        """The bytes of a small blob (a config), at most ``limit`` of them, checked against ``digest``."""
+        _check_digest(digest)
+        what = f"fetching blob {digest}"
+        response = self._request("GET", self.blob_url(digest), what=what, stream=True, follow_redirects=True)
+        try:
+            if response.status_code == 404:
+                raise RegistryError(f"{self.where}: no such blob {digest}")
+            if response.status_code != 200:
+                raise self._fail(response, what)
+            body = self._read_limited(response, limit, what)
+        finally:
+            response.close()
+        if sha256_digest(body) != digest:
+            raise RegistryError(f"{self.where}: blob {digest} has the wrong content (its bytes hash to "
+                                f"{sha256_digest(body)})")
+        return body
+
+    def _read_limited(self, response: httpx.Response, limit: int, what: str) -> bytes:
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise RegistryError(f"{self.where}: {what}: {length} bytes, more than the {limit} allowed")
+        out = bytearray()
+        try:
+            for chunk in response.iter_raw():
+                out += chunk
+                if len(out) > limit:
+                    raise RegistryError(f"{self.where}: {what}: more than the {limit} allowed")
+        except httpx.TransportError as e:
+            raise RegistryError(f"{self.where}: {what}: the connection broke: {e}") from None
+        return bytes(out)
+
+    # -- manifests -----------------------------------------------------------------------------------------
+    def _manifest_name(self, reference: str) -> str:
+        return f"{self.where}@{reference}" if is_digest(reference) else f"{self.where}:{reference}"
+
+    def get_manifest(self, reference: str | None = None, accept: Iterable[str] = MANIFEST_TYPES
+                     ) -> tuple[bytes, str, str]:
+        """The manifest at ``reference`` (a tag or digest; default the client's reference): ``(body, media type,
+        digest)``. The body is bounded (``max_manifest``) and its digest checked against the reference when it is
+        a digest and against ``Docker-Content-Digest``."""
+        ref = self._check_reference(reference)
+        name = self._manifest_name(ref)
+        what = f"fetching manifest {ref}"
+        response = self._request("GET", self._url(f"manifests/{ref}"), what=what, stream=True,
+                                 headers={"Accept": ", ".join(accept)})
+        try:
+            if response.status_code == 404:
+                detail = _error_detail(response)
+                raise RegistryError(f"{name}: no such manifest" + (f" ({detail})" if detail else ""),
+                                    hint="check the repository and tag")
+            if response.status_code != 200:
+                raise self._fail(response, what)
+            body = self._read_limited(response, self.options.max_manifest, what)
+        finally:
+            response.close()
+        digest = sha256_digest(body)
+        if is_digest(ref) and digest != ref:
+            raise RegistryError(f"{name}: the registry sent a manifest whose digest is {digest}")
+        reported = response.headers.get("docker-content-digest", "")
+        if reported.startswith("sha256:") and reported != digest:
+            raise RegistryError(f"{name}: the manifest's bytes hash to {digest}, the registry says {reported}")
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        if media_type not in MANIFEST_TYPES:
+            try:
+                declared = json.loads(body).get("mediaType")
+            except (ValueError, AttributeError):
+                declared = None
+            if isinstance(declared, str) and declared:
+                media_type = declared
+        return body, media_type, digest
+
+    def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
+        """Store ``body`` (a manifest or index of ``media_type``) under ``reference`` (a tag, or its own digest);
+        returns its digest."""
+        ref = self._check_reference(reference)
+        digest = sha256_digest(body)
+        if is_digest(ref) and ref != digest:
+            raise UsageError(f"manifest pushed by digest {ref}, but its bytes hash to {digest}")
+        self._need_push()
+        what = f"pushing manifest {ref}"
+        response = self._request("PUT", self._url(f"manifests/{ref}"), what=what, content=body,
+                                 headers={"Content-Type": media_type})
+        if response.status_code not in (200, 201, 202, 204):
+            raise self._fail(response, what)
+        reported = response.headers.get("docker-content-digest", "")
+        if reported.startswith("sha256:") and reported != digest:
+            raise RegistryError(f"{self._manifest_name(ref)}: the registry stored the manifest as {reported}, "
+                                f"its bytes hash to {digest}")
+        return digest
+
+    def _check_reference(self, reference: str | None) -> str:
+        ref = reference if reference is not None else self.reference.reference
+        return self.reference.with_reference(ref).reference
+
+
+def _check_digest(digest: str) -> None:
+    if not is_digest(digest):
+        raise UsageError(f"{digest!r} is not a sha256 digest (sha256:<64 hex digits>)")
