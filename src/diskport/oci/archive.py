@@ -1,0 +1,105 @@
+"""docker-archive: the ``docker save`` tarball, for ``docker load``, ``podman load`` and ``skopeo docker-archive:``.
+
+The outer tar holds ``manifest.json`` (``[{"Config": "<hex>.json", "RepoTags": [...], "Layers": [...]}]``), the
+image config as ``<hex>.json`` (its sha256 hex: the image ID) and each layer as an uncompressed tar. One image
+of one platform per file, so several architectures cannot share one archive.
+
+It is written in one pass over the disk: the layer tar's length is known in advance
+(:func:`diskport.oci.layer.tar_size`), so its outer header comes first and the layer streams straight after it,
+at offset 4096 (a padded pax header puts it there, keeping the disk's bytes 4 KiB aligned for ``O_DIRECT``);
+the config, which needs the layer's diff_id, and ``manifest.json`` follow. The file is written beside its final
+name and renamed when complete (:class:`diskport.destination.Destination`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from diskport.destination import Destination
+from diskport.errors import UsageError
+from diskport.oci.layer import (
+    DATA_ALIGN,
+    END_OF_ARCHIVE,
+    Progress,
+    TarStream,
+    copy_tar,
+    member_header,
+    padded,
+)
+from diskport.oci.media import canonical_json, sha256_digest
+from diskport.writers import RawWriter
+
+#: Where the layer sits in the archive; the name does not depend on its digest, which is known only later.
+LAYER_PATH = "layer/layer.tar"
+MANIFEST_PATH = "manifest.json"
+_FILE_MODE = 0o644
+
+# docker reference grammar (distribution/reference): lowercase path components, optional host, optional tag.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_REFERENCE = re.compile(rf"(?P<name>{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*)(?::(?P<tag>{_TAG}))?")
+
+
+def repo_tag(reference: str) -> str:
+    """``name[:tag]`` as docker-archive's RepoTags want it: ``:latest`` added when no tag is given."""
+    match = _REFERENCE.fullmatch(reference)
+    if match is None or len(match["name"]) > 255:
+        raise UsageError(f"'{reference}' is not an image name for a docker-archive (like 'quay.io/org/disk:v1' "
+                         "or 'disk:latest'; lowercase)")
+    return reference if match["tag"] else f"{reference}:latest"
+
+
+def check_destination(path: str, force: bool) -> None:
+    """An existing file is replaced only with ``force``; a folder never."""
+    if os.path.isdir(path):
+        raise UsageError("is a folder; name the archive file to write", path=path)
+    if os.path.lexists(path) and not force:
+        raise UsageError("already exists; pass --force to replace it", path=path)
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    path: str
+    diff_id: str
+    config_digest: str
+    tar_size: int    # the layer tar inside
+    size: int        # the whole archive
+
+
+def write_docker_archive(path: str | os.PathLike[str], disk: str, name: str,
+                         config_for: Callable[[str], Any], *, mtime: int, repo_tags: Sequence[str] = (),
+                         force: bool = False, progress: Progress | None = None) -> ArchiveResult:
+    """Write a docker-archive of the containerDisk of ``disk`` (file name ``name`` under ``disk/``).
+
+    ``config_for(diff_id)`` returns the image config object for the layer's diff_id; ``repo_tags`` are
+    references (``name[:tag]``) the image is loaded as; ``mtime`` is every timestamp. ``progress`` receives the
+    layer tar's bytes done. Nothing exists at ``path`` unless the archive is complete.
+    """
+    path = os.fspath(path)
+    check_destination(path, force)
+    tags = [repo_tag(t) for t in repo_tags]
+    with TarStream(disk, name, mtime=mtime, scan_zeros=True) as stream, Destination(path, force=force) as dest:
+        writer = RawWriter(dest.fd, None, name=dest.path, direct_fd=dest.direct_fd)
+        head = member_header(LAYER_PATH, size=stream.size, mode=_FILE_MODE, uid=0, gid=0, mtime=mtime,
+                             align=DATA_ALIGN)
+        writer.write(0, head)
+        diff_id = copy_tar(stream, writer, len(head), progress)
+        pos = len(head) + padded(stream.size)
+        config = canonical_json(config_for(diff_id))
+        config_digest = sha256_digest(config)
+        config_name = config_digest.removeprefix("sha256:") + ".json"
+        manifest = canonical_json([{"Config": config_name, "RepoTags": tags, "Layers": [LAYER_PATH]}])
+        for member, data in ((config_name, config), (MANIFEST_PATH, manifest)):
+            header = member_header(member, size=len(data), mode=_FILE_MODE, uid=0, gid=0, mtime=mtime)
+            body = header + data.ljust(padded(len(data)), b"\0")
+            writer.write(pos, body)
+            pos += len(body)
+        writer.write(pos, END_OF_ARCHIVE)
+        pos += len(END_OF_ARCHIVE)
+        writer.finish(pos)
+    return ArchiveResult(path, diff_id, config_digest, stream.size, pos)
