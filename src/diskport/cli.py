@@ -6,8 +6,10 @@ exit code 1 (2 for usage). Ctrl-C exits 130 and SIGTERM 143, after the same clea
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -81,6 +83,25 @@ FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choic
                              help="Source format; detected from the content when omitted.")
 
 
+def registry_options(func: Callable[P, R]) -> Callable[P, R]:
+    """--creds, --tls-verify and --ca-bundle, the same for build --push, push, pull and import docker://."""
+    func = click.option("--creds", metavar="USER:PASS",
+                        help="Registry credentials [default: DISKPORT_USERNAME/DISKPORT_PASSWORD, then "
+                             "~/.docker/config.json and credential helpers].")(func)
+    func = click.option("--tls-verify", type=click.BOOL, default=True, show_default=True, metavar="BOOL",
+                        help="Verify the registry's TLS certificate (--tls-verify=false to skip).")(func)
+    return func
+
+
+def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, reference: str) -> tuple[Any, Any]:
+    from diskport.oci.auth import resolve_credentials
+    from diskport.oci.reference import parse_reference
+    from diskport.oci.registry import RegistryOptions
+
+    ref = parse_reference(reference)
+    return RegistryOptions(tls_verify=tls_verify, ca_bundle=ca_bundle), resolve_credentials(ref, creds=creds)
+
+
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("destination", type=click.Path(dir_okay=False))
@@ -140,13 +161,18 @@ def convert(source: str, destination: str, source_format: str | None, output_for
               show_default=True, help="bar (on a terminal), JSON lines on stderr, or nothing.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Serve progress as Prometheus metrics on PORT (/metrics) while the import runs.")
+@click.option("--platform", metavar="OS/ARCH", help="docker:// only: which image of an index [default: this "
+                                                    "machine's].")
+@registry_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
-def import_(source: str, destination: str, size_text: str | None, output_format: str, checksum: str | None,
-            ca_bundle: str | None, insecure: bool, headers: tuple[str, ...], connections: int, scratch: str | None,
-            force: bool, progress_mode: str, metrics_port: int | None, quiet: bool) -> None:
-    """Import the disk at SOURCE (an http(s) URL, a file:// URL or a path) into DESTINATION (file or block
-    device), decompressed and converted (raw by default).
+def import_(source: str, destination: str, size_text: str | None = None, output_format: str = "raw",
+            checksum: str | None = None, ca_bundle: str | None = None, insecure: bool = False,
+            headers: tuple[str, ...] = (), connections: int = 4, scratch: str | None = None, force: bool = False,
+            progress_mode: str = "bar", metrics_port: int | None = None, platform: str | None = None,
+            tls_verify: bool = True, creds: str | None = None, quiet: bool = False) -> None:
+    """Import the disk at SOURCE (an http(s) URL, a file:// URL, a path, or docker://REF for a containerDisk
+    image) into DESTINATION (file or block device), decompressed and converted (raw by default).
 
     Random-access formats are read straight over ranged requests when the server answers them; scratch space
     is used only for a random-access format inside a compressed file, on a server without ranges, or with
@@ -160,11 +186,16 @@ def import_(source: str, destination: str, size_text: str | None, output_format:
         extra[name.strip()] = value.strip()
     http = HttpOptions(headers=extra, ca_bundle=ca_bundle, insecure=insecure, streams=connections)
     size = parse_size(size_text) if size_text else None
+    registry: Any = None
+    credentials: Any = "auto"
+    if source.startswith("docker://"):
+        registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, source)
     with JobProgress("converted", bar=progress_mode == "bar" and not quiet,
                      json_lines=progress_mode == "json" and not quiet, metrics_port=metrics_port,
                      download_total=0 if "://" in source else None) as job:
         result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
-                              http=http, scratch_dir=scratch, force=force, job=job)
+                              http=http, scratch_dir=scratch, force=force, job=job, platform=platform,
+                              registry=registry, credentials=credentials)
     if not quiet:
         click.echo(f"{result.source}: {result.access}", err=True)
         layers = "".join(f", {layer}" for layer in result.compression)
@@ -173,6 +204,148 @@ def import_(source: str, destination: str, size_text: str | None, output_format:
                    f"{human_size(result.downloaded_bytes)} downloaded, {human_size(result.data_bytes)} data, "
                    f"{result.seconds:.2f} s" + (f", {result.checksum} verified" if result.checksum else ""),
                    err=True)
+
+
+def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> dict[str, str] | str:
+    if disk and disks:
+        raise UsageError("give DISK or --disk ARCH=PATH options, not both")
+    if disk:
+        return {arch: disk} if arch else disk
+    if not disks:
+        raise UsageError("no disk: give DISK, or --disk ARCH=PATH for each architecture")
+    out: dict[str, str] = {}
+    for item in disks:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--disk takes ARCH=PATH (amd64=disk.qcow2), not '{item}'")
+        out[name] = path
+    return out
+
+
+@main.command()
+@click.argument("disk", required=False, type=click.Path(dir_okay=False))
+@click.option("-t", "--tag", "reference", metavar="REF",
+              help="Name of the image: a tag in the layout or archive, registry/name:tag for --push.")
+@click.option("--output", type=click.Path(file_okay=False), help="OCI image layout folder [default: ./NAME.oci].")
+@click.option("--docker-archive", type=click.Path(dir_okay=False), help="Write a docker-archive tarball instead.")
+@click.option("--push", "push_it", is_flag=True, help="Push the image to REF (-t) after building it.")
+@click.option("--arch", help="Architecture of DISK [default: this machine's].")
+@click.option("--disk", "disks", multiple=True, metavar="ARCH=PATH",
+              help="One disk per architecture (repeatable): builds an image index.")
+@click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True,
+              help="Layer compression.")
+@click.option("--convert", "convert_to", type=click.Choice(["qcow2"]),
+              help="Convert the disk to qcow2 first (for formats a containerDisk cannot boot as they are).")
+@click.option("-c", "compress", is_flag=True, help="With --convert: compress the qcow2 clusters.")
+@click.option("--source", "source_url", metavar="URL", help="org.opencontainers.image.source annotation.")
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True), help="Folder for the converted disk.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
+@registry_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@handle_errors
+def build(disk: str | None, reference: str | None, output: str | None, docker_archive: str | None, push_it: bool,
+          arch: str | None, disks: tuple[str, ...], compression: str, convert_to: str | None, compress: bool,
+          source_url: str | None, scratch: str | None, force: bool, ca_bundle: str | None, tls_verify: bool,
+          creds: str | None, quiet: bool) -> None:
+    """Package DISK as a containerDisk image: FROM scratch, the disk under /disk/ owned by 107:107 (qemu).
+
+    Writes an OCI image layout (default ./NAME.oci), a docker-archive (--docker-archive), or pushes (--push -t
+    REF). The same disk gives the same digests every time (times are SOURCE_DATE_EPOCH, else 0).
+    """
+    import tempfile
+
+    from diskport.oci.build import build_image
+    from diskport.oci.push import push_layout
+
+    if push_it and not reference:
+        raise UsageError("--push needs -t registry/name:tag")
+    if compress and not convert_to:
+        raise UsageError("-c compresses the converted qcow2: use it with --convert qcow2")
+    if push_it and docker_archive:
+        raise UsageError("--push sends the image to a registry; --docker-archive writes a file: choose one")
+    chosen = _parse_disks(disk, disks, arch)
+    registry = _registry(creds, tls_verify, ca_bundle, reference) if push_it and reference else None
+    tag = reference.rsplit(":", 1)[1] if reference and ":" in reference.rsplit("/", 1)[-1] else reference
+    if push_it:
+        tag = None
+    with contextlib.ExitStack() as stack, JobProgress("packaging", bar=not quiet) as job:
+        layout = output
+        if push_it and output is None:
+            layout = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(dir=scratch, prefix=".diskport-")),
+                                  "image.oci")
+        result = build_image(chosen, output=layout, docker_archive=docker_archive, tag=tag,
+                             compression=compression, convert_to=convert_to,
+                             convert_compression="zlib" if compress else None, source=source_url, force=force,
+                             scratch_dir=scratch, progress=job, phase=job.set_phase,
+                             warn=lambda text: click.echo(f"diskport: warning: {text}", err=True))
+        pushed = None
+        if push_it and registry is not None and result.output and reference:
+            job.set_phase("pushing")
+            pushed = push_layout(result.output, reference, options=registry[0], credentials=registry[1],
+                                 progress=job)
+    if quiet:
+        return
+    for key, image in result.images.items():
+        layer = (f", layer {image.layer.descriptor.digest} ({human_size(image.layer.descriptor.size)})"
+                 if image.layer else "")
+        click.echo(f"{key}: disk/{image.disk_name} ({image.disk_format}, {human_size(image.disk_size)}){layer}",
+                   err=True)
+    where = result.docker_archive if pushed is None and result.docker_archive else result.output
+    if pushed is not None:
+        click.echo(f"pushed {pushed.reference}@{pushed.digest}: {human_size(pushed.sent_bytes)} sent, "
+                   f"{human_size(pushed.skipped_bytes)} already there, {result.seconds + pushed.seconds:.2f} s",
+                   err=True)
+    else:
+        digest = result.descriptor.digest if result.descriptor else ""
+        click.echo(f"wrote {where} {digest} in {result.seconds:.2f} s", err=True)
+
+
+@main.command()
+@click.argument("layout", type=click.Path(file_okay=False, exists=True))
+@click.argument("reference", metavar="REF")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
+@registry_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@handle_errors
+def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, creds: str | None,
+         quiet: bool) -> None:
+    """Push the image in the OCI layout LAYOUT to REF (registry/namespace/name:tag; docker:// optional).
+
+    Blobs the registry already has are skipped; a broken upload resumes where the registry says it stopped.
+    """
+    from diskport.oci.push import push_layout
+
+    options, credentials = _registry(creds, tls_verify, ca_bundle, reference)
+    with JobProgress("pushing", bar=not quiet) as job:
+        result = push_layout(layout, reference, options=options, credentials=credentials, progress=job)
+    if not quiet:
+        click.echo(f"pushed {result.reference}@{result.digest}: {human_size(result.sent_bytes)} sent, "
+                   f"{human_size(result.skipped_bytes)} already there, {result.seconds:.2f} s", err=True)
+
+
+@main.command()
+@click.argument("reference", metavar="REF")
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.option("--platform", metavar="OS/ARCH", help="Which image of an index [default: this machine's].")
+@click.option("-O", "--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True)
+@click.option("--size", "size_text", metavar="SIZE", help="As for import: the disk must fit; raw is grown to it.")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
+@registry_options
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="Folder for scratch space, used only when needed [default: DESTINATION's folder].")
+@click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
+@click.option("--progress", "progress_mode", type=click.Choice(["bar", "json", "none"]), default="bar",
+              show_default=True, help="bar (on a terminal), JSON lines on stderr, or nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@click.pass_context
+def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any) -> None:
+    """Pull the containerDisk image REF and convert its disk into DESTINATION (raw by default).
+
+    The same as `diskport import docker://REF DESTINATION`.
+    """
+    ctx.invoke(import_, source=f"docker://{reference.removeprefix('docker://')}", destination=destination,
+               **options)
 
 
 @main.command()

@@ -3,8 +3,9 @@
 The orchestration of the pieces the other commands use: :mod:`diskport.sources.http` reads the URL (straight
 over ranged GETs when the server answers them, in order otherwise), :func:`diskport.formats.open_image` finds the
 format and decides between streaming and spooling, and the engine writes the destination beside itself and
-renames it at the end. What this module adds: the choice of source by scheme, ``--size``, ``--checksum``, and a
-summary that says which path was taken and why.
+renames it at the end. What this module adds: the choice of source by scheme (``docker://`` is the disk inside a
+containerDisk image, found by :mod:`diskport.oci.pull`), ``--size``, ``--checksum``, and a summary that says which
+path was taken and why.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from diskport.destination import refuse_existing
 from diskport.engine import write_image
@@ -20,8 +23,14 @@ from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
 from diskport.progress import JobProgress
 from diskport.sources import open_source
+from diskport.sources.base import SliceSource, Source
 from diskport.sources.checksum import ChecksumSource, parse_checksum
 from diskport.sources.http import UNKNOWN_SIZE, HttpOptions, HttpSource
+
+if TYPE_CHECKING:
+    from diskport.oci.registry import RegistryOptions
+
+REGISTRY_SCHEME = "docker://"
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGTPE]i?)?[bB]?\s*")
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
@@ -55,21 +64,40 @@ class ImportResult:
 def import_image(location: str, destination: str | os.PathLike[str], *, size: int | None = None,
                  output_format: str = "raw", checksum: str | None = None, http: HttpOptions | None = None,
                  scratch_dir: str | None = None, force: bool = False, sync: bool = True,
-                 job: JobProgress | None = None) -> ImportResult:
+                 job: JobProgress | None = None, platform: str | None = None,
+                 registry: RegistryOptions | None = None, credentials: Any = "auto") -> ImportResult:
     """Import the disk at ``location`` into ``destination`` (a file or a block device).
 
     ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw
     disk is grown to it. ``checksum`` (``sha256:HEX``, also md5, sha1, sha512) is verified over the bytes as
     downloaded before the destination is put in place. The result is flushed to stable storage (``sync``).
-    ``job`` receives the progress: bytes downloaded and converted, and the phase.
+    ``job`` receives the progress: bytes downloaded and converted, and the phase. A ``docker://REF`` location is
+    a containerDisk image: ``platform`` picks from an index, ``registry`` and ``credentials`` say how to reach it.
     """
     began = time.monotonic()
     dst = os.fspath(destination)
     expected = parse_checksum(checksum) if checksum else None
     refuse_existing(dst, force)
-    source = open_source(location, http, job.on_download if job else None)
-    if job is not None and isinstance(source, HttpSource) and source.size != UNKNOWN_SIZE:
-        job.download_total = source.size
+    on_bytes = job.on_download if job else None
+    checks: list[Callable[[], None]] = []
+    found = ""
+    source: Source
+    if location.startswith(REGISTRY_SCHEME):
+        if expected:
+            raise UsageError("--checksum is for files at URLs; an image in a registry is checked by its digests")
+        from diskport.oci.pull import open_registry_disk  # the registry client only for registry images
+
+        source, pulled = open_registry_disk(location, platform=platform, registry=registry, credentials=credentials,
+                                            http=http, on_bytes=on_bytes)
+        found = f"disk/{pulled.disk_name} in {pulled.access}; "
+        if pulled.verify is not None:
+            checks.append(pulled.verify)
+        download = pulled.layer.size
+    else:
+        source = open_source(location, http, on_bytes)
+        download = source.size if isinstance(source, HttpSource) and source.size != UNKNOWN_SIZE else 0
+    if job is not None and download:
+        job.download_total = download
     try:
         checked = ChecksumSource(source, *expected) if expected else None
         scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
@@ -77,21 +105,25 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
     except BaseException:
         source.close()
         raise
+    if checked is not None:
+        checks.append(checked.verify)
+    http_source = source.parent if isinstance(source, SliceSource) else source
     with image:
-        if isinstance(source, HttpSource) and not source.sequential and image.access == "direct":
+        if isinstance(http_source, HttpSource) and not source.sequential and image.access == "direct":
             image.access = "direct: read over HTTP range requests, no scratch space"
+        image.access = found + image.access
         if size is not None and image.size_known and image.virtual_size > size:
             raise DestinationError(f"the disk is {image.virtual_size} bytes, larger than --size {size}",
                                    path=dst, hint="pass a larger --size")
         try:
             stats, _ = write_image(image, dst, output_format=output_format, force=force, sync=sync,
                                    progress=job, grow_to=size,
-                                   before_commit=(lambda: _verify(checked, job)) if checked else None)
+                                   before_commit=(lambda: _verify(checks, job)) if checks else None)
         except (DestinationError, UsageError):
             raise
         except DiskportError as e:
             raise e.locate(location, image.format) from None
-        downloaded = source.downloaded if isinstance(source, HttpSource) else source.size
+        downloaded = http_source.downloaded if isinstance(http_source, HttpSource) else source.size
         if job is not None:
             job(stats.virtual_size, stats.virtual_size)
         return ImportResult(source=location, destination=dst, source_format=image.format,
@@ -102,7 +134,8 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                             checksum=f"{expected[0]}:{expected[1]}" if expected else None)
 
 
-def _verify(checked: ChecksumSource, job: JobProgress | None) -> None:
+def _verify(checks: list[Callable[[], None]], job: JobProgress | None) -> None:
     if job is not None:
         job.set_phase("verifying")
-    checked.verify()
+    for check in checks:
+        check()

@@ -103,3 +103,33 @@ class HeadSource(Source):
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.head[offset: offset + length]
+
+
+class SliceSource(ReadintoSource):
+    """``size`` bytes of ``parent`` from ``offset``: a file inside an uncompressed archive, read in place.
+
+    It owns ``parent`` (closing the slice closes it) and keeps its random access: a qcow2 inside an
+    uncompressed tar layer on a registry is read with ranged requests, like one at a URL.
+    """
+
+    def __init__(self, parent: Source, offset: int, size: int, name: str | None = None) -> None:
+        if offset < 0 or size < 0 or offset + size > parent.size:
+            raise CorruptImage(f"a member at {offset}+{size} lies beyond the end ({parent.size} bytes)",
+                               path=parent.name)
+        self.parent = parent
+        self.offset = offset
+        self.size = size
+        self.name = name or parent.name
+        self.sequential = parent.sequential
+        self.sequential_reason = parent.sequential_reason
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        n = min(len(buf), self.size - offset)
+        return self.parent.readinto(self.offset + offset, buf[:n]) if n > 0 else 0
+
+    def allocated_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        for start, run, data in self.parent.allocated_extents(self.offset + offset, length):
+            yield start - self.offset, run, data
+
+    def close(self) -> None:
+        self.parent.close()

@@ -1,0 +1,189 @@
+"""containerDisk end to end through the command line, against Debian's docker-registry on loopback: build ->
+push -> pull gives the same disk bytes (qemu-img is the oracle), skopeo reads what was pushed, and the pull walks
+layers as a platform importer does (uncompressed layers in place, compressed ones streamed and digest-checked,
+whiteouts, platforms), failing cleanly on anything else."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from diskport.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_json, sha256_digest
+from diskport.oci.registry import RegistryClient, RegistryOptions
+from tests.conftest import MiB, make_image, qemu_raw_sha256, run_cli, sha256_file
+from tests.registry_servers import RegistryServer
+from tests.test_registry import skopeo
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> tuple[Path, str]:
+    image = make_image(tmp_path, "qcow2", 10 * MiB + 4096, name="vm.qcow2")
+    return image, qemu_raw_sha256(image, tmp_path)
+
+
+def pvc(tmp_path: Path) -> Path:
+    folder = tmp_path / "pvc"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def test_build_push_pull_round_trip(registry: RegistryServer, disk: tuple[Path, str], tmp_path: Path) -> None:
+    image, expected = disk
+    ref = f"{registry.name}/containerdisks/vm:v1"
+    built = run_cli("build", image, "-t", ref, "--push", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    assert "pushed" in built.stderr
+    assert list(tmp_path.glob(".diskport-*")) == [] and not (tmp_path / "vm.oci").exists(), "temp layout removed"
+
+    # an independent client reads it: one layer holding disk/ and disk/vm.qcow2, 107:107, 0555/0444
+    inspected = json.loads(skopeo(tmp_path, "inspect", "--tls-verify=false", f"docker://{ref}").stdout)
+    assert len(inspected["Layers"]) == 1 and inspected["Os"] == "linux"
+    copied = tmp_path / "copied"
+    skopeo(tmp_path, "copy", "--src-tls-verify=false", f"docker://{ref}", f"dir:{copied}")
+    layer = copied / inspected["Layers"][0].removeprefix("sha256:")
+    with tarfile.open(layer, "r:*") as tar:
+        members = tar.getmembers()
+        assert [(m.name.rstrip("/"), m.uid, m.gid, m.mode) for m in members] == [
+            ("disk", 107, 107, 0o555), ("disk/vm.qcow2", 107, 107, 0o444)]
+        inner = tar.extractfile(members[1])
+        assert inner is not None and inner.read() == image.read_bytes()
+
+    dest = pvc(tmp_path) / "disk.raw"
+    pulled = run_cli("pull", ref, dest)
+    assert pulled.returncode == 0, pulled.stderr
+    assert sha256_file(dest) == expected
+    assert "disk/vm.qcow2 in the gzip layer" in pulled.stderr and "spooled" in pulled.stderr
+    assert os.listdir(dest.parent) == ["disk.raw"], "the spool is gone"
+
+    again = run_cli("build", image, "-t", ref, "--push", cwd=tmp_path)  # same disk, same digests: nothing sent
+    assert again.returncode == 0 and "0 B sent" in again.stderr, again.stderr
+
+
+def test_uncompressed_layer_is_read_in_place(registry: RegistryServer, disk: tuple[Path, str],
+                                             tmp_path: Path) -> None:
+    image, expected = disk
+    ref = f"{registry.name}/cd/plain:v1"
+    layout = tmp_path / "vm.oci"
+    assert run_cli("build", image, "--compression", "none", "--output", layout, "-t", "v1").returncode == 0
+    pushed = run_cli("push", layout, f"docker://{ref}")
+    assert pushed.returncode == 0, pushed.stderr
+    dest = pvc(tmp_path) / "disk.img"
+    proc = run_cli("import", f"docker://{ref}", dest)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(dest) == expected
+    assert "the uncompressed layer, read in place; direct: read over HTTP range requests" in proc.stderr
+    assert os.listdir(dest.parent) == ["disk.img"]
+
+
+def test_platforms_of_an_index(registry: RegistryServer, tmp_path: Path) -> None:
+    amd = make_image(tmp_path, "raw", 4 * MiB, name="amd.img", seed=1)
+    arm = make_image(tmp_path, "qcow2", 6 * MiB, name="arm.qcow2", seed=2)
+    ref = f"{registry.name}/cd/multi:v2"
+    proc = run_cli("build", "--disk", f"amd64={amd}", "--disk", f"arm64={arm}", "-t", ref, "--push",
+                   "--compression", "zstd")
+    assert proc.returncode == 0, proc.stderr
+    raw = json.loads(skopeo(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").stdout)
+    assert sorted(m["platform"]["architecture"] for m in raw["manifests"]) == ["amd64", "arm64"]
+    out = pvc(tmp_path) / "arm.raw"
+    assert run_cli("pull", "--platform", "linux/arm64", ref, out).returncode == 0
+    assert sha256_file(out) == qemu_raw_sha256(arm, tmp_path)
+    out2 = pvc(tmp_path) / "amd.raw"
+    proc = run_cli("pull", "--platform", "amd64", ref, out2)
+    assert proc.returncode == 0 and sha256_file(out2) == sha256_file(amd)
+    assert "zstd layer" in proc.stderr and "stream: raw" in proc.stderr, proc.stderr
+    missing = run_cli("pull", "--platform", "linux/s390x", ref, pvc(tmp_path) / "none.raw")
+    assert missing.returncode == 1
+    assert "no image for linux/s390x (the index offers linux/amd64, linux/arm64)" in missing.stderr
+    assert not (pvc(tmp_path) / "none.raw").exists()
+
+
+def test_tls_registry_with_credentials(tls_registry: RegistryServer, disk: tuple[Path, str],
+                                       tmp_path: Path) -> None:
+    image, expected = disk
+    ref = f"{tls_registry.name}/secure/vm:1"
+    creds = f"{tls_registry.username}:{tls_registry.password}"
+    ca = str(tls_registry.ca_bundle)
+    assert run_cli("build", image, "-t", ref, "--push", "--creds", creds, "--ca-bundle", ca).returncode == 0
+    dest = pvc(tmp_path) / "disk.raw"
+    wrong = run_cli("pull", ref, dest, "--creds", "nobody:nothing", "--ca-bundle", ca)
+    assert wrong.returncode == 1 and "authentication failed" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr and not dest.exists()
+    no_ca = run_cli("pull", ref, dest, "--creds", creds)
+    assert no_ca.returncode == 1 and "--ca-bundle" in no_ca.stderr
+    proc = run_cli("pull", ref, dest, "--creds", creds, "--tls-verify=false")
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(dest) == expected
+
+
+def _push_layers(registry: RegistryServer, tmp_path: Path, repo: str,
+                 layers: list[list[tuple[str, bytes]]]) -> str:
+    """An image of uncompressed tar layers made with Python's tarfile, pushed with the client."""
+    ref = f"{registry.name}/{repo}:t"
+    client = RegistryClient(ref, RegistryOptions(retries=1), credentials=None)
+    descriptors = []
+    diff_ids = []
+    for n, members in enumerate(layers):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        blob = tmp_path / f"layer{n}.tar"
+        blob.write_bytes(buf.getvalue())
+        digest = sha256_digest(buf.getvalue())
+        client.upload_blob(digest, len(buf.getvalue()), blob)
+        descriptors.append({"mediaType": OCI_LAYER, "digest": digest, "size": len(buf.getvalue())})
+        diff_ids.append(digest)
+    config = canonical_json({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    (tmp_path / "config.json").write_bytes(config)
+    client.upload_blob(sha256_digest(config), len(config), tmp_path / "config.json")
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                               "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config),
+                                          "size": len(config)}, "layers": descriptors})
+    client.put_manifest("t", manifest, OCI_MANIFEST)
+    client.close()
+    return ref
+
+
+def test_layers_walk_with_whiteouts(registry: RegistryServer, tmp_path: Path) -> None:
+    old, new = b"\x11" * (2 * MiB), b"\x22" * (3 * MiB)
+    ref = _push_layers(registry, tmp_path, "cd/layers", [
+        [("disk/old.img", old)],
+        [("disk/.wh.old.img", b""), ("etc/motd", b"hello")],
+        [("usr/share/doc", b"x"), ("disk/new.img", new)],
+    ])
+    dest = pvc(tmp_path) / "disk.raw"
+    proc = run_cli("pull", ref, dest)
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_bytes() == new and "disk/new.img" in proc.stderr
+    hidden = _push_layers(registry, tmp_path, "cd/hidden", [[("disk/old.img", old)], [("disk/.wh.old.img", b"")]])
+    gone = run_cli("pull", hidden, pvc(tmp_path) / "gone.raw")
+    assert gone.returncode == 1 and "no file under disk/" in gone.stderr
+    other = _push_layers(registry, tmp_path, "cd/app", [[("bin/sh", b"#!")]])
+    proc = run_cli("pull", other, pvc(tmp_path) / "app.raw")
+    assert proc.returncode == 1 and "not a containerDisk image" in proc.stderr
+    assert sorted(os.listdir(pvc(tmp_path))) == ["disk.raw"]
+
+
+def test_corrupted_layer_in_the_registry_leaves_nothing(registry: RegistryServer, tmp_path: Path) -> None:
+    raw = make_image(tmp_path, "raw", 6 * MiB, name="vm.img")
+    ref = f"{registry.name}/cd/rot:v1"
+    assert run_cli("build", raw, "-t", ref, "--push", "--compression", "zstd").returncode == 0
+    inspected = json.loads(skopeo(tmp_path, "inspect", "--tls-verify=false", f"docker://{ref}").stdout)
+    hexdigest = inspected["Layers"][0].removeprefix("sha256:")
+    data = registry.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+    blob = bytearray(data.read_bytes())
+    blob[-20] ^= 0xFF  # the end of the last zstd block: the layer no longer matches its digest
+    data.write_bytes(bytes(blob))
+    dest = pvc(tmp_path) / "disk.raw"
+    proc = run_cli("pull", ref, dest)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and ("digest" in proc.stderr or "damaged" in proc.stderr), proc.stderr
+    assert os.listdir(dest.parent) == []
