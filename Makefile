@@ -27,6 +27,8 @@ test: $(STAMP) system-deps lint
 
 bench: $(STAMP) system-deps
 	$(PY) bench/convert.py
+	$(PY) bench/import.py
+	$(PY) bench/containerdisk.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

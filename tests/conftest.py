@@ -141,3 +141,10 @@ def loop_device(backing: Path, size: int, fill: int = 0xFF) -> Iterator[str]:
         yield dev
     finally:
         run("losetup", "-d", dev, check=False)
+
+
+def pvc_dir(tmp_path: Path) -> Path:
+    """A folder standing for a persistent volume: after an import it must hold the disk and nothing else."""
+    folder = tmp_path / "pvc"
+    folder.mkdir(exist_ok=True)
+    return folder

@@ -15,7 +15,7 @@ import pytest
 
 from diskport.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_json, sha256_digest
 from diskport.oci.registry import RegistryClient, RegistryOptions
-from tests.conftest import MiB, make_image, qemu_raw_sha256, run_cli, sha256_file
+from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.registry_servers import RegistryServer
 from tests.test_registry import skopeo
 
@@ -24,12 +24,6 @@ from tests.test_registry import skopeo
 def disk(tmp_path: Path) -> tuple[Path, str]:
     image = make_image(tmp_path, "qcow2", 10 * MiB + 4096, name="vm.qcow2")
     return image, qemu_raw_sha256(image, tmp_path)
-
-
-def pvc(tmp_path: Path) -> Path:
-    folder = tmp_path / "pvc"
-    folder.mkdir(exist_ok=True)
-    return folder
 
 
 def test_build_push_pull_round_trip(registry: RegistryServer, disk: tuple[Path, str], tmp_path: Path) -> None:
@@ -53,7 +47,7 @@ def test_build_push_pull_round_trip(registry: RegistryServer, disk: tuple[Path, 
         inner = tar.extractfile(members[1])
         assert inner is not None and inner.read() == image.read_bytes()
 
-    dest = pvc(tmp_path) / "disk.raw"
+    dest = pvc_dir(tmp_path) / "disk.raw"
     pulled = run_cli("pull", ref, dest)
     assert pulled.returncode == 0, pulled.stderr
     assert sha256_file(dest) == expected
@@ -72,7 +66,7 @@ def test_uncompressed_layer_is_read_in_place(registry: RegistryServer, disk: tup
     assert run_cli("build", image, "--compression", "none", "--output", layout, "-t", "v1").returncode == 0
     pushed = run_cli("push", layout, f"docker://{ref}")
     assert pushed.returncode == 0, pushed.stderr
-    dest = pvc(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     proc = run_cli("import", f"docker://{ref}", dest)
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(dest) == expected
@@ -89,17 +83,17 @@ def test_platforms_of_an_index(registry: RegistryServer, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     raw = json.loads(skopeo(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").stdout)
     assert sorted(m["platform"]["architecture"] for m in raw["manifests"]) == ["amd64", "arm64"]
-    out = pvc(tmp_path) / "arm.raw"
+    out = pvc_dir(tmp_path) / "arm.raw"
     assert run_cli("pull", "--platform", "linux/arm64", ref, out).returncode == 0
     assert sha256_file(out) == qemu_raw_sha256(arm, tmp_path)
-    out2 = pvc(tmp_path) / "amd.raw"
+    out2 = pvc_dir(tmp_path) / "amd.raw"
     proc = run_cli("pull", "--platform", "amd64", ref, out2)
     assert proc.returncode == 0 and sha256_file(out2) == sha256_file(amd)
     assert "zstd layer" in proc.stderr and "stream: raw" in proc.stderr, proc.stderr
-    missing = run_cli("pull", "--platform", "linux/s390x", ref, pvc(tmp_path) / "none.raw")
+    missing = run_cli("pull", "--platform", "linux/s390x", ref, pvc_dir(tmp_path) / "none.raw")
     assert missing.returncode == 1
     assert "no image for linux/s390x (the index offers linux/amd64, linux/arm64)" in missing.stderr
-    assert not (pvc(tmp_path) / "none.raw").exists()
+    assert not (pvc_dir(tmp_path) / "none.raw").exists()
 
 
 def test_tls_registry_with_credentials(tls_registry: RegistryServer, disk: tuple[Path, str],
@@ -109,7 +103,7 @@ def test_tls_registry_with_credentials(tls_registry: RegistryServer, disk: tuple
     creds = f"{tls_registry.username}:{tls_registry.password}"
     ca = str(tls_registry.ca_bundle)
     assert run_cli("build", image, "-t", ref, "--push", "--creds", creds, "--ca-bundle", ca).returncode == 0
-    dest = pvc(tmp_path) / "disk.raw"
+    dest = pvc_dir(tmp_path) / "disk.raw"
     wrong = run_cli("pull", ref, dest, "--creds", "nobody:nothing", "--ca-bundle", ca)
     assert wrong.returncode == 1 and "authentication failed" in wrong.stderr, wrong.stderr
     assert "Traceback" not in wrong.stderr and not dest.exists()
@@ -159,17 +153,17 @@ def test_layers_walk_with_whiteouts(registry: RegistryServer, tmp_path: Path) ->
         [("disk/.wh.old.img", b""), ("etc/motd", b"hello")],
         [("usr/share/doc", b"x"), ("disk/new.img", new)],
     ])
-    dest = pvc(tmp_path) / "disk.raw"
+    dest = pvc_dir(tmp_path) / "disk.raw"
     proc = run_cli("pull", ref, dest)
     assert proc.returncode == 0, proc.stderr
     assert dest.read_bytes() == new and "disk/new.img" in proc.stderr
     hidden = _push_layers(registry, tmp_path, "cd/hidden", [[("disk/old.img", old)], [("disk/.wh.old.img", b"")]])
-    gone = run_cli("pull", hidden, pvc(tmp_path) / "gone.raw")
+    gone = run_cli("pull", hidden, pvc_dir(tmp_path) / "gone.raw")
     assert gone.returncode == 1 and "no file under disk/" in gone.stderr
     other = _push_layers(registry, tmp_path, "cd/app", [[("bin/sh", b"#!")]])
-    proc = run_cli("pull", other, pvc(tmp_path) / "app.raw")
+    proc = run_cli("pull", other, pvc_dir(tmp_path) / "app.raw")
     assert proc.returncode == 1 and "not a containerDisk image" in proc.stderr
-    assert sorted(os.listdir(pvc(tmp_path))) == ["disk.raw"]
+    assert sorted(os.listdir(pvc_dir(tmp_path))) == ["disk.raw"]
 
 
 def test_corrupted_layer_in_the_registry_leaves_nothing(registry: RegistryServer, tmp_path: Path) -> None:
@@ -182,8 +176,29 @@ def test_corrupted_layer_in_the_registry_leaves_nothing(registry: RegistryServer
     blob = bytearray(data.read_bytes())
     blob[-20] ^= 0xFF  # the end of the last zstd block: the layer no longer matches its digest
     data.write_bytes(bytes(blob))
-    dest = pvc(tmp_path) / "disk.raw"
+    dest = pvc_dir(tmp_path) / "disk.raw"
     proc = run_cli("pull", ref, dest)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and ("digest" in proc.stderr or "damaged" in proc.stderr), proc.stderr
     assert os.listdir(dest.parent) == []
+
+
+def test_cli_outputs_name_the_image(disk: tuple[Path, str], tmp_path: Path) -> None:
+    """-t is the tag in a layout, the reference in a docker-archive; the default layout is ./NAME.oci."""
+    image, _ = disk
+    assert run_cli("build", "-q", image, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "vm.oci" / "index.json").is_file()
+    again = run_cli("build", "-q", image, cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert run_cli("build", "-q", image, "-t", "reg.example/vms/vm:1", "--output", tmp_path / "t.oci").returncode == 0
+    index = json.loads((tmp_path / "t.oci" / "index.json").read_text())
+    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "1"
+    archive = tmp_path / "vm.tar"
+    assert run_cli("build", "-q", image, "-t", "vms/vm:1", "--docker-archive", archive).returncode == 0
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        assert json.loads(member.read())[0]["RepoTags"] == ["vms/vm:1"]
+    assert json.loads(skopeo(tmp_path, "inspect", f"docker-archive:{archive}").stdout)["Architecture"]
+    usage = run_cli("build", image, "--push")
+    assert usage.returncode == 2 and "--push needs -t" in usage.stderr

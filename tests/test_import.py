@@ -16,7 +16,7 @@ import pytest
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
 from diskport.sources.http import HttpOptions
-from tests.conftest import MiB, loop_device, make_image, qemu_raw_sha256, run_cli, sha256_file
+from tests.conftest import MiB, loop_device, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=4, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
@@ -28,15 +28,9 @@ def qcow2(serve_dir: Path, tmp_path: Path) -> tuple[Path, str]:
     return image, qemu_raw_sha256(image, tmp_path)
 
 
-def out_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "pvc"
-    folder.mkdir(exist_ok=True)
-    return folder
-
-
 def test_ranged_qcow2_converts_without_scratch(nginx: NginxServer, qcow2: tuple[Path, str], tmp_path: Path) -> None:
     image, expected = qcow2
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(nginx.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
     assert result.access.startswith("direct: read over HTTP range requests")
@@ -53,7 +47,7 @@ def test_several_ranges_in_flight(serve_dir: Path, tmp_path: Path) -> None:
     one second's worth through at once, then paces: at 1 MB/s, each 2 MiB range takes about a second.)"""
     image = make_image(serve_dir, "qcow2", 16 * MiB, name="busy.qcow2")
     expected = qemu_raw_sha256(image, tmp_path)
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     with NginxServer(serve_dir, tmp_path / "nginx-capped", rate_per_connection="1m") as capped:
         import_image(capped.url("busy.qcow2"), dest, http=HttpOptions(streams=4, chunk=2 * MiB))
         big = [e for e in capped.access_entries() if int(e["body_bytes_sent"]) >= MiB]
@@ -87,7 +81,7 @@ def test_import_into_block_device(nginx: NginxServer, qcow2: tuple[Path, str], t
 def test_server_without_ranges_spools_and_says_why(plain_http: PlainHTTPServer, qcow2: tuple[Path, str],
                                                    tmp_path: Path) -> None:
     _, expected = qcow2
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(plain_http.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
     assert result.access.startswith("spooled") and "does not answer range requests" in result.access
@@ -97,7 +91,7 @@ def test_server_without_ranges_spools_and_says_why(plain_http: PlainHTTPServer, 
 def test_compressed_raw_streams(nginx: NginxServer, serve_dir: Path, tmp_path: Path) -> None:
     raw = make_image(serve_dir, "raw", 6 * MiB, name="disk.raw")
     nginx.put("disk.raw.gz", gzip.compress(raw.read_bytes()))
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(nginx.url("disk.raw.gz"), dest, http=FAST)
     assert sha256_file(dest) == sha256_file(raw)
     assert result.compression == ["gzip"] and result.access.startswith("stream")
@@ -106,7 +100,7 @@ def test_compressed_raw_streams(nginx: NginxServer, serve_dir: Path, tmp_path: P
 def test_tls_with_test_ca(tls_server: NginxTlsServer, serve_dir: Path, tmp_path: Path) -> None:
     image = make_image(serve_dir, "qcow2", 4 * MiB, name="disk.qcow2")
     expected = qemu_raw_sha256(image, tmp_path)
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     proc = run_cli("import", "-q", tls_server.url("disk.qcow2"), dest)
     assert proc.returncode == 1 and "TLS failed" in proc.stderr and "--ca-bundle" in proc.stderr
     assert not dest.exists()
@@ -126,7 +120,7 @@ def test_dropped_connection_resumes_with_if_range(fault_server: FaultServer, qco
     _, expected = qcow2
     fault_server.faults.drop_after = 300 * 1024
     fault_server.faults.drop_times = 3
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
     assert fault_server.injected["drop"] == 3
@@ -139,7 +133,7 @@ def test_errors_and_rate_limits_are_retried(fault_server: FaultServer, qcow2: tu
     _, expected = qcow2
     fault_server.faults.status_sequence = [503, 500, 429]
     fault_server.faults.retry_after = 0
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
     assert [r.status for r in fault_server.requests[:3]] == [503, 500, 429]
@@ -149,7 +143,7 @@ def test_stall_is_detected_and_retried(fault_server: FaultServer, qcow2: tuple[P
     _, expected = qcow2
     fault_server.faults.stall_after = 100 * 1024
     fault_server.faults.stall_seconds = 3
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
     assert fault_server.injected["stall"] == 1
@@ -160,7 +154,7 @@ def test_file_changed_on_server_is_never_stitched(fault_server: FaultServer, qco
     fault_server.faults.drop_after = 200 * 1024
     fault_server.faults.drop_times = 1
     fault_server.faults.change_after_requests = 2
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     with pytest.raises(DiskportError, match=r"changed|corrupt|magic|truncated|beyond"):
         import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert os.listdir(dest.parent) == []
@@ -168,7 +162,7 @@ def test_file_changed_on_server_is_never_stitched(fault_server: FaultServer, qco
 
 def test_persistent_errors_fail_cleanly(fault_server: FaultServer, qcow2: tuple[Path, str], tmp_path: Path) -> None:
     fault_server.faults.status_sequence = [500] * 20
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     with pytest.raises(SourceError, match="giving up after 5 attempts: HTTP 500"):
         import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert os.listdir(dest.parent) == []
@@ -178,7 +172,7 @@ def test_short_body_is_resumed(fault_server: FaultServer, qcow2: tuple[Path, str
     _, expected = qcow2
     fault_server.faults.lie_content_length = 64 * MiB
     fault_server.faults.lie_times = 2
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
 
@@ -188,7 +182,7 @@ def test_credentials_not_sent_to_another_host(fault_server: FaultServer, qcow2: 
     _, expected = qcow2
     fault_server.faults.redirect_hops = 1
     fault_server.faults.redirect_cross_host = True
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     options = HttpOptions(headers={"Authorization": "Bearer secret", "X-Token": "t0ken"}, retries=2, backoff=0.05)
     import_image(fault_server.url("disk.qcow2"), dest, http=options)
     assert sha256_file(dest) == expected
@@ -204,7 +198,7 @@ def test_checksum(nginx: NginxServer, qcow2: tuple[Path, str], tmp_path: Path) -
     import hashlib
 
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     proc = run_cli("import", "-q", "--checksum", "sha256:" + "0" * 64, nginx.url("disk.qcow2"), dest)
     assert proc.returncode == 1 and "checksum mismatch" in proc.stderr
     assert os.listdir(dest.parent) == []
@@ -216,7 +210,7 @@ def test_checksum(nginx: NginxServer, qcow2: tuple[Path, str], tmp_path: Path) -
 
 
 def test_size(nginx: NginxServer, qcow2: tuple[Path, str], tmp_path: Path) -> None:
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     proc = run_cli("import", "-q", "--size", "8M", nginx.url("disk.qcow2"), dest)
     assert proc.returncode == 1
     assert f"the disk is {12 * MiB + 4096} bytes, larger than --size {8 * MiB}" in proc.stderr
@@ -231,13 +225,13 @@ def test_schemes(tmp_path: Path, qcow2: tuple[Path, str]) -> None:
     image, expected = qcow2
     proc = run_cli("import", "s3://bucket/disk.qcow2", tmp_path / "x.img")
     assert proc.returncode == 2 and "signed https URL" in proc.stderr
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     assert run_cli("import", "-q", image.as_uri(), dest).returncode == 0
     assert sha256_file(dest) == expected
 
 
 def test_json_progress_and_inspect_url(nginx: NginxServer, qcow2: tuple[Path, str], tmp_path: Path) -> None:
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     proc = run_cli("import", "--progress=json", nginx.url("disk.qcow2"), dest)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
@@ -261,7 +255,7 @@ def test_metrics_endpoint_and_phases(fault_server: FaultServer, qcow2: tuple[Pat
         port = s.getsockname()[1]
     fault_server.faults.stall_after = 1024 * 1024
     fault_server.faults.stall_seconds = 3
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     proc = subprocess.Popen([sys.executable, "-m", "diskport", "import", "--progress=json", "--metrics-port",
                              str(port), fault_server.url("disk.qcow2"), str(dest)],
                             stderr=subprocess.PIPE, text=True)
@@ -291,7 +285,7 @@ def test_interrupted_import_leaves_nothing(fault_server: FaultServer, qcow2: tup
 
     fault_server.faults.stall_after = 2 * MiB
     fault_server.faults.stall_seconds = 5
-    folder = out_dir(tmp_path)
+    folder = pvc_dir(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "diskport", "import", "-q", fault_server.url("disk.qcow2"),
                              str(folder / "disk.img")], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
@@ -310,7 +304,7 @@ def test_proxy_from_environment(proxy_server: object, nginx: NginxServer, qcow2:
 
     assert isinstance(proxy_server, ProxyServer)
     _, expected = qcow2
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     env = {**os.environ, "HTTP_PROXY": proxy_server.proxy_url, "http_proxy": proxy_server.proxy_url,
            "NO_PROXY": "", "no_proxy": ""}
     proc = run_cli("import", "-q", nginx.url("disk.qcow2"), dest, env=env)
@@ -324,11 +318,11 @@ def test_spurious_416_is_retried_and_a_persistent_one_fails_cleanly(fault_server
                                                                       tmp_path: Path) -> None:
     _, expected = qcow2
     fault_server.faults.answer_416_times = 2
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected, "a 416 must never turn into an empty disk"
     fault_server.faults.answer_416_times = 1000
-    again = out_dir(tmp_path) / "again.img"
+    again = pvc_dir(tmp_path) / "again.img"
     with pytest.raises(SourceError, match="416"):
         import_image(fault_server.url("disk.qcow2"), again, http=FAST)
     assert sorted(os.listdir(again.parent)) == ["disk.img"]
@@ -336,6 +330,6 @@ def test_spurious_416_is_retried_and_a_persistent_one_fails_cleanly(fault_server
 
 def test_empty_file_imports_as_empty_disk(nginx: NginxServer, tmp_path: Path) -> None:
     nginx.put("empty.img", b"")
-    dest = out_dir(tmp_path) / "disk.img"
+    dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(nginx.url("empty.img"), dest, http=FAST)
     assert dest.stat().st_size == 0 and result.virtual_size == 0

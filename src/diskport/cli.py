@@ -266,7 +266,10 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
         raise UsageError("--push sends the image to a registry; --docker-archive writes a file: choose one")
     chosen = _parse_disks(disk, disks, arch)
     registry = _registry(creds, tls_verify, ca_bundle, reference) if push_it and reference else None
-    tag = reference.rsplit(":", 1)[1] if reference and ":" in reference.rsplit("/", 1)[-1] else reference
+    # A layout names its image by tag (ref.name), an archive by reference (RepoTags); a push names it by REF.
+    tag = reference
+    if reference and not docker_archive and ":" in reference.rsplit("/", 1)[-1]:
+        tag = reference.rsplit(":", 1)[1]
     if push_it:
         tag = None
     with contextlib.ExitStack() as stack, JobProgress("packaging", bar=not quiet) as job:
@@ -291,14 +294,17 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
                  if image.layer else "")
         click.echo(f"{key}: disk/{image.disk_name} ({image.disk_format}, {human_size(image.disk_size)}){layer}",
                    err=True)
-    where = result.docker_archive if pushed is None and result.docker_archive else result.output
+    if result.docker_archive:
+        archived = next(iter(result.images.values())).archive
+        click.echo(f"wrote {result.docker_archive}" + (f" (image {archived.config_digest})" if archived else ""),
+                   err=True)
     if pushed is not None:
         click.echo(f"pushed {pushed.reference}@{pushed.digest}: {human_size(pushed.sent_bytes)} sent, "
                    f"{human_size(pushed.skipped_bytes)} already there, {result.seconds + pushed.seconds:.2f} s",
                    err=True)
-    else:
+    elif result.output:
         digest = result.descriptor.digest if result.descriptor else ""
-        click.echo(f"wrote {where} {digest} in {result.seconds:.2f} s", err=True)
+        click.echo(f"wrote {result.output} ({digest}) in {result.seconds:.2f} s", err=True)
 
 
 @main.command()

@@ -55,7 +55,7 @@ import httpx
 from diskport import __version__
 from diskport.errors import RegistryError, UsageError
 from diskport.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, LOOPBACK_HOSTS, Reference
-from diskport.sources.http import _retry_after
+from diskport.sources.http import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +547,7 @@ class RegistryAuth(httpx.Auth):
                                 f"refused {who} (HTTP {status})", hint=CREDENTIALS_HINT)
         if status == 429 or status >= 500:
             raise TokenServerError(f"{self.name}: the token server {url.copy_with(query=None)} answered HTTP "
-                                   f"{status}", retry_after=_retry_after(response))
+                                   f"{status}", retry_after=retry_after(response))
         if status != 200:
             raise RegistryError(f"{self.name}: the token server {url.copy_with(query=None)} answered HTTP {status}")
         try:

@@ -16,13 +16,13 @@ import, so ``diskport pull`` is ``diskport import docker://REF``:
 from __future__ import annotations
 
 import json
-import platform as host_platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from diskport.errors import CorruptImage, RegistryError, SourceError, UsageError
+from diskport.errors import CorruptImage, RegistryError, SourceError
 from diskport.formats.compression import detect_compression
+from diskport.oci.build import host_architecture, parse_platform, platform_key
 from diskport.oci.media import INDEX_TYPES, LAYER_TYPES, Descriptor
 from diskport.oci.reference import Reference, parse_reference
 from diskport.oci.registry import RegistryClient, RegistryOptions
@@ -32,24 +32,7 @@ from diskport.sources.checksum import ChecksumSource
 from diskport.sources.http import HttpOptions, HttpSource
 from diskport.sources.stream import DecompressingStream
 
-_MACHINES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le",
-             "s390x": "s390x", "riscv64": "riscv64"}
 MAX_NESTING = 2
-
-
-def default_platform() -> str:
-    machine = host_platform.machine().lower()
-    return f"linux/{_MACHINES.get(machine, machine)}"
-
-
-def parse_platform(text: str) -> tuple[str, str, str | None]:
-    """``os/arch[/variant]`` -> parts; ``arch`` alone means linux."""
-    parts = text.strip().split("/")
-    if len(parts) == 1 and parts[0]:
-        return "linux", parts[0], None
-    if len(parts) in (2, 3) and all(parts):
-        return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-    raise UsageError(f"--platform takes OS/ARCH[/VARIANT] (linux/amd64), not '{text}'")
 
 
 @dataclass
@@ -88,17 +71,16 @@ def _descriptors(obj: dict[str, Any], key: str, what: str) -> list[Descriptor]:
 
 
 def _choose_manifest(index: dict[str, Any], wanted: str, where: str) -> Descriptor:
-    os_name, arch, variant = parse_platform(wanted)
+    want = parse_platform(wanted)
     entries = _descriptors(index, "manifests", f"{where}: the index")
     offered = []
     for entry in entries:
         plat = entry.platform or {}
         offered.append("/".join(p for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
-        if plat.get("os") == os_name and plat.get("architecture") == arch and (
-                variant is None or plat.get("variant") == variant):
+        if all(plat.get(key) == value for key, value in want.items()):
             return entry
-    raise RegistryError(f"{where}: no image for {wanted} (the index offers {', '.join(offered) or 'none'})",
-                        hint="choose one with --platform")
+    raise RegistryError(f"{where}: no image for linux/{platform_key(want)} (the index offers "
+                        f"{', '.join(offered) or 'none'})", hint="choose one with --platform")
 
 
 class _Puller:
@@ -196,7 +178,7 @@ def open_registry_disk(text: str, *, platform: str | None = None, registry: Regi
                                "ca_bundle": base.ca_bundle or options.ca_bundle})
     try:
         puller = _Puller(reference, client, blob_http, on_bytes)
-        wanted = platform or default_platform()
+        wanted = platform or host_architecture()
         manifest, digest, chosen = puller.manifest(wanted)
         source, info = puller.find_disk(manifest, digest)
         info.platform = chosen

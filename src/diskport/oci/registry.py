@@ -63,7 +63,7 @@ from diskport.oci.auth import (
 )
 from diskport.oci.media import MANIFEST_TYPES, is_digest, sha256_digest
 from diskport.oci.reference import Reference, parse_reference, parse_repository
-from diskport.sources.http import _retry_after
+from diskport.sources.http import retry_after
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -404,7 +404,7 @@ class RegistryClient:
             raise _Transient(f"connection failed: {e or type(e).__name__}", broken=True) from None
         status = response.status_code
         if status == 429 or status >= 500:
-            wait = _retry_after(response)
+            wait = retry_after(response)
             detail = _error_detail(response)
             response.close()
             raise _Transient(f"HTTP {status} {response.reason_phrase}" + (f" ({detail})" if detail else ""), wait)

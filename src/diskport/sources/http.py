@@ -73,7 +73,7 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if not value:
         return None
@@ -221,7 +221,7 @@ class HttpSource(ReadintoSource):
                 continue
             status = response.status_code
             if status == 429 or status >= 500:
-                wait = _retry_after(response)
+                wait = retry_after(response)
                 response.close()
                 raise _Retry(f"HTTP {status}", wait)
             if status in (200, 206, 416):
