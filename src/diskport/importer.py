@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 from diskport.destination import refuse_existing
 from diskport.engine import write_image
@@ -28,6 +28,7 @@ from diskport.sources.checksum import ChecksumSource, parse_checksum
 from diskport.sources.http import UNKNOWN_SIZE, HttpOptions, HttpSource
 
 if TYPE_CHECKING:
+    from diskport.oci.auth import Credentials
     from diskport.oci.registry import RegistryOptions
 
 REGISTRY_SCHEME = "docker://"
@@ -65,7 +66,8 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                  output_format: str = "raw", checksum: str | None = None, http: HttpOptions | None = None,
                  scratch_dir: str | None = None, force: bool = False, sync: bool = True,
                  job: JobProgress | None = None, platform: str | None = None,
-                 registry: RegistryOptions | None = None, credentials: Any = "auto") -> ImportResult:
+                 registry: RegistryOptions | None = None,
+                 credentials: Credentials | Literal["auto"] | None = "auto") -> ImportResult:
     """Import the disk at ``location`` into ``destination`` (a file or a block device).
 
     ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from diskport.errors import CorruptImage, RegistryError, SourceError
 from diskport.formats.compression import detect_compression
+from diskport.oci.auth import Credentials
 from diskport.oci.build import host_architecture, parse_platform, platform_key
 from diskport.oci.media import INDEX_TYPES, LAYER_TYPES, Descriptor
 from diskport.oci.reference import Reference, parse_reference
@@ -167,7 +168,7 @@ class _Puller:
 
 
 def open_registry_disk(text: str, *, platform: str | None = None, registry: RegistryOptions | None = None,
-                       credentials: Any = "auto", http: HttpOptions | None = None,
+                       credentials: Credentials | Literal["auto"] | None = "auto", http: HttpOptions | None = None,
                        on_bytes: Callable[[int], None] | None = None) -> tuple[Source, PulledDisk]:
     """The disk file of the containerDisk image ``text`` (``[docker://]registry/name[:tag|@digest]``)."""
     reference = parse_reference(text.removeprefix("docker://"))

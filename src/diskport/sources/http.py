@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from diskport import __version__
-from diskport.errors import SourceError
+from diskport.errors import SourceError, UsageError
 from diskport.sources.base import ReadintoSource
 
 HEAD_BYTES = 64 * 1024
@@ -100,8 +100,13 @@ class HttpSource(ReadintoSource):
         verify: ssl.SSLContext | bool | str = True
         if self.options.insecure:
             verify = False
-        elif self.options.ca_bundle:
-            verify = ssl.create_default_context(cafile=self.options.ca_bundle)
+        elif self.options.ca_bundle:  # trusted besides the system's CAs (a redirect may go to a public host)
+            verify = ssl.create_default_context()
+            try:
+                verify.load_verify_locations(cafile=self.options.ca_bundle)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(f"--ca-bundle {self.options.ca_bundle}: cannot load it as PEM certificates ({e})") \
+                    from None
         timeout = httpx.Timeout(self.options.stall_timeout, connect=self.options.connect_timeout)
         self.client = httpx.Client(verify=verify, timeout=timeout, trust_env=True, follow_redirects=False,
                                    headers={"User-Agent": f"diskport/{__version__}",
