@@ -9,15 +9,19 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
+from diskport.oci.auth import Credentials
 from diskport.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_json, sha256_digest
+from diskport.oci.pull import open_registry_disk
 from diskport.oci.registry import RegistryClient, RegistryOptions
+from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.registry_servers import RegistryServer
-from tests.test_registry import skopeo
+from tests.test_registry import TOKEN_PASSWORD, TOKEN_USER, skopeo
 
 
 @pytest.fixture
@@ -202,3 +206,32 @@ def test_cli_outputs_name_the_image(disk: tuple[Path, str], tmp_path: Path) -> N
     assert json.loads(skopeo(tmp_path, "inspect", f"docker-archive:{archive}").stdout)["Architecture"]
     usage = run_cli("build", image, "--push")
     assert usage.returncode == 2 and "--push needs -t" in usage.stderr
+
+
+def test_token_expiring_mid_pull_is_renewed(token_registry: RegistryServer, tmp_path: Path) -> None:
+    """The registry stops accepting the pull token after 2 s (the client was told 300 s); the blob's next ranged
+    request gets a 401, the auth fetches a new token, and the bytes read are the disk's."""
+    token = token_registry.token
+    assert token is not None
+    raw = make_image(tmp_path, "raw", 6 * MiB, name="vm.img")
+    ref = f"{token_registry.name}/cd/long:v1"
+    creds = f"{TOKEN_USER}:{TOKEN_PASSWORD}"
+    built = run_cli("build", "-q", raw, "-t", ref, "--push", "--compression", "none", "--creds", creds)
+    assert built.returncode == 0, built.stderr
+    token.lifetime, token.expires_in = 2, 300
+    issued_before = len(token.issued)
+    slept = []
+
+    def slow(n: int) -> None:
+        if not slept:
+            slept.append(n)
+            time.sleep(2.5)
+
+    source, found = open_registry_disk(ref, credentials=Credentials(TOKEN_USER, TOKEN_PASSWORD, None, "test"),
+                                       http=HttpOptions(streams=1, chunk=MiB, retries=2, backoff=0.05),
+                                       on_bytes=slow)
+    with source:
+        assert found.access == "the uncompressed layer, read in place"
+        data = b"".join(source.pread(at, MiB) for at in range(0, source.size, MiB))
+    assert data == raw.read_bytes()
+    assert len(token.issued) - issued_before >= 2, "a new token after the first one expired"
