@@ -11,11 +11,12 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
-from diskport.sources.http import HttpOptions
+from diskport.sources.http import HttpOptions, read_bounded
 from tests.conftest import MiB, loop_device, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
@@ -333,3 +334,16 @@ def test_empty_file_imports_as_empty_disk(nginx: NginxServer, tmp_path: Path) ->
     dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(nginx.url("empty.img"), dest, http=FAST)
     assert dest.stat().st_size == 0 and result.virtual_size == 0
+
+
+def test_small_answers_are_read_bounded(nginx: NginxServer) -> None:
+    """An error text is read no further than its limit, however long the body the server sends."""
+    nginx.put("endless", bytes(16 * MiB))
+    with httpx.Client() as client:
+        response = client.send(client.build_request("GET", nginx.url("endless")), stream=True)
+        body, more = read_bounded(response, 64 * 1024)
+        assert (len(body), more) == (64 * 1024, True)
+        assert response.is_closed
+        whole = client.get(nginx.url("endless"))
+        assert read_bounded(whole, 100) == (bytes(100), True)
+        assert read_bounded(whole, 32 * MiB) == (bytes(16 * MiB), False)

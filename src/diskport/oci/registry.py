@@ -63,7 +63,7 @@ from diskport.oci.auth import (
 )
 from diskport.oci.media import MANIFEST_TYPES, is_digest, sha256_digest
 from diskport.oci.reference import Reference, parse_reference, parse_repository
-from diskport.sources.http import retry_after
+from diskport.sources.http import read_bounded, retry_after
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -232,7 +232,7 @@ def _error_detail(response: httpx.Response) -> str:
     if length.isdigit() and int(length) > MAX_ERROR_BODY:
         return ""
     try:
-        body = response.read()[:MAX_ERROR_BODY]
+        body, _ = read_bounded(response, MAX_ERROR_BODY)
     except (httpx.HTTPError, httpx.StreamError):
         return ""
     try:
@@ -253,7 +253,7 @@ def _error_detail(response: httpx.Response) -> str:
 
 def _error_codes(response: httpx.Response) -> set[str]:
     try:
-        obj = json.loads(response.read()[:MAX_ERROR_BODY])
+        obj = json.loads(read_bounded(response, MAX_ERROR_BODY)[0])
     except (ValueError, httpx.HTTPError, httpx.StreamError):
         return set()
     errors = obj.get("errors") if isinstance(obj, dict) else None

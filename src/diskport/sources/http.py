@@ -86,6 +86,28 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def read_bounded(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of a small answer's body (an error text), and whether there was more.
+
+    A body already read is cut; a streamed one is read no further than ``limit`` and closed, so a server that
+    answers with an endless body costs ``limit`` bytes of memory."""
+    try:
+        body = response.content
+    except httpx.ResponseNotRead:
+        pass
+    else:
+        return body[:limit], len(body) > limit
+    out = bytearray()
+    try:
+        for chunk in response.iter_bytes():
+            out += chunk
+            if len(out) > limit:
+                return bytes(out[:limit]), True
+    finally:
+        response.close()
+    return bytes(out), False
+
+
 class HttpSource(ReadintoSource):
     """The image at ``url``. ``sequential`` is True when the server does not answer ranges."""
 
