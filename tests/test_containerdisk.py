@@ -20,7 +20,7 @@ from diskport.oci.pull import open_registry_disk
 from diskport.oci.registry import RegistryClient, RegistryOptions
 from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
-from tests.registry_servers import RegistryServer
+from tests.registry_servers import RegistryFaultProxy, RegistryServer, Rule
 from tests.test_registry import TOKEN_PASSWORD, TOKEN_USER, skopeo
 
 
@@ -235,3 +235,22 @@ def test_token_expiring_mid_pull_is_renewed(token_registry: RegistryServer, tmp_
         data = b"".join(source.pread(at, MiB) for at in range(0, source.size, MiB))
     assert data == raw.read_bytes()
     assert len(token.issued) - issued_before >= 2, "a new token after the first one expired"
+
+
+def test_push_through_a_proxy_that_refuses_large_bodies(registry_proxy: RegistryFaultProxy,
+                                                        tmp_path: Path) -> None:
+    """The registry (here a fault proxy in front of one) answers 413 to the streamed PUT: diskport push goes on in
+    PATCH chunks of --chunk-size, and the image pulls back byte for byte."""
+    raw = make_image(tmp_path, "raw", 5 * MiB, name="vm.img")
+    layout = tmp_path / "vm.oci"
+    assert run_cli("build", "-q", raw, "--compression", "none", "--output", layout).returncode == 0
+    registry_proxy.add(Rule(method="PUT|PATCH", min_body=int(2.5 * MiB), status=413, times=None))
+    ref = f"{registry_proxy.name}/cd/chunked:v1"
+    proc = run_cli("push", layout, ref, "--chunk-size", "2M")
+    assert proc.returncode == 0, proc.stderr
+    patches = [r.content_range for r in registry_proxy.records if r.method == "PATCH"]
+    assert len(patches) == 3 and all(r is not None and r[1] - r[0] + 1 <= 2 * MiB for r in patches), patches
+    dest = pvc_dir(tmp_path) / "disk.raw"
+    assert run_cli("pull", ref, dest).returncode == 0
+    assert dest.read_bytes() == raw.read_bytes()
+    assert run_cli("push", layout, ref, "--chunk-size", "1K").returncode == 2

@@ -93,13 +93,19 @@ def registry_options(func: Callable[P, R]) -> Callable[P, R]:
     return func
 
 
-def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, reference: str) -> tuple[Any, Any]:
+def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, reference: str,
+              chunk_size: str | None = None) -> tuple[Any, Any]:
     from diskport.oci.auth import resolve_credentials
     from diskport.oci.reference import parse_reference
     from diskport.oci.registry import RegistryOptions
 
     ref = parse_reference(reference)
-    return RegistryOptions(tls_verify=tls_verify, ca_bundle=ca_bundle), resolve_credentials(ref, creds=creds)
+    options = RegistryOptions(tls_verify=tls_verify, ca_bundle=ca_bundle)
+    if chunk_size is not None:
+        options.chunk_size = parse_size(chunk_size)
+        if options.chunk_size < 1024 * 1024:
+            raise UsageError(f"--chunk-size {chunk_size} is below 1M")
+    return options, resolve_credentials(ref, creds=creds)
 
 
 @main.command()
@@ -242,12 +248,14 @@ def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> 
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
 @registry_options
+@click.option("--chunk-size", metavar="SIZE", help="PATCH size when an upload falls back to chunks "
+              "(K/M/G; the registry's minimum is honoured) [default: 64M].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def build(disk: str | None, reference: str | None, output: str | None, docker_archive: str | None, push_it: bool,
           arch: str | None, disks: tuple[str, ...], compression: str, convert_to: str | None, compress: bool,
           source_url: str | None, scratch: str | None, force: bool, ca_bundle: str | None, tls_verify: bool,
-          creds: str | None, quiet: bool) -> None:
+          creds: str | None, chunk_size: str | None, quiet: bool) -> None:
     """Package DISK as a containerDisk image: FROM scratch, the disk under /disk/ owned by 107:107 (qemu).
 
     Writes an OCI image layout (default ./NAME.oci), a docker-archive (--docker-archive), or pushes (--push -t
@@ -265,7 +273,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
     if push_it and docker_archive:
         raise UsageError("--push sends the image to a registry; --docker-archive writes a file: choose one")
     chosen = _parse_disks(disk, disks, arch)
-    registry = _registry(creds, tls_verify, ca_bundle, reference) if push_it and reference else None
+    registry = _registry(creds, tls_verify, ca_bundle, reference, chunk_size) if push_it and reference else None
     # A layout names its image by tag (ref.name), an archive by reference (RepoTags); a push names it by REF.
     tag = reference
     if reference and not docker_archive and ":" in reference.rsplit("/", 1)[-1]:
@@ -312,17 +320,19 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
 @click.argument("reference", metavar="REF")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
 @registry_options
+@click.option("--chunk-size", metavar="SIZE", help="PATCH size when an upload falls back to chunks "
+              "(K/M/G; the registry's minimum is honoured) [default: 64M].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, creds: str | None,
-         quiet: bool) -> None:
+         chunk_size: str | None, quiet: bool) -> None:
     """Push the image in the OCI layout LAYOUT to REF (registry/namespace/name:tag; docker:// optional).
 
     Blobs the registry already has are skipped; a broken upload resumes where the registry says it stopped.
     """
     from diskport.oci.push import push_layout
 
-    options, credentials = _registry(creds, tls_verify, ca_bundle, reference)
+    options, credentials = _registry(creds, tls_verify, ca_bundle, reference, chunk_size)
     with JobProgress("pushing", bar=not quiet) as job:
         result = push_layout(layout, reference, options=options, credentials=credentials, progress=job)
     if not quiet:
