@@ -107,3 +107,35 @@ def need(tool: str) -> str:
 def remove(*paths: Path) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
+
+
+def make_sample(path: Path, size: int) -> None:
+    # In a child process, so this process stays small: a child's peak RSS includes what it inherits at fork.
+    code = ("import sys, pathlib; from common import sample_raw; "
+            "sample_raw(pathlib.Path(sys.argv[1]), int(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(path), str(size)], check=True,
+                   cwd=Path(__file__).resolve().parent)
+
+
+def derived(raw: Path, name: str, build: list[str]) -> Path:
+    """An input made from the sample raw image, made once and kept for later runs."""
+    out = raw.with_name(name)
+    if not out.exists() or out.stat().st_mtime < raw.stat().st_mtime:
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as f:
+            subprocess.run([arg.replace("{raw}", str(raw)).replace("{out}", str(tmp)) for arg in build],
+                           check=True, stdout=f if "{out}" not in " ".join(build) else None)
+        tmp.rename(out)
+    return out
+
+
+def sample_images(work: Path, size_gib: float, qemu_img: str) -> tuple[Path, Path]:
+    """The sample raw image (about half data) of ``size_gib`` in ``work`` and the qcow2 made from it by
+    qemu-img; both made once and kept for later runs (and the other benchmarks)."""
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(size_gib * GiB)
+    raw = work / "sample.raw"
+    if not raw.exists() or raw.stat().st_size != size:
+        print(f"making a {size_gib} GiB sample (about half data) in {work}", flush=True)
+        make_sample(raw, size)
+    return raw, derived(raw, "sample.qcow2", [qemu_img, "convert", "-f", "raw", "-O", "qcow2", "{raw}", "{out}"])

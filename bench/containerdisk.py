@@ -45,8 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import DISKPORT, Case, GiB, MiB, Timing, alternate, need, timed  # noqa: E402
-from convert import derived, make_sample  # noqa: E402
+from common import DISKPORT, Case, MiB, Timing, alternate, need, sample_images, timed  # noqa: E402
 
 GB = 1e9
 
@@ -153,13 +152,7 @@ def main() -> int:
     qemu_img, skopeo, sha256sum, openssl = need("qemu-img"), need("skopeo"), need("sha256sum"), need("openssl")
     need("docker-registry")
     work: Path = args.dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    size = int(args.size_gib * GiB)
-    raw = work / "sample.raw"
-    if not raw.exists() or raw.stat().st_size != size:
-        print(f"making a {args.size_gib} GiB sample (about half data) in {work}", flush=True)
-        make_sample(raw, size)
-    disk = derived(raw, "sample.qcow2", [qemu_img, "convert", "-f", "raw", "-O", "qcow2", "{raw}", "{out}"])
+    _, disk = sample_images(work, args.size_gib, qemu_img)
     disk_bytes = disk.stat().st_size
     out = work / "containerdisk-build.oci"
     layout = work / "containerdisk-push.oci"

@@ -16,33 +16,12 @@ medians (below 1.0 means diskport is faster) and each one's peak RSS.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DISKPORT, Case, GiB, alternate, need, remove, timed
-
-
-def make_sample(path: Path, size: int) -> None:
-    # In a child process, so this process stays small: a child's peak RSS includes what it inherits at fork.
-    code = ("import sys, pathlib; from common import sample_raw; "
-            "sample_raw(pathlib.Path(sys.argv[1]), int(sys.argv[2]))")
-    subprocess.run([sys.executable, "-c", code, str(path), str(size)], check=True,
-                   cwd=Path(__file__).resolve().parent)
-
-
-def derived(raw: Path, name: str, build: list[str]) -> Path:
-    """An input made from the sample raw image, made once and kept for later runs."""
-    out = raw.with_name(name)
-    if not out.exists() or out.stat().st_mtime < raw.stat().st_mtime:
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "wb") as f:
-            subprocess.run([arg.replace("{raw}", str(raw)).replace("{out}", str(tmp)) for arg in build],
-                           check=True, stdout=f if "{out}" not in " ".join(build) else None)
-        tmp.rename(out)
-    return out
+from common import DISKPORT, Case, alternate, derived, need, remove, sample_images, timed
 
 
 def main() -> int:
@@ -55,13 +34,7 @@ def main() -> int:
     groups = set(args.cases.split(","))
     qemu_img = need("qemu-img")
     work: Path = args.dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    size = int(args.size_gib * GiB)
-    raw = work / "sample.raw"
-    if not raw.exists() or raw.stat().st_size != size:
-        print(f"making a {args.size_gib} GiB sample (about half data) in {work}", flush=True)
-        make_sample(raw, size)
-    qcow2 = derived(raw, "sample.qcow2", [qemu_img, "convert", "-f", "raw", "-O", "qcow2", "{raw}", "{out}"])
+    raw, qcow2 = sample_images(work, args.size_gib, qemu_img)
     out_raw = work / "out.raw"
     out_qcow2 = work / "out.qcow2"
     scratch = work / "scratch.img"

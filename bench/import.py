@@ -22,7 +22,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from tests.servers import NginxServer  # noqa: E402
 
-from common import DISKPORT, Case, GiB, alternate, need, remove, timed  # noqa: E402
+from common import DISKPORT, Case, alternate, derived, need, remove, sample_images, timed  # noqa: E402
 
 
 def main() -> int:
@@ -37,20 +37,8 @@ def main() -> int:
     qemu_img, curl = need("qemu-img"), need("curl")
     need("gzip")
     work: Path = args.dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    size = int(args.size_gib * GiB)
-    raw, qcow2, packed = work / "sample.raw", work / "sample.qcow2", work / "sample.qcow2.gz"
-    if not raw.exists() or raw.stat().st_size != size:
-        print(f"making a {args.size_gib} GiB sample (about half data) in {work}", flush=True)
-        code = ("import sys, pathlib; from common import sample_raw; "
-                "sample_raw(pathlib.Path(sys.argv[1]), int(sys.argv[2]))")
-        subprocess.run([sys.executable, "-c", code, str(raw), str(size)], check=True, cwd=HERE)
-        remove(qcow2, packed)
-    if not qcow2.exists():
-        timed([qemu_img, "convert", "-f", "raw", "-O", "qcow2", raw, qcow2])
-    if not packed.exists():
-        with open(packed, "wb") as f:
-            subprocess.run(["gzip", "-c", str(qcow2)], stdout=f, check=True)
+    raw, _ = sample_images(work, args.size_gib, qemu_img)
+    derived(raw, "sample.qcow2.gz", ["gzip", "-c", str(work / "sample.qcow2")])
     out = work / "import-out.raw"
     scratch = work / "import-scratch.img"
     cases = []

@@ -43,7 +43,7 @@ def test_convert_refuses_existing_destination_without_force(tmp_path: Path) -> N
     dst = tmp_path / "out.raw"
     dst.write_bytes(b"precious")
     proc = run_cli("convert", "-q", image, dst)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error, like every "DST exists" in diskport
     assert "already exists; pass --force" in proc.stderr
     assert dst.read_bytes() == b"precious"
     assert run_cli("convert", "-q", "--force", image, dst).returncode == 0

@@ -93,6 +93,15 @@ def registry_options(func: Callable[P, R]) -> Callable[P, R]:
     return func
 
 
+def push_options(func: Callable[P, R]) -> Callable[P, R]:
+    """The options of every command that pushes: the registry options, --ca-bundle and --chunk-size."""
+    func = click.option("--chunk-size", metavar="SIZE", help="PATCH size when an upload falls back to chunks "
+                        "(K/M/G; the registry's minimum is honoured) [default: 64M].")(func)
+    func = registry_options(func)
+    return click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
+                        help="CA certificates for the registry.")(func)
+
+
 def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, reference: str,
               chunk_size: str | None = None) -> tuple[Any, Any]:
     from diskport.oci.auth import resolve_credentials
@@ -246,10 +255,7 @@ def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> 
 @click.option("--source", "source_url", metavar="URL", help="org.opencontainers.image.source annotation.")
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True), help="Folder for the converted disk.")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
-@registry_options
-@click.option("--chunk-size", metavar="SIZE", help="PATCH size when an upload falls back to chunks "
-              "(K/M/G; the registry's minimum is honoured) [default: 64M].")
+@push_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def build(disk: str | None, reference: str | None, output: str | None, docker_archive: str | None, push_it: bool,
@@ -318,10 +324,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
 @main.command()
 @click.argument("layout", type=click.Path(file_okay=False, exists=True))
 @click.argument("reference", metavar="REF")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
-@registry_options
-@click.option("--chunk-size", metavar="SIZE", help="PATCH size when an upload falls back to chunks "
-              "(K/M/G; the registry's minimum is honoured) [default: 64M].")
+@push_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, creds: str | None,

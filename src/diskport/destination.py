@@ -21,7 +21,7 @@ import stat
 import tempfile
 from types import TracebackType
 
-from diskport.errors import DestinationError
+from diskport.errors import DestinationError, UsageError
 
 
 def refuse_existing(path: str, force: bool) -> None:
@@ -32,7 +32,7 @@ def refuse_existing(path: str, force: bool) -> None:
     """
     if force or not os.path.exists(path) or os.path.isdir(path) or is_block_device(path):
         return
-    raise DestinationError("already exists; pass --force to replace it", path=path)
+    raise UsageError("already exists; pass --force to replace it", path=path)
 
 
 def is_block_device(path: str) -> bool:
