@@ -8,6 +8,7 @@ credential-helper programs the tests write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -15,9 +16,11 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,7 @@ from diskport.oci.media import (
     sha256_digest,
 )
 from diskport.oci.reference import Reference, parse_reference
-from diskport.oci.registry import RegistryClient, RegistryOptions, UploadResult
+from diskport.oci.registry import MAX_ANSWER, RegistryClient, RegistryOptions, UploadResult
 from diskport.sources.http import HttpOptions, HttpSource
 from tests.conftest import MiB, require_tool, run, sha256_file
 from tests.registry_servers import RegistryFaultProxy, RegistryServer, Rule
@@ -972,3 +975,36 @@ def test_a_blob_file_that_shrinks_mid_upload(registry: RegistryServer, tmp_path:
             pytest.raises(SourceError, match=f"the file ended at byte {MiB} while {3 * MiB} were to be sent") as err:
         client.upload_blob(*blob_args(blob), truncate)
     assert err.value.path == str(blob.path)
+
+
+def test_an_endless_answer_is_cut_off() -> None:
+    """Something that answers in a registry's place with an endless body (chunked, no length): the client stops
+    reading at its bound and says so, instead of filling memory."""
+
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+            self.end_headers()
+            block = b"x" * (1 << 20)
+            with contextlib.suppress(OSError):
+                while True:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ref = f"127.0.0.1:{server.server_address[1]}/any/thing:v1"
+        with RegistryClient(ref, options(), credentials=None) as client, \
+                pytest.raises(RegistryError, match=f"answered with more than {MAX_ANSWER} bytes"):
+            client.ping()
+    finally:
+        server.shutdown()
+        server.server_close()

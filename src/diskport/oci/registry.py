@@ -73,6 +73,8 @@ READ_BLOCK = 1 * MiB
 MAX_MANIFEST = 4 * MiB
 MAX_SMALL_BLOB = 16 * MiB
 MAX_ERROR_BODY = 64 * KiB
+#: No answer from a registry is read past this, whatever it says: the largest thing read whole is a small blob.
+MAX_ANSWER = MAX_SMALL_BLOB + MiB
 MAX_RESTARTS = 3               # new upload sessions after the registry forgot one
 _RANGE = re.compile(r"(?:bytes=)?(\d+)-(\d+)")
 
@@ -329,7 +331,7 @@ class RegistryClient:
         self._auth = auth
         auth.add_scopes(repository_scope(self.repository, "pull", "push") if push
                         else repository_scope(self.repository, "pull"))
-        self._client = httpx.Client(
+        self._client = httpx.Client(event_hooks={"response": [_cap_answer]},
             verify=self._verify(), trust_env=True, follow_redirects=False, auth=auth,
             timeout=httpx.Timeout(self.options.timeout, connect=self.options.connect_timeout),
             headers={"User-Agent": self.options.user_agent, "Accept-Encoding": "identity"},
@@ -783,6 +785,31 @@ class RegistryClient:
     def _check_reference(self, reference: str | None) -> str:
         ref = reference if reference is not None else self.reference.reference
         return self.reference.with_reference(ref).reference
+
+
+class _CappedStream(httpx.SyncByteStream):
+    """A response body that fails once it passes :data:`MAX_ANSWER`: a registry (or whatever answers in its
+    place) that sends an endless body costs bounded memory, also where httpx reads a body whole itself."""
+
+    def __init__(self, inner: httpx.SyncByteStream, url: httpx.URL) -> None:
+        self.inner = inner
+        self.url = url
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen = 0
+        for chunk in self.inner:
+            seen += len(chunk)
+            if seen > MAX_ANSWER:
+                raise RegistryError(f"{self.url.copy_with(query=None)} answered with more than {MAX_ANSWER} bytes")
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _cap_answer(response: httpx.Response) -> None:
+    if isinstance(response.stream, httpx.SyncByteStream):
+        response.stream = _CappedStream(response.stream, response.request.url)
 
 
 def _check_digest(digest: str) -> None:
