@@ -253,7 +253,9 @@ def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> 
               help="Convert the disk to qcow2 first (for formats a containerDisk cannot boot as they are).")
 @click.option("-c", "compress", is_flag=True, help="With --convert: compress the qcow2 clusters.")
 @click.option("--source", "source_url", metavar="URL", help="org.opencontainers.image.source annotation.")
-@click.option("--scratch", type=click.Path(file_okay=False, exists=True), help="Folder for the converted disk.")
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="Folder for a converted disk [default: beside the output] and, for --push without --output, "
+                   "the image until it is sent [default: $TMPDIR].")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @push_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
