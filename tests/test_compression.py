@@ -6,6 +6,7 @@ import bz2
 import gzip
 import lzma
 import os
+import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +121,21 @@ def test_damaged_stream_fails_cleanly(tmp_path: Path, ext: str) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert str(packed) in proc.stderr
     assert os.listdir(out_dir) == []
+
+
+def test_invalid_deflate_block_is_a_corrupt_image(tmp_path: Path) -> None:
+    """isa-l reports a bad deflate block with its own exception class (not OSError or zlib.error): it is a
+    CorruptImage like every other damage. This damage (64 random bytes, seed 8) makes isa-l say so."""
+    raw = random.Random(1).randbytes(MiB) + b"text line\n" * 300000
+    data = bytearray(gzip.compress(raw, mtime=0))
+    rng = random.Random(8)
+    at = rng.randrange(20, len(data) - 20)
+    data[at: at + 64] = rng.randbytes(64)[: len(data) - at]
+    packed = tmp_path / "disk.raw.gz"
+    packed.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="gzip"):
+        convert(packed, tmp_path / "out.raw")
+    assert os.listdir(tmp_path) == ["disk.raw.gz"]
 
 
 def test_truncated_stream_is_an_error(tmp_path: Path) -> None:

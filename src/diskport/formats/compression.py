@@ -7,8 +7,16 @@ bzip2 stream header ``BZh1``..``BZh9`` followed by a block or end-of-stream magi
 from __future__ import annotations
 
 import struct
+import zlib
+from typing import cast
+
+from isal import isal_zlib
 
 GZIP, XZ, ZSTD, BZIP2 = "gzip", "xz", "zstd", "bzip2"
+
+#: What damaged deflate data raises: zlib's error, and isa-l's own IsalError (an Exception only; isal's stub
+#: declares it as an instance, hence the cast).
+INFLATE_ERRORS: tuple[type[BaseException], ...] = (cast(type[BaseException], isal_zlib.error), zlib.error)
 
 
 def detect_compression(head: bytes) -> str | None:

@@ -48,13 +48,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from isal import isal_zlib
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import DiskImage, Extent, file_runs
+from diskport.formats.compression import INFLATE_ERRORS
 from diskport.sources.base import HeadSource, Source
 from diskport.sources.stream import DecompressingStream
 
@@ -99,8 +100,6 @@ MAX_EXTENTS = 4096
 MAX_VIRTUAL_SIZE = 1 << 62
 _GT_CACHE = 16
 _GRAIN_CACHE = 4
-# Holes in a flat extent file shorter than this are read as data (as raw images do).
-_MIN_HOLE = 4096
 
 # Run kinds inside one extent.
 _ZERO, _DATA, _COMPRESSED = 0, 1, 2
@@ -121,8 +120,6 @@ FLAT_EXTENT_TYPES = frozenset({"FLAT", "VMFS"})
 _MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
     struct.error, IndexError, KeyError, ValueError, OverflowError, zlib.error, MemoryError)
 
-# isal's stub declares its error class as an instance; it is the exception class (IsalError).
-_INFLATE_ERRORS: tuple[type[BaseException], ...] = (cast(type[BaseException], isal_zlib.error), zlib.error)
 
 
 _CREATE_TYPE_LINE = re.compile(rb"^[ \t]*createType[ \t]*=", re.MULTILINE)
@@ -379,12 +376,9 @@ class FlatExtent(ExtentReader):
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
         assert self.source is not None
-        for pos, length, is_data in self.source.allocated_extents(self.file_offset + start, end - start):
-            rel = pos - self.file_offset
-            if not is_data and length >= _MIN_HOLE:
-                yield _ZERO, rel, length, 0
-            else:
-                yield _DATA, rel, length, pos
+        for ext in file_runs(self.source, start, end, self.file_offset):
+            host = ext.start + self.file_offset
+            yield (_ZERO, ext.start, ext.length, 0) if ext.zero else (_DATA, ext.start, ext.length, host)
 
     def read(self, start: int, buf: memoryview) -> None:
         assert self.source is not None
@@ -633,7 +627,7 @@ class SparseExtent(ExtentReader):
                     raise _corrupt(src, f"compressed grain inflates to more than {self.grain_size} bytes", host)
                 if not inflater.eof:
                     raise _corrupt(src, "compressed grain is truncated", host)
-        except _INFLATE_ERRORS as e:
+        except INFLATE_ERRORS as e:
             raise _corrupt(src, f"compressed grain does not inflate: {e}", host) from None
         return out
 
@@ -975,7 +969,7 @@ def _inflate_grain(data: bytes, grain: int, length: int, src: Source, offset: in
     try:
         inflater = isal_zlib.decompressobj()
         out = inflater.decompress(data, grain)
-    except _INFLATE_ERRORS as e:
+    except INFLATE_ERRORS as e:
         raise _corrupt(src, f"compressed grain for guest offset {offset:#x} does not inflate: {e}") from None
     if len(out) < length:
         out += bytes(length - len(out)) if inflater.eof else b""

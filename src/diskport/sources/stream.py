@@ -11,18 +11,18 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
-import zlib
 from typing import BinaryIO
 
 import zstandard
 from isal import igzip
 
 from diskport.errors import CorruptImage, UnsupportedImage
-from diskport.formats.compression import BZIP2, GZIP, XZ, ZSTD
+from diskport.formats.compression import BZIP2, GZIP, INFLATE_ERRORS, XZ, ZSTD
 from diskport.sources import xz
 from diskport.sources.base import Source
 
-_CODEC_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError, ValueError)
+_CODEC_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError, *INFLATE_ERRORS)
 
 
 class SourceReader(io.RawIOBase):
