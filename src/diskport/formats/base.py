@@ -8,7 +8,6 @@ A :class:`DiskImage` has a ``virtual_size`` and yields :class:`Extent` runs in g
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -51,6 +50,19 @@ def coalesce(runs: Iterable[Extent], *, merge_unmapped: bool = False) -> Iterato
         yield pending
 
 
+#: Holes smaller than this are read as data: a filesystem's holes are at least a block anyway, and splitting
+#: extents finer only costs calls.
+MIN_HOLE = 4096
+
+
+def file_runs(source: Source, start: int, stop: int, offset: int = 0) -> Iterator[Extent]:
+    """Guest ``[start, stop)`` stored as the bytes of ``source`` from ``offset``: holes of a sparse file (of
+    :data:`MIN_HOLE` or more) are zero extents, the rest data at its own place."""
+    for pos, length, is_data in source.allocated_extents(offset + start, stop - start):
+        zero = not is_data and length >= MIN_HOLE
+        yield Extent(pos - offset, length, zero, None if zero else pos)
+
+
 def clip(ext: Extent, start: int, end: int) -> Extent | None:
     """The part of ``ext`` inside ``[start, end)``, or None."""
     s = max(ext.start, start)
@@ -61,7 +73,7 @@ def clip(ext: Extent, start: int, end: int) -> Extent | None:
     return Extent(s, e - s, ext.zero, host)
 
 
-class DiskImage(ABC):
+class DiskImage:
     """A disk image opened over a :class:`Source`.
 
     Subclasses set ``format``, ``virtual_size`` and ``cluster_size`` (the allocation unit, or None) and
@@ -84,9 +96,17 @@ class DiskImage(ABC):
         #: The file as the user named it, when ``source`` is a spooled copy of what is inside it.
         self.outer: Source | None = None
 
-    @abstractmethod
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        """Extents covering ``[start, min(end, virtual_size))`` in guest order."""
+        """Extents covering ``[start, min(end, virtual_size))`` in guest order: the reader's
+        :meth:`_guest_runs`, coalesced. Readers that can only be read once, in order, override this."""
+        stop = self.virtual_size if end is None else min(end, self.virtual_size)
+        start = max(start, 0)
+        if start < stop:
+            yield from coalesce(self._guest_runs(start, stop), merge_unmapped=True)
+
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
+        """Uncoalesced extents over ``[start, stop)`` (both within the disk), in guest order."""
+        raise NotImplementedError(f"{type(self).__name__} maps no extents")
 
     def read_mapped(self, ext: Extent, buf: memoryview) -> None:
         """Fill ``buf`` (exactly ``ext.length`` bytes) with the guest data of a DATA extent without host."""

@@ -27,7 +27,7 @@ import numpy as np
 import zstandard
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent, coalesce
+from diskport.formats.base import DiskImage, Extent
 from diskport.sources.base import Source
 
 MAGIC = b"QFI\xfb"
@@ -312,13 +312,7 @@ class Qcow2Image(DiskImage):
             return
         super().read_extent(ext, buf)
 
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        if start >= stop:
-            return
-        yield from coalesce(self._mapped_runs(start, stop), merge_unmapped=True)
-
-    def _mapped_runs(self, start: int, stop: int) -> Iterator[Extent]:
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
         unit = self.subcluster_size
         span = self.l2_span
         pos = start

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from diskport.formats.base import DiskImage, Extent, coalesce
+from diskport.formats.base import DiskImage, Extent, file_runs
 from diskport.sources.base import Source
-
-# Holes smaller than this are read as data: the filesystem's holes are at least a block anyway, and
-# splitting extents finer only costs calls.
-_MIN_HOLE = 4096
 
 
 class RawImage(DiskImage):
@@ -23,12 +19,8 @@ class RawImage(DiskImage):
         self.format = fmt
         self.virtual_size = source.size
 
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        runs = self.source.allocated_extents(start, stop - start)
-        yield from coalesce(Extent(pos, length, zero, None if zero else pos)
-                            for pos, length, is_data in runs
-                            for zero in (not is_data and length >= _MIN_HOLE,))
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
+        return file_runs(self.source, start, stop)
 
 
 def probe(head: bytes, source: Source) -> int:

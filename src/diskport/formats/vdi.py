@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent, coalesce
+from diskport.formats.base import DiskImage, Extent
 from diskport.sources.base import Source
 
 FMT = "vdi"
@@ -202,13 +202,7 @@ class VdiImage(DiskImage):
                              f"({self.source.size} bytes): the image is truncated", block_map_at + 4 * i)
 
     # -- mapping ----------------------------------------------------------------------------------------
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        if start >= stop:
-            return
-        yield from coalesce(self._runs(start, stop))
-
-    def _runs(self, start: int, stop: int) -> Iterator[Extent]:
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
         """Runs of blocks in ``[start, stop)``: unmapped blocks as zeros, consecutive blocks that are
         consecutive in the file as one data run."""
         bs = self.block_size

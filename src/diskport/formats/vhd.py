@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent, coalesce
+from diskport.formats.base import DiskImage, Extent, file_runs
 from diskport.sources.base import Source
 
 FMT = "vpc"
@@ -100,10 +100,8 @@ MAX_BLOCK_SIZE = 256 * 1024 * 1024
 MAX_BAT_BYTES = 32 * 1024 * 1024
 #: Entries per BAT sector: a table padded to its last sector is still sized by the disk.
 _BAT_ENTRIES_PER_SECTOR = SECTOR // 4
-#: Blocks whose BAT entries are decoded per step of :meth:`VhdImage.extents`.
+#: Blocks whose BAT entries are decoded per step of a dynamic disk's extent walk.
 _BLOCKS_PER_STEP = 4096
-#: Holes in a fixed disk's file smaller than this are read as data (as for raw images).
-_MIN_HOLE = 4096
 
 SIZE_RULE_CHS = "chs-geometry"
 SIZE_RULE_CURRENT = "current-size"
@@ -356,20 +354,10 @@ class VhdImage(DiskImage):
         self._full_bitmap = b"\xff" * (sectors_per_block // 8)
 
     # -- mapping ----------------------------------------------------------------------------------------
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        if start >= stop:
-            return
-        if self.footer.disk_type == DISK_FIXED:
-            yield from coalesce(self._fixed_runs(start, stop))
-        else:
-            yield from coalesce(self._dynamic_runs(start, stop))
-
-    def _fixed_runs(self, start: int, stop: int) -> Iterator[Extent]:
-        """Guest bytes are the file's bytes; holes of a sparse file read as zeros."""
-        for pos, length, is_data in self.source.allocated_extents(start, stop - start):
-            zero = not is_data and length >= _MIN_HOLE
-            yield Extent(pos, length, zero, None if zero else pos)
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
+        if self.footer.disk_type == DISK_FIXED:  # guest bytes are the file's bytes
+            return file_runs(self.source, start, stop)
+        return self._dynamic_runs(start, stop)
 
     def _dynamic_runs(self, start: int, stop: int) -> Iterator[Extent]:
         bs = self.block_size

@@ -56,7 +56,7 @@ import google_crc32c
 import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent, coalesce
+from diskport.formats.base import DiskImage, Extent
 from diskport.sources.base import Source
 
 FMT = "vhdx"
@@ -676,13 +676,7 @@ class VhdxImage(DiskImage):
                                  f"{reason}", at)
 
     # -- mapping ----------------------------------------------------------------------------------------
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        if start >= stop:
-            return
-        yield from coalesce(self._pieces(start, stop), merge_unmapped=True)
-
-    def _pieces(self, start: int, stop: int) -> Iterator[Extent]:
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
         """Uncoalesced extents over ``[start, stop)``: runs of blocks, and pieces of overlaid blocks."""
         bs = self.block_size
         block = start // bs
