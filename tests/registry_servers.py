@@ -46,7 +46,6 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -62,6 +61,7 @@ from tests.servers import (
     LOOPBACK,
     MAX_WAIT,
     RequestRecord,
+    StartStop,
     TestPki,
     _RecordingHandler,
     _ThreadedServer,
@@ -295,16 +295,12 @@ class TokenServer(_ThreadedServer):
         allowed = [a for a in actions.split(",") if a and a not in self.denied_actions]
         return {"type": kind, "name": name, "actions": allowed}
 
-    def __enter__(self) -> TokenServer:
-        self.start()
-        return self
-
 
 # ---------------------------------------------------------------------------------------------------------
 # docker-registry
 # ---------------------------------------------------------------------------------------------------------
 
-class RegistryServer:
+class RegistryServer(StartStop):
     """``docker-registry serve CONFIG`` on 127.0.0.1:<free port>, storage and log in ``prefix``.
 
     ``tls``: serve https with the test CA's server certificate. ``users``: htpasswd (bcrypt) Basic auth.
@@ -428,14 +424,6 @@ class RegistryServer:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 proc.wait(MAX_WAIT)
-
-    def __enter__(self) -> RegistryServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -716,10 +704,6 @@ class RegistryFaultProxy(_ThreadedServer):
             pass
         finally:
             conn.close()
-
-    def __enter__(self) -> RegistryFaultProxy:
-        self.start()
-        return self
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,8 +50,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from socketserver import BaseRequestHandler
-from types import TracebackType
-from typing import IO, Any, cast
+from typing import IO, Any, Self, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import pytest
@@ -200,7 +199,24 @@ class _LoopbackHTTPServer(ThreadingHTTPServer):
         return [t for _, t in items if t.is_alive()]
 
 
-class _ThreadedServer:
+class StartStop:
+    """A server with ``start()`` and ``stop()``, used as a context manager: stopped on every way out."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _ThreadedServer(StartStop):
     """A Python HTTP server on 127.0.0.1:<free port>, served from a thread; a context manager."""
 
     scheme = "http"
@@ -233,14 +249,6 @@ class _ThreadedServer:
     def requests(self) -> list[RequestRecord]:
         """Every request received so far, in arrival order (waits up to 2 s for in-flight ones to finish)."""
         return self.recorder.snapshot()
-
-    def __enter__(self) -> _ThreadedServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 class _RecordingHandler(BaseHTTPRequestHandler):
@@ -322,10 +330,6 @@ class PlainHTTPServer(_ServesFiles, _ThreadedServer):
 
         super().__init__(handler)
 
-
-    def __enter__(self) -> PlainHTTPServer:
-        self.start()
-        return self
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,10 +593,6 @@ class FaultServer(_ServesFiles, _ThreadedServer):
         super().__init__(_FaultHandler)
 
 
-    def __enter__(self) -> FaultServer:
-        self.start()
-        return self
-
     # -- fault bookkeeping, called from handler threads ------------------------------------------------------
     def take(self, kind: str, limit: int | None) -> bool:
         """Use one of the ``limit`` allowed ``kind`` faults (None: unlimited); False when none is left."""
@@ -776,10 +776,6 @@ class ProxyServer(_ThreadedServer):
     def proxy_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def __enter__(self) -> ProxyServer:
-        self.start()
-        return self
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The test PKI (openssl CLI)
@@ -865,7 +861,7 @@ def _q(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class NginxServer(_ServesFiles):
+class NginxServer(_ServesFiles, StartStop):
     """Debian's nginx serving ``root`` on 127.0.0.1:<free port>, a non-daemon child run from ``prefix``.
 
     Defaults left on: byte ranges, ETag, Last-Modified, If-Range; ``sendfile on``, ``gzip off``. The config,
@@ -1007,14 +1003,6 @@ http {{
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(MAX_WAIT)
 
-    def __enter__(self) -> NginxServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
 
 class NginxTlsServer(NginxServer):
     """nginx over TLS, three listeners on the same folder: ``.url`` (CA-signed certificate for 127.0.0.1 and
@@ -1062,10 +1050,6 @@ class NginxTlsServer(NginxServer):
             return False
         finally:
             conn.close()
-
-    def __enter__(self) -> NginxTlsServer:
-        self.start()
-        return self
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,10 +80,6 @@ def data_offset(buf: bytes | bytearray) -> int:
     return int(struct.unpack_from("<I", buf, AT_DATA)[0])
 
 
-
-
-
-
 def sparse_layout(size: int) -> list[tuple[int, int, str]]:
     return [(0, 3 * 4096, "random"), (BLOCK - 3 * 512, 5 * 512, "text"), (5 * BLOCK + 4096, 700_000, "0xab"),
             (size // 2 + 512, 64 * 1024, "random"), (size - 8192, 8192, "text")]
@@ -290,10 +286,6 @@ def test_info(tmp_path: Path) -> None:
 
 
 # -- fuzz ----------------------------------------------------------------------------------------------------
-
-
-
-
 
 
 def test_fuzz(tmp_path: Path) -> None:
