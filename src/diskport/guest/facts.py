@@ -1,0 +1,183 @@
+"""The facts guest inspection reports, as plain dataclasses with one JSON form.
+
+Facts are what the image says, each with its evidence (which file, which key, which sector); the advice in
+:mod:`diskport.guest.advice` is derived from these alone. The JSON field names (kebab-case, like ``inspect``'s
+qemu-img-style names) are a stable interface documented in the README: add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FirmwareVerdict = Literal["bios", "efi", "bios+efi", "unknown"]
+DriverState = Literal["builtin", "module", "installed", "disabled", "missing", "unknown"]
+
+
+@dataclass
+class VolumeFacts:
+    """One partition (or the whole disk, number 0, when it has no partition table)."""
+
+    number: int
+    start: int
+    size: int
+    type: str | None = None
+    type_name: str | None = None
+    name: str | None = None
+    uuid: str | None = None
+    active: bool = False
+    logical: bool = False
+    filesystem: str | None = None
+    version: str | None = None
+    label: str | None = None
+    fs_uuid: str | None = None
+    readable: bool = False
+    #: Why the filesystem could not be read, when it was meant to be.
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number, "start": self.start, "size": self.size, "type": self.type,
+            "type-name": self.type_name, "name": self.name, "uuid": self.uuid, "active": self.active,
+            "logical": self.logical, "filesystem": self.filesystem, "fs-version": self.version,
+            "label": self.label, "fs-uuid": self.fs_uuid, "readable": self.readable, "error": self.error,
+        }
+
+
+@dataclass
+class LoaderFacts:
+    """An EFI loader found on an ESP, and its Authenticode signature."""
+
+    partition: int
+    path: str
+    role: str                    # "fallback" (\EFI\BOOT\BOOTX64.EFI), "windows", "shim", "grub", "systemd-boot"
+    machine: str | None = None   # "x86-64", "aarch64", ...
+    signed: bool = False
+    signer: str | None = None    # "Microsoft UEFI CA 2011", "Microsoft Windows Production PCA 2011", CN of another
+    digest_ok: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"partition": self.partition, "path": self.path, "role": self.role, "machine": self.machine,
+                "signed": self.signed, "signer": self.signer, "digest-ok": self.digest_ok}
+
+
+@dataclass
+class FirmwareFacts:
+    verdict: FirmwareVerdict = "unknown"
+    bios: bool = False
+    efi: bool = False
+    boot_code: str | None = None   # "zero", "grub", "windows", "syslinux", "unknown"
+    reasons: list[str] = field(default_factory=list)
+    loaders: list[LoaderFacts] = field(default_factory=list)
+    secure_boot: bool = False      # the UEFI fallback loader is signed by a CA in the platform's Secure Boot db
+    secure_boot_reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "bios": self.bios, "efi": self.efi, "boot-code": self.boot_code,
+                "reasons": list(self.reasons), "loaders": [x.to_json() for x in self.loaders],
+                "secure-boot": {"possible": self.secure_boot, "reason": self.secure_boot_reason}}
+
+
+@dataclass
+class DriverFacts:
+    """A driver the platform's buses need, and where it was found."""
+
+    name: str                      # "virtio_blk", "viostor", "ahci", ...
+    state: DriverState
+    evidence: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "evidence": self.evidence}
+
+
+@dataclass
+class OsFacts:
+    type: Literal["linux", "windows", "unknown"] = "unknown"
+    partition: int | None = None   # where the OS's root (or Windows) volume is
+    distribution: str | None = None  # os-release ID
+    version: str | None = None       # os-release VERSION_ID, or Windows DisplayVersion/CurrentVersion
+    pretty_name: str | None = None   # os-release PRETTY_NAME, or Windows' product name as corrected by build
+    product_name: str | None = None  # Windows ProductName as written in the hive
+    edition: str | None = None       # Windows EditionID
+    installation_type: str | None = None  # Windows InstallationType: Client, Server, Server Core
+    build: int | None = None
+    architecture: str | None = None  # "x86_64", "aarch64", ...
+    kernels: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "partition": self.partition, "distribution": self.distribution,
+                "version": self.version, "pretty-name": self.pretty_name, "product-name": self.product_name,
+                "edition": self.edition, "installation-type": self.installation_type, "build": self.build,
+                "architecture": self.architecture, "kernels": list(self.kernels), "evidence": list(self.evidence)}
+
+
+@dataclass
+class AdviceItem:
+    """One field of the platform's workload, the value chosen, and the named rule that chose it."""
+
+    field: str                     # "guestOS", "firmware.bootloader", "firmware.secureBoot", "bus", "network"
+    value: str | bool
+    rule: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"field": self.field, "value": self.value, "rule": self.rule, "reason": self.reason}
+
+
+@dataclass
+class GuestReport:
+    filename: str
+    format: str
+    virtual_size: int
+    access: str
+    scheme: str = "none"
+    sector_size: int = 512
+    protective_mbr: bool = False
+    hybrid_mbr: bool = False
+    table_notes: list[str] = field(default_factory=list)
+    volumes: list[VolumeFacts] = field(default_factory=list)
+    firmware: FirmwareFacts = field(default_factory=FirmwareFacts)
+    os: OsFacts = field(default_factory=OsFacts)
+    drivers: list[DriverFacts] = field(default_factory=list)
+    agents: dict[str, bool] = field(default_factory=dict)  # "cloud-init", "qemu-guest-agent"
+    warnings: list[str] = field(default_factory=list)
+    advice: list[AdviceItem] = field(default_factory=list)
+    bytes_read: int = 0
+    reads: int = 0
+    seconds: float = 0.0
+
+    def driver(self, name: str) -> DriverFacts | None:
+        return next((d for d in self.drivers if d.name == name), None)
+
+    def advised(self, name: str) -> str | bool | None:
+        item = next((a for a in self.advice if a.field == name), None)
+        return None if item is None else item.value
+
+    def verdict_line(self) -> str:
+        """One line for ``import --inspect``: the OS, then the platform fields that matter."""
+        os_name = self.os.pretty_name or self.os.type
+        parts = [f"{a.field}: {str(a.value).lower() if isinstance(a.value, bool) else a.value}"
+                 for a in self.advice]
+        line = f"{os_name}; " + ", ".join(parts)
+        if self.warnings:
+            line += f" ({len(self.warnings)} warning{'s' if len(self.warnings) > 1 else ''}: {self.warnings[0]})"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename, "format": self.format, "virtual-size": self.virtual_size,
+            "access": self.access,
+            "partition-table": {"scheme": self.scheme, "sector-size": self.sector_size,
+                                "protective-mbr": self.protective_mbr, "hybrid-mbr": self.hybrid_mbr,
+                                "notes": list(self.table_notes)},
+            "partitions": [v.to_json() for v in self.volumes],
+            "firmware": self.firmware.to_json(),
+            "os": self.os.to_json(),
+            "drivers": [d.to_json() for d in self.drivers],
+            "agents": dict(self.agents),
+            "warnings": list(self.warnings),
+            "advice": {a.field: a.value for a in self.advice},
+            "rules": [a.to_json() for a in self.advice],
+            "read": {"bytes": self.bytes_read, "requests": self.reads, "seconds": round(self.seconds, 3)},
+        }

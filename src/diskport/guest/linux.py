@@ -1,0 +1,157 @@
+"""Linux facts from a guest's filesystems: which one is the root, the distribution, the kernels and their drivers.
+
+What is read, and why each file:
+
+- ``/etc/os-release`` (or ``/usr/lib/os-release``, which it usually links to): ID, VERSION_ID, PRETTY_NAME
+  (os-release(5)). The filesystem holding it, with an ``/etc``, is the root.
+- kernels: ``/lib/modules/VERSION`` folders (``/usr/lib/modules`` on merged-/usr systems) and
+  ``/boot/vmlinuz-VERSION`` on the root or on a separate ``/boot`` volume.
+- for the newest kernel, each driver the platform's buses need (virtio_blk, virtio_scsi, virtio_net, and ahci
+  for the sata bus): built in when ``modules.builtin`` lists it or ``/boot/config-VERSION`` says ``=y``; a module
+  when its ``.ko`` (``.ko.xz``/``.ko.zst``/``.ko.gz``) is in the kernel's module tree; else missing. Whether the
+  initramfs carries a module is the next step of inspection and is not claimed here.
+- cloud-init and qemu-guest-agent by their programs; ``/etc/fstab`` lines naming ``/dev/sdX`` or ``/dev/hdX``
+  (on a virtio bus the disk is ``/dev/vdX``, so such a line fails the boot); the architecture from the ELF
+  header of ``/bin/sh``.
+
+Every file is read with a small limit; nothing is walked recursively.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any
+
+from diskport.guest.facts import DriverFacts, OsFacts
+from diskport.guest.filesystems.base import Filesystem
+
+OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
+MODULE_ROOTS = ("/lib/modules", "/usr/lib/modules")
+SMALL = 64 * 1024
+MODULES_BUILTIN_LIMIT = 4 * 1024 * 1024
+CONFIG_LIMIT = 2 * 1024 * 1024
+
+#: driver -> (where its module lives under kernel/, its CONFIG_ symbol)
+DRIVERS = {
+    "virtio_blk": ("drivers/block", "CONFIG_VIRTIO_BLK"),
+    "virtio_scsi": ("drivers/scsi", "CONFIG_SCSI_VIRTIO"),
+    "virtio_net": ("drivers/net", "CONFIG_VIRTIO_NET"),
+    "ahci": ("drivers/ata", "CONFIG_SATA_AHCI"),
+}
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x03: "i386", 0x28: "arm", 0xF3: "riscv64", 0x15: "ppc64",
+                0x16: "s390x"}
+
+
+def is_linux_root(fs: Filesystem[Any]) -> bool:
+    return fs.stat("/etc", follow=True) is not None and any(fs.stat(p) is not None for p in OS_RELEASE)
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    """KEY=value lines, values unquoted as a shell would for the simple quoting os-release allows."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = re.sub(r"\\(.)", r"\1", value[1:-1]) if value[0] == '"' else value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _version_key(version: str) -> list[tuple[int, str]]:
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", version)]
+
+
+def linux_facts(root: Filesystem[Any], boot: Filesystem[Any] | None, partition: int | None,
+                warnings: list[str]) -> tuple[OsFacts, list[DriverFacts], dict[str, bool]]:
+    """Facts from the root filesystem (and a separate ``/boot`` filesystem, when there is one)."""
+    facts = OsFacts(type="linux", partition=partition)
+    for path in OS_RELEASE:
+        data = root.read(path, SMALL)
+        if data is not None:
+            release = parse_os_release(data.decode("utf-8", "replace"))
+            facts.distribution = release.get("ID")
+            facts.version = release.get("VERSION_ID")
+            facts.pretty_name = release.get("PRETTY_NAME") or release.get("NAME")
+            facts.evidence.append(path)
+            break
+    facts.architecture = _architecture(root)
+
+    module_root = next((m for m in MODULE_ROOTS if root.stat(m) is not None), None)
+    kernels = set(root.listdir(module_root)) if module_root else set()
+    boot_fs, boot_dir = (boot, "/") if boot is not None else (root, "/boot")
+    images = [n for n in boot_fs.listdir(boot_dir) if n.startswith("vmlinuz-") or n.startswith("vmlinux-")]
+    kernels.update(n.split("-", 1)[1] for n in images)
+    facts.kernels = sorted(kernels, key=_version_key)
+
+    drivers: list[DriverFacts] = []
+    if facts.kernels:
+        newest = facts.kernels[-1]
+        drivers = _drivers(root, module_root, boot_fs, boot_dir, newest)
+    else:
+        warnings.append("no kernel found in /boot or /lib/modules")
+
+    agents = {
+        "cloud-init": any(root.stat(p) is not None for p in ("/usr/bin/cloud-init", "/etc/cloud/cloud.cfg")),
+        "qemu-guest-agent": any(root.stat(p) is not None for p in ("/usr/bin/qemu-ga", "/usr/sbin/qemu-ga")),
+    }
+    fstab = root.read("/etc/fstab", SMALL)
+    if fstab is not None:
+        for line in fstab.decode("utf-8", "replace").splitlines():
+            device = line.split("#", 1)[0].split()
+            if device and re.fullmatch(r"/dev/[sh]d[a-z]+\d*", device[0]):
+                warnings.append(f"/etc/fstab names {device[0]}: on a virtio bus the disk is /dev/vdX; "
+                                "use UUID= or LABEL=")
+    return facts, drivers, agents
+
+
+def _architecture(root: Filesystem[Any]) -> str | None:
+    for path in ("/bin/sh", "/usr/bin/sh", "/bin/busybox"):
+        head = root.read(path, 20)
+        if head is not None and len(head) == 20 and head[:4] == b"\x7fELF":
+            endian = "<" if head[5] == 1 else ">"
+            return ELF_MACHINES.get(struct.unpack_from(endian + "H", head, 18)[0])
+    return None
+
+
+def _drivers(root: Filesystem[Any], module_root: str | None, boot_fs: Filesystem[Any], boot_dir: str,
+             version: str) -> list[DriverFacts]:
+    builtin: set[str] = set()
+    config: dict[str, str] = {}
+    base = f"{module_root}/{version}" if module_root else None
+    if base is not None:
+        listing = root.read(f"{base}/modules.builtin", MODULES_BUILTIN_LIMIT)
+        if listing is not None:
+            builtin = {line.rsplit("/", 1)[-1].removesuffix(".ko").replace("-", "_")
+                       for line in listing.decode("utf-8", "replace").splitlines() if line}
+    text = boot_fs.read(f"{boot_dir.rstrip('/')}/config-{version}", CONFIG_LIMIT)
+    if text is not None:
+        for line in text.decode("utf-8", "replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.startswith("CONFIG_"):
+                config[key] = value
+    found = []
+    for name, (folder, symbol) in DRIVERS.items():
+        if name in builtin:
+            found.append(DriverFacts(name, "builtin", f"{base}/modules.builtin ({version})"))
+        elif config.get(symbol) == "y":
+            found.append(DriverFacts(name, "builtin", f"/boot/config-{version}: {symbol}=y"))
+        elif base is not None and (path := _module_file(root, f"{base}/kernel/{folder}/{name}")):
+            found.append(DriverFacts(name, "module", path))
+        elif not builtin and not config:
+            found.append(DriverFacts(name, "unknown", f"neither modules.builtin nor config-{version} was found"))
+        else:
+            found.append(DriverFacts(name, "missing", f"not built into {version} and no module found"))
+    return found
+
+
+def _module_file(root: Filesystem[Any], stem: str) -> str | None:
+    for suffix in MODULE_SUFFIXES:
+        if root.stat(stem + suffix) is not None:
+            return stem + suffix
+    return None
