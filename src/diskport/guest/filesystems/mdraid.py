@@ -4,7 +4,8 @@ Layouts from Linux's ``include/uapi/linux/raid/md_p.h`` (and ``Documentation/adm
 
 * 0.90 (``mdp_superblock_t``, 4 KiB) sits in the last 64 KiB-aligned 64 KiB of the device: magic 0xa92b4efc,
   ``major_version`` 0, ``minor_version`` 90, the array UUID in ``set_uuid0`` (at 20) and ``set_uuid1..3``
-  (at 52), ``level`` at 28, ``size`` (KiB used per device) at 32, ``raid_disks`` at 40, ``sb_csum`` at 152;
+  (at 52; shown as four 32-bit numbers, as blkid and mdadm print them), ``level`` at 28, ``size`` (KiB used
+  per device) at 32, ``raid_disks`` at 40, ``sb_csum`` at 152;
 * 1.x (``mdp_superblock_1``, 256 bytes plus 2 per device role) at the end of the device (1.0: 8 KiB from the end,
   4 KiB aligned), at 0 (1.1) or at 4 KiB (1.2): magic, ``major_version`` 1, ``set_uuid`` at 16, ``set_name`` at
   32 (blkid's label), ``level`` at 72, ``raid_disks`` at 92, ``data_offset``/``data_size``/``super_offset`` at
@@ -84,7 +85,10 @@ def _v090(volume: Readable) -> FsInfo | None:
     (level,) = struct.unpack_from("<i", sb, 28)
     size_kib, _, raid_disks = struct.unpack_from("<III", sb, 32)
     (csum,) = struct.unpack_from("<I", sb, 152)
-    return FsInfo(type="linux_raid_member", uuid=uuid_text(sb[20:24] + sb[52:64]), size=size_kib * 1024 or None,
+    # blkid and mdadm show the four 32-bit UUID words as numbers (byte-swapped from disk on little-endian).
+    words = struct.unpack_from("<I", sb, 20) + struct.unpack_from("<III", sb, 52)
+    set_uuid = bytes.fromhex("".join(f"{w:08x}" for w in words))
+    return FsInfo(type="linux_raid_member", uuid=uuid_text(set_uuid), size=size_kib * 1024 or None,
                   version=f"0.90.{patch}",
                   details={"level": LEVELS.get(level, str(level)), "raid_disks": raid_disks,
                            "checksum_ok": sb0_checksum(sb) == csum, "superblock_offset": offset})
