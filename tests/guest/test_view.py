@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from diskport.guest.filesystems import identify
 from diskport.guest.view import BLOCK, CACHE_BLOCKS, Readable, read_exact
 from diskport.guest.volumes import read_volumes
 from tests.conftest import require_tool, run
-from tests.guest.support import MiB, blank, convert, sgdisk, view_of
+from tests.guest.support import MiB, blank, convert, sfdisk, sgdisk, view_of
 from tests.servers import NginxServer
 
 SIZE = 5 * BLOCK + 25 * 512  # not a multiple of the block (qcow2 sizes are multiples of 512)
@@ -89,11 +90,18 @@ def test_stats_count_block_fetches(tmp_path: Path) -> None:
         assert view.stats.bytes_read == (CACHE_BLOCKS + 4) * BLOCK
 
 
-def test_inspection_over_http_reads_a_bounded_number_of_bytes(tmp_path: Path, nginx: NginxServer) -> None:
-    """A 4 GiB GPT disk as qcow2 over nginx: the table (both GPT copies) and every partition identified."""
+@pytest.mark.parametrize("scheme", ["gpt", "mbr"])
+def test_inspection_over_http_reads_a_bounded_number_of_bytes(tmp_path: Path, nginx: NginxServer,
+                                                              scheme: str) -> None:
+    """A 4 GiB disk as qcow2 over nginx: the table (for GPT both copies) and every partition identified."""
     disk = blank(tmp_path / "disk.raw", 4096 * MiB)
-    sgdisk(disk, "-n", "1:2048:+100M", "-t", "1:ef00", "-n", "2:0:+1M", "-t", "2:ef02",
-           "-n", "3:0:+512M", "-t", "3:8200", "-n", "4:0:0", "-t", "4:8300")
+    if scheme == "gpt":
+        sgdisk(disk, "-n", "1:2048:+100M", "-t", "1:ef00", "-n", "2:0:+1M", "-t", "2:ef02",
+               "-n", "3:0:+512M", "-t", "3:8200", "-n", "4:0:0", "-t", "4:8300")
+        expected = 4
+    else:
+        sfdisk(disk, "label: dos\n2048,100M,ef,*\n,512M,82\n,,5\n,1G,83\n,1G,83\n,,83\n")
+        expected = 6
     run(require_tool("mkfs.vfat"), "-F", "32", "--offset=2048", disk, str(100 * 1024))
     rng = random.Random(2)
     with open(disk, "r+b") as f:  # data around what inspection reads, so the image is not all metadata
@@ -104,16 +112,18 @@ def test_inspection_over_http_reads_a_bounded_number_of_bytes(tmp_path: Path, ng
     disk.unlink()
     shutil.copyfile(image, nginx.root / "disk.qcow2")
     url = nginx.url("disk.qcow2")
+    started = time.monotonic()
     with view_of(url) as view:
         table = read_volumes(view)
         types = [identify(p.view) for p in table.partitions]
         view_stats = view.stats
+    elapsed = time.monotonic() - started
     entries = nginx.access_entries()
     sent = sum(int(e["body_bytes_sent"]) for e in entries)
-    assert table.scheme == "gpt" and table.notes == [] and len(table.partitions) == 4
+    assert table.scheme == scheme and table.notes == [] and len(table.partitions) == expected
     assert all(t is None or t.type == "vfat" for t in types)  # vfat's identify is g-extfat's; the rest is empty
-    print(f"\nHTTP: {len(entries)} requests, {sent} body bytes; view: {view_stats.reads} block fetches, "
-          f"{view_stats.bytes_read} guest bytes; qcow2 file {image.stat().st_size} bytes")
+    print(f"\n{scheme} over HTTP: {len(entries)} requests, {sent} body bytes, {elapsed:.2f} s; view: "
+          f"{view_stats.reads} block fetches, {view_stats.bytes_read} guest bytes; qcow2 {image.stat().st_size} bytes")
     assert image.stat().st_size > 60 * MiB
     assert len(entries) <= 30
     assert sent <= 4 * MiB

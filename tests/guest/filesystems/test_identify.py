@@ -331,3 +331,10 @@ def test_hostile_fields_do_not_escape() -> None:
             data[at:at + len(magic)] = magic
             data[0x9001:0x9006] = b"NSR02"
             identify(Memory(bytes(data)))
+
+
+def test_external_iso9660(testdata: Path) -> None:
+    """An ISO 9660 image another tool made (dfvfs's test data)."""
+    iso = testdata / "iso9660.raw"
+    info = probe(iso)
+    assert_like_blkid(info, iso)

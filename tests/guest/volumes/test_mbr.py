@@ -191,3 +191,27 @@ def test_tiny_and_empty_disks(tmp_path: Path) -> None:
     sfdisk(disk, "label: dos\n")
     table = table_of(disk)
     assert table.scheme == "mbr" and table.partitions == []
+
+
+@pytest.mark.parametrize("name", ["windows_volume.qcow2", "ext2.qcow2", "ext2.vmdk", "iso9660.raw"])
+def test_external_bare_volumes_have_no_table(testdata: Path, name: str) -> None:
+    """Volumes other tools made (dfvfs's test data: an NTFS volume, ext2, ISO 9660): no table is invented."""
+    table = table_of(testdata / name)
+    assert table.scheme == "none" and table.partitions == []
+
+
+def test_xorriso_appended_partition_layout(tmp_path: Path) -> None:
+    """xorriso's MBR over an ISO (partition 1 from sector 0 covering the ISO, an appended ESP): as sfdisk reads it."""
+    esp = tmp_path / "esp.img"
+    run(require_tool("mkfs.vfat"), "-C", esp, "2048")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("x\n")
+    iso = tmp_path / "hybrid.iso"
+    run(require_tool("xorriso"), "-as", "mkisofs", "-quiet", "-V", "HYB", "-o", iso, "-append_partition", "2",
+        "0xef", esp, tree)
+    table = table_of(iso)
+    assert table.scheme == "mbr"
+    assert_matches_sfdisk(table, sfdisk_json(iso))
+    assert table.partitions[1].type_name == "EFI (FAT-12/16/32)"
+    assert any("starts at sector 0" in n for n in table.notes)

@@ -46,8 +46,9 @@ def identify(volume: Readable) -> FsInfo | None:
         size = (last_page + 1) * page
         return FsInfo(type="swap", label=c_string(header[28:44]),
                       uuid=uuid_text(header[12:28]) if header[12:28].strip(b"\0") else None,
-                      size=size if size <= volume.size else None, version="1",
-                      details={"page_size": page, "byte_order": "little" if order == "<" else "big"})
+                      size=size, version="1",
+                      details={"page_size": page, "byte_order": "little" if order == "<" else "big",
+                               "truncated": size > volume.size})
     return None
 
 
