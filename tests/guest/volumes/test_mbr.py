@@ -12,7 +12,18 @@ import pytest
 from diskport.guest.volumes import PartitionTable, read_volumes
 from diskport.guest.volumes.mbr import boot_code_kind
 from tests.conftest import require_tool, run
-from tests.guest.support import MiB, blank, convert, mbr_entry, mbr_sector, patch, sfdisk, sfdisk_json, view_of
+from tests.guest.support import (
+    MiB,
+    blank,
+    convert,
+    loop_device,
+    mbr_entry,
+    mbr_sector,
+    patch,
+    sfdisk,
+    sfdisk_json,
+    view_of,
+)
 
 # Three primaries (the first active), an extended partition in slot 4, three logical partitions in it.
 SCRIPT = """label: dos
@@ -215,3 +226,28 @@ def test_xorriso_appended_partition_layout(tmp_path: Path) -> None:
     assert_matches_sfdisk(table, sfdisk_json(iso))
     assert table.partitions[1].type_name == "EFI (FAT-12/16/32)"
     assert any("starts at sector 0" in n for n in table.notes)
+
+
+@pytest.mark.parametrize("ext_type", ["f", "85"])
+def test_other_extended_types(tmp_path: Path, ext_type: str) -> None:
+    disk = blank(tmp_path / "ext.raw", 64 * MiB)
+    sfdisk(disk, SCRIPT.replace(",40M,5", f",40M,{ext_type}"))
+    table = table_of(disk)
+    assert_matches_sfdisk(table, sfdisk_json(disk))
+    assert [p.number for p in table.partitions if p.logical] == [5, 6, 7]
+    assert table.partitions[3].extended and table.partitions[3].type == f"0x{int(ext_type, 16):02x}"
+
+
+def test_mbr_with_4096_byte_sectors_when_told(tmp_path: Path) -> None:
+    """An MBR written by sfdisk on a 4 KiB-sector loop device counts in 4 KiB sectors: read with sector_size."""
+    disk = blank(tmp_path / "4k-mbr.raw", 64 * MiB)
+    with loop_device(disk, 4096) as dev:
+        sfdisk(Path(dev), "label: dos\n256,4M,83\n,1M,83\n,1M,83\n,8M,5\n,2M,83\n,2M,82\n")
+        oracle = sfdisk_json(Path(dev))
+    assert oracle["sectorsize"] == 4096
+    with view_of(disk) as view:
+        table = read_volumes(view, sector_size=4096)
+    assert table.sector_size == 4096
+    rows = oracle["partitions"]
+    assert [(p.start, p.size) for p in table.partitions] == [(r["start"] * 4096, r["size"] * 4096) for r in rows]
+    assert [p.number for p in table.partitions if p.logical] == [5, 6]
