@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from diskport.guest.filesystems import bitlocker, btrfs, exfat, iso9660, luks, lvm, mdraid, swap, xfs
 from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Stat
 from diskport.guest.view import Readable
 
 #: Every known type, most specific signature first (an encrypted or RAID member before the filesystems whose
 #: signatures could show through it). Each module offers ``SPEC``.
 FILESYSTEMS: list[FilesystemSpec] = [
+    luks.SPEC,
+    bitlocker.SPEC,
+    mdraid.SPEC,
+    lvm.SPEC,
+    swap.SPEC,
+    xfs.SPEC,
+    btrfs.SPEC,
+    exfat.SPEC,
+    iso9660.SPEC,
 ]
 
 
