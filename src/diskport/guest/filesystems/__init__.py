@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from diskport.guest.filesystems import ext, fat
 from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Stat
 from diskport.guest.view import Readable
 
 #: Every known type, most specific signature first (an encrypted or RAID member before the filesystems whose
 #: signatures could show through it). Each module offers ``SPEC``.
 FILESYSTEMS: list[FilesystemSpec] = [
+    ext.SPEC,
+    fat.SPEC,
 ]
 
 
@@ -31,7 +34,7 @@ def identify(volume: Readable) -> FsInfo | None:
 def open_filesystem(volume: Readable, info: FsInfo) -> Filesystem[Any] | None:
     """A reader for an identified volume, or None when diskport reads no files of that type."""
     for spec in FILESYSTEMS:
-        if spec.name == info.type and spec.open is not None:
+        if spec.reads(info.type) and spec.open is not None:
             return spec.open(volume, info)
     return None
 
