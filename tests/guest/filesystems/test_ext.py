@@ -143,6 +143,31 @@ def test_listings_match_debugfs_in_order(ext_image: Path) -> None:
     view.image.close()
 
 
+def test_htree_lookups(ext_image: Path) -> None:
+    """Every name of the 3000-entry directory is found through its hash index with debugfs' inode number;
+    absent names are not; and debugfs' dx_hash agrees with ours for the volume's seed and hash."""
+    from diskport.guest.filesystems.ext import dx_hash
+
+    view, fs = open_fs(ext_image)
+    assert isinstance(fs, ExtFilesystem)
+    oracle = debugfs_ls(ext_image, "/usr/share/many")
+    many = fs.lookup("/usr/share/many")
+    assert many is not None
+    inode = fs._inode(many.ino)
+    for name, (ino, _mode) in oracle.items():
+        assert fs._htree_find(inode, name.encode()) == ino, name    # the index, not the linear fallback
+    for absent in ("entry-99999", "nope", "entry-00001-nn", "ENTRY-00002-nn"):
+        assert fs._htree_find(inode, absent.encode()) == 0 and fs.find_entry(many, absent) is None
+    assert fs.lookup("/usr/share/many/entry-02999-" + "n" * (2999 % 40)) is not None
+    seed = re.search(r"Directory Hash Seed:\s+(\S+)", debugfs(ext_image, "stats"))
+    assert seed is not None
+    for name in ("entry-00007-nnnnnnn", "os-release", "x" * 70):
+        out = debugfs(ext_image, f"dx_hash -h half_md4 -s {seed.group(1)} {name}")
+        want = int(re.search(r"is (0x[0-9a-f]+)", out).group(1), 16)  # type: ignore[union-attr]
+        assert dx_hash(name.encode(), 1, fs.sb.raw[0xEC:0xFC]) == want & ~1
+    view.image.close()
+
+
 def test_os_release_through_the_symlink(ext_image: Path, tree: Path) -> None:
     view, fs = open_fs(ext_image)
     assert fs.readlink("/etc/os-release") == "../usr/lib/os-release"
@@ -235,8 +260,8 @@ def small_image(tmp_path: Path, tool: str = "mkfs.ext4", options: tuple[str, ...
         (src / "etc/slow").symlink_to("/" + "s" * 100)
         (src / "etc/data.bin").write_bytes(random.Random(1).randbytes(300 * 1024))
         (src / "a/b/c").mkdir(parents=True)
-        for i in range(40):
-            (src / "a/b" / f"file{i}").write_text("x" * i)
+        for i in range(200):    # enough names for two blocks at 1 KiB: e2fsck -D makes /a/b an htree
+            (src / "a/b" / f"file{i}").write_text("x" * (i % 50))
     out = tmp_path / f"small-{tool}-{'_'.join(options)}.img"
     return mkfs_ext(out, src, tool, "8M", options)
 
@@ -308,13 +333,13 @@ def test_indirect_pointer_past_the_volume_and_holes(tmp_path: Path) -> None:
 def test_directory_record_length_zero_and_past_block(tmp_path: Path) -> None:
     image = small_image(tmp_path)
     base = image.read_bytes()
-    (block,) = data_blocks(image, "/a/b")[:1]
+    (block,) = data_blocks(image, "/a")
     for rec_len in (0, 4, 2000, 1023):
         data = bytearray(base)
         struct.pack_into("<H", data, block * 1024 + 12 + 4, rec_len)   # the ".." record's length
         start = time.monotonic()
         with pytest.raises(CorruptImage, match="record"):
-            open_bytes(data).listdir("/a/b")
+            open_bytes(data).listdir("/a")
         assert time.monotonic() - start < 1
 
 
@@ -364,7 +389,7 @@ def _regions(image: Path) -> list[tuple[int, int]]:
     if m:
         regions.append((int(m.group(1)) * 1024, int(m.group(1)) * 1024 + 64 * 256))
     for path in ("/", "/etc", "/a", "/a/b", "/usr/lib", "/etc/slow"):
-        for block in data_blocks(image, path)[:4]:
+        for block in data_blocks(image, path)[:6]:
             regions.append((block * 1024, block * 1024 + 1024))
     out = debugfs(image, "stat /etc/data.bin")
     for m2 in re.finditer(r"\((?:IND|DIND|ETB\d*)\):(\d+)", out):
@@ -380,6 +405,7 @@ def test_mutations_fail_cleanly(tmp_path: Path, tool: str, options: tuple[str, .
     """300 seeded random mutations of the metadata through identify, every listing and every read: success or
     CorruptImage/UnsupportedImage, each within a time bound."""
     image = small_image(tmp_path, tool, options)
+    assert re.search(r"Flags: 0x[0-9a-f]*1[0-9a-f]{3}\b", debugfs(image, "stat /a/b")), "/a/b must be an htree"
     base = image.read_bytes()
     regions = _regions(image)
     rng = random.Random(11)
@@ -395,6 +421,8 @@ def test_mutations_fail_cleanly(tmp_path: Path, tool: str, options: tuple[str, .
                 fs = ExtFilesystem(volume, info)
                 walk(fs, limit=1 << 20)   # sizes are hostile too: read what an inspection would
                 fs.read("/etc/os-release", 4096)
+                fs.read("/a/b/file123", 4096)     # through the htree
+                fs.stat("/a/b/absent")
             outcomes["ok"] += 1
         except (CorruptImage, UnsupportedImage):
             outcomes["refused"] += 1

@@ -376,6 +376,8 @@ class FatFilesystem(Filesystem[FatNode]):
             else:
                 self._chunks.move_to_end(index)
             piece = chunk[within: within + n]
+            if not piece:
+                self._corrupt(f"a FAT entry at byte {at} lies past the FAT ({self.fat_bytes} bytes)")
             out += piece
             at += len(piece)
             n -= len(piece)
