@@ -48,8 +48,9 @@ def sha256(data: bytes) -> str:
 
 def make_tree(root: Path, *, many: int = 3000, big: int = 1 * MiB, seed: int = 7) -> Path:
     """A guest-like tree: os-release through the usual symlink, a file needing double-indirect blocks at
-    1 KiB blocks, a sparse file, a directory of ``many`` entries (an htree), fast and slow symlinks, small
-    files (inline candidates), an empty file, a deep tree and non-ASCII names."""
+    1 KiB blocks, a sparse file reaching into triple-indirect ones, a directory of ``many`` entries (an
+    htree), fast and slow symlinks, small files (inline candidates), an empty file, a deep tree and
+    non-ASCII names."""
     rng = random.Random(seed)
     (root / "etc").mkdir(parents=True)
     (root / "usr/lib").mkdir(parents=True)
@@ -63,11 +64,11 @@ def make_tree(root: Path, *, many: int = 3000, big: int = 1 * MiB, seed: int = 7
     os.symlink("hostname", root / "etc/fast-link")
     (root / "boot").mkdir()
     (root / "boot/vmlinuz-6.1.0-18-amd64").write_bytes(rng.randbytes(big))
-    with open(root / "boot/sparse.img", "wb") as f:
-        f.truncate(40 * MiB)
+    with open(root / "boot/sparse.img", "wb") as f:   # past 64.3 MiB: triple-indirect at 1 KiB blocks
+        f.truncate(72 * MiB)
         f.seek(5 * MiB)
         f.write(b"middle" * 100)
-        f.seek(40 * MiB - 5)
+        f.seek(72 * MiB - 5)
         f.write(b"tail!")
     many_dir = root / "usr/share/many"
     many_dir.mkdir(parents=True)

@@ -189,6 +189,7 @@ def test_the_layout_exercises_what_it_claims(ext_image: Path) -> None:
     slow = debugfs(ext_image, "stat /etc/slow-link")
     if "indirect" in name or "no-extents" in name or "ext3" in name:
         assert "(DIND)" in kernel and "EXTENTS" not in kernel
+        assert "(TIND)" in debugfs(ext_image, "stat /boot/sparse.img")
     else:
         assert "EXTENTS" in kernel
     if "inline" in name:
