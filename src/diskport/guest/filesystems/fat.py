@@ -28,9 +28,10 @@ clusters. A directory is at most 65,536 entries (2 MiB, the spec's limit), which
 FAT sectors are kept in a small LRU (:data:`FAT_CACHE` chunks of :data:`FAT_CHUNK` bytes). Nothing reads a file
 whole. Bad input raises :class:`CorruptImage` with ``fmt="vfat"``.
 
-Written here because the FAT readers for Python are either toys without bounds checks or GPL/LGPL
-(pyfatfs is MIT but writes, misses the NT case flags and loads whole FATs into memory); mtools
-(``mdir``/``mtype``) is the oracle in the tests.
+Written here because the one maintained Python FAT library, pyfatfs (MIT), is a read-write PyFilesystem2
+driver over a seekable file that reads every copy of the FAT into memory when it opens a volume (tens of MB
+on a large FAT32 disk), where inspection needs a bounded reader over the guest view's positional reads;
+mtools (``mdir``, ``mcopy``, ``mshowfat``) is the oracle in the tests.
 """
 
 from __future__ import annotations
