@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diskport.guest.filesystems import bitlocker, btrfs, exfat, iso9660, luks, lvm, mdraid, swap, xfs
+from diskport.guest.filesystems import bitlocker, btrfs, exfat, ext, fat, iso9660, luks, lvm, mdraid, ntfs, swap, xfs
 from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Stat
 from diskport.guest.view import Readable
 
@@ -22,9 +22,12 @@ FILESYSTEMS: list[FilesystemSpec] = [
     mdraid.SPEC,
     lvm.SPEC,
     swap.SPEC,
+    ntfs.SPEC,
+    exfat.SPEC,
+    fat.SPEC,
+    ext.SPEC,
     xfs.SPEC,
     btrfs.SPEC,
-    exfat.SPEC,
     iso9660.SPEC,
 ]
 
@@ -41,7 +44,7 @@ def identify(volume: Readable) -> FsInfo | None:
 def open_filesystem(volume: Readable, info: FsInfo) -> Filesystem[Any] | None:
     """A reader for an identified volume, or None when diskport reads no files of that type."""
     for spec in FILESYSTEMS:
-        if spec.name == info.type and spec.open is not None:
+        if spec.reads(info.type) and spec.open is not None:
             return spec.open(volume, info)
     return None
 

@@ -172,8 +172,16 @@ class Filesystem(ABC, Generic[N]):
 
 @dataclass(frozen=True)
 class FilesystemSpec:
-    """One line of the filesystem table: a type's name, how to recognise it, and its reader if it has one."""
+    """One line of the filesystem table: a type's name, how to recognise it, and its reader if it has one.
+
+    ``types`` names the other types the same ``identify`` reports and ``open`` reads (ext2 and ext3 beside
+    ext4: one superblock, one reader)."""
 
     name: str
     identify: Callable[[Readable], FsInfo | None]
     open: Callable[[Readable, FsInfo], Filesystem[Any]] | None = None
+    types: tuple[str, ...] = ()
+
+    def reads(self, fs_type: str) -> bool:
+        """Whether this line opens volumes that ``identify`` called ``fs_type``."""
+        return self.open is not None and (fs_type == self.name or fs_type in self.types)

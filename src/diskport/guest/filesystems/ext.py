@@ -1,0 +1,895 @@
+"""ext2, ext3 and ext4: identified by the superblock, read far enough for inspection.
+
+Layout facts come from the kernel's ``Documentation/filesystems/ext4/`` (the "ext4 Data Structures and
+Algorithms" pages: super.rst, group_descr.rst, inodes.rst, ifork.rst, directory.rst, inlinedata.rst,
+attributes.rst); all fields are little-endian.
+
+* **Superblock**: 1024 bytes at byte 1024 of the volume, magic ``0xEF53`` at 0x38. Block size
+  ``1024 << s_log_block_size``, 1 KiB to 64 KiB. The type follows libblkid's rule: a journal device is ``jbd``;
+  a volume with any feature that ext3 lacks (extents, flex_bg, 64bit, huge_file, metadata_csum, inline_data,
+  ...) is ``ext4``; else one with a journal (``has_journal``) is ``ext3``, else ``ext2``. Label
+  (``s_volume_name``), UUID (``s_uuid``; all zeros is no UUID, as blkid has it) and size
+  (``s_blocks_count * block size``). ``version`` is ``"rev.minor"`` as blkid prints it (``1.0``).
+  With ``metadata_csum`` the superblock's own CRC32C (``s_checksum``) is verified: a bad one is reported in
+  ``details`` and makes the volume unreadable. No other checksum (group descriptors, inodes, extent blocks,
+  directory blocks) is checked: a reader that only looks does not need them, and every field it uses is
+  bounds-checked instead.
+* **Group descriptors**: 32 bytes, or ``s_desc_size`` (64 or more, a power of two) with the ``64bit`` feature;
+  the table follows the superblock's block, or with ``meta_bg`` (groups at and past ``s_first_meta_bg``) sits
+  in the first block of each meta group after its superblock backup (``sparse_super`` and ``sparse_super2``
+  decide which groups hold one). ``flex_bg`` needs nothing more: descriptors say where each inode table is.
+* **Inodes** of any size ``s_inode_size`` (128 up to the block size, a power of two). Data is mapped by an
+  **extent tree** (``EXT4_EXTENTS_FL``: header magic ``0xF30A``, index and leaf entries; uninitialised extents
+  read as zeros), by **indirect blocks** (12 direct, single, double, triple; a zero pointer is a hole read as
+  zeros), or held **inline** (``inline_data``: the 60 bytes of ``i_block`` then the ``system.data`` extended
+  attribute in the inode's extra space). **Symlinks** are fast (the target in ``i_block``), inline, or slow
+  (in data blocks).
+* **Directories** are read linearly, block after block, as e2fsprogs' ``ls`` does: an htree (``dir_index``)
+  directory's root block reads as ``.`` then a ``..`` record whose length covers the dx_root, and its interior
+  nodes are records of inode 0 spanning the block, so both are skipped by the ordinary rules; the
+  ``metadata_csum`` tail (inode 0) likewise. A lookup in an htree directory follows the index instead (legacy,
+  half-MD4 and TEA hashes, signed or unsigned, with the superblock's seed; at most 2 index levels, 3 with
+  ``large_dir``; a run of equal hashes followed into the next blocks); an index it cannot follow (another
+  hash, a damaged root) falls back to the linear scan. A directory with the casefold
+  flag is looked up without case (Python's case folding, which agrees with the kernel's for ASCII and most
+  of Unicode). Encrypted inodes are refused with :class:`UnsupportedImage`.
+
+**Bounds.** Every block number read from a structure (descriptor tables, inode tables, extent index and leaf
+entries, indirect pointers, directory blocks) is checked against ``s_blocks_count`` and read through
+:func:`read_exact`, which checks the volume's size. An extent tree is at most :data:`MAX_EXTENT_DEPTH` levels,
+each child's depth must be its parent's minus one, entries are checked sorted and non-overlapping, so a walk
+ends in at most that many block reads. A file's size is bounded by what its mapping can address; directories
+by :data:`MAX_DIR_BYTES`; symlink targets by :data:`MAX_SYMLINK`. Nothing here reads a file whole: a file's
+:meth:`pread` maps the asked range to volume reads; the only memory kept is a few small caches
+(:data:`INODE_CACHE` inodes, :data:`NODE_CACHE` parsed extent/indirect blocks, :data:`GROUP_CACHE`
+descriptors), each a bounded LRU. Bad input raises :class:`CorruptImage` with ``fmt`` the volume's type.
+
+Written here because the Python libraries that read ext4 are AGPL (dissect.extfs) or LGPL C bindings, which
+this Apache-2.0 tool cannot take at run time; debugfs (e2fsprogs) serves as the oracle in the tests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import uuid as uuidlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Generic, NoReturn, TypeVar
+
+import google_crc32c
+
+from diskport.errors import CorruptImage, UnsupportedImage
+from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Kind, Stat
+from diskport.guest.view import Readable, read_exact
+
+SUPERBLOCK_OFFSET = 1024
+SUPERBLOCK_SIZE = 1024
+MAGIC = 0xEF53
+EXTENT_MAGIC = 0xF30A
+ROOT_INO = 2
+N_BLOCKS_BYTES = 60          # i_block: 15 uint32
+
+#: Extent tree levels below the inode (the kernel builds at most 5 for 2^32 blocks).
+MAX_EXTENT_DEPTH = 5
+#: Largest directory read (a directory of 100,000 entries with long names is a few MiB).
+MAX_DIR_BYTES = 64 * 1024 * 1024
+#: Longest symlink target (PATH_MAX).
+MAX_SYMLINK = 4096
+INODE_CACHE = 512
+NODE_CACHE = 64
+GROUP_CACHE = 1024
+
+# Feature bits (super.rst).
+COMPAT_HAS_JOURNAL = 0x4
+COMPAT_SPARSE_SUPER2 = 0x200
+INCOMPAT_COMPRESSION = 0x1
+INCOMPAT_FILETYPE = 0x2
+INCOMPAT_RECOVER = 0x4
+INCOMPAT_JOURNAL_DEV = 0x8
+INCOMPAT_META_BG = 0x10
+INCOMPAT_EXTENTS = 0x40
+INCOMPAT_64BIT = 0x80
+INCOMPAT_MMP = 0x100
+INCOMPAT_FLEX_BG = 0x200
+INCOMPAT_EA_INODE = 0x400
+INCOMPAT_DIRDATA = 0x1000
+INCOMPAT_CSUM_SEED = 0x2000
+INCOMPAT_LARGEDIR = 0x4000
+INCOMPAT_INLINE_DATA = 0x8000
+INCOMPAT_ENCRYPT = 0x10000
+INCOMPAT_CASEFOLD = 0x20000
+RO_COMPAT_SPARSE_SUPER = 0x1
+RO_COMPAT_LARGE_FILE = 0x2
+RO_COMPAT_BTREE_DIR = 0x4
+RO_COMPAT_METADATA_CSUM = 0x400
+
+#: What libblkid lets ext2 and ext3 have; anything else makes a volume ext4.
+_EXT3_RO_COMPAT = RO_COMPAT_SPARSE_SUPER | RO_COMPAT_LARGE_FILE | RO_COMPAT_BTREE_DIR
+_EXT3_INCOMPAT = INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG
+#: Incompatible features this reader understands (others make the volume unreadable, not misread).
+_READ_INCOMPAT = (INCOMPAT_FILETYPE | INCOMPAT_RECOVER | INCOMPAT_META_BG | INCOMPAT_EXTENTS | INCOMPAT_64BIT
+                  | INCOMPAT_MMP | INCOMPAT_FLEX_BG | INCOMPAT_EA_INODE | INCOMPAT_CSUM_SEED | INCOMPAT_LARGEDIR
+                  | INCOMPAT_INLINE_DATA | INCOMPAT_ENCRYPT | INCOMPAT_CASEFOLD)
+
+_COMPAT_NAMES = {0x1: "dir_prealloc", 0x2: "imagic_inodes", 0x4: "has_journal", 0x8: "ext_attr",
+                 0x10: "resize_inode", 0x20: "dir_index", 0x40: "lazy_bg", 0x80: "exclude_inode",
+                 0x100: "exclude_bitmap", 0x200: "sparse_super2", 0x400: "fast_commit", 0x800: "stable_inodes",
+                 0x1000: "orphan_file"}
+_INCOMPAT_NAMES = {0x1: "compression", 0x2: "filetype", 0x4: "needs_recovery", 0x8: "journal_dev",
+                   0x10: "meta_bg", 0x40: "extent", 0x80: "64bit", 0x100: "mmp", 0x200: "flex_bg",
+                   0x400: "ea_inode", 0x1000: "dirdata", 0x2000: "metadata_csum_seed", 0x4000: "large_dir",
+                   0x8000: "inline_data", 0x10000: "encrypt", 0x20000: "casefold"}
+_RO_COMPAT_NAMES = {0x1: "sparse_super", 0x2: "large_file", 0x4: "btree_dir", 0x8: "huge_file",
+                    0x10: "uninit_bg", 0x20: "dir_nlink", 0x40: "extra_isize", 0x80: "has_snapshot",
+                    0x100: "quota", 0x200: "bigalloc", 0x400: "metadata_csum", 0x800: "replica",
+                    0x1000: "read-only", 0x2000: "project", 0x4000: "shared_blocks", 0x8000: "verity",
+                    0x10000: "orphan_present"}
+
+# Inode flags (inodes.rst).
+FL_INDEX = 0x1000
+FL_ENCRYPT = 0x800
+FL_EXTENTS = 0x80000
+FL_INLINE_DATA = 0x10000000
+FL_CASEFOLD = 0x40000000
+
+S_IFMT = 0xF000
+_KINDS: dict[int, Kind] = {0x8000: "file", 0x4000: "dir", 0xA000: "symlink"}
+_OTHER_TYPES = {0x1000, 0x2000, 0x6000, 0xC000}  # fifo, char, block, socket
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _LRU(Generic[K, V]):
+    """A dict of at most ``limit`` entries that forgets the least recently used."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> V:
+        self.items[key] = value
+        if len(self.items) > self.limit:
+            self.items.popitem(last=False)
+        return value
+
+
+def _feature_names(bits: int, names: dict[int, str]) -> list[str]:
+    out = []
+    for bit in range(32):
+        if bits & (1 << bit):
+            out.append(names.get(1 << bit, f"unknown_{1 << bit:#x}"))
+    return out
+
+
+@dataclass(frozen=True)
+class Superblock:
+    inodes_count: int
+    blocks_count: int
+    first_data_block: int
+    log_block_size: int
+    log_cluster_size: int
+    blocks_per_group: int
+    clusters_per_group: int
+    inodes_per_group: int
+    rev_level: int
+    minor_rev_level: int
+    inode_size: int
+    compat: int
+    incompat: int
+    ro_compat: int
+    uuid: bytes
+    volume_name: bytes
+    desc_size: int
+    first_meta_bg: int
+    backup_bgs: tuple[int, int]
+    checksum_type: int
+    checksum: int
+    raw: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Superblock:
+        incompat = struct.unpack_from("<I", raw, 0x60)[0]
+        wide = bool(incompat & INCOMPAT_64BIT)
+        rev = struct.unpack_from("<I", raw, 0x4C)[0]
+        return cls(
+            inodes_count=struct.unpack_from("<I", raw, 0x00)[0],
+            blocks_count=struct.unpack_from("<I", raw, 0x04)[0]
+            | ((struct.unpack_from("<I", raw, 0x150)[0] << 32) if wide else 0),
+            first_data_block=struct.unpack_from("<I", raw, 0x14)[0],
+            log_block_size=struct.unpack_from("<I", raw, 0x18)[0],
+            log_cluster_size=struct.unpack_from("<I", raw, 0x1C)[0],
+            blocks_per_group=struct.unpack_from("<I", raw, 0x20)[0],
+            clusters_per_group=struct.unpack_from("<I", raw, 0x24)[0],
+            inodes_per_group=struct.unpack_from("<I", raw, 0x28)[0],
+            rev_level=rev,
+            minor_rev_level=struct.unpack_from("<H", raw, 0x3E)[0],
+            inode_size=struct.unpack_from("<H", raw, 0x58)[0] if rev >= 1 else 128,
+            compat=struct.unpack_from("<I", raw, 0x5C)[0] if rev >= 1 else 0,
+            incompat=incompat if rev >= 1 else 0,
+            ro_compat=struct.unpack_from("<I", raw, 0x64)[0] if rev >= 1 else 0,
+            uuid=raw[0x68:0x78],
+            volume_name=raw[0x78:0x88],
+            desc_size=struct.unpack_from("<H", raw, 0xFE)[0] if wide else 32,
+            first_meta_bg=struct.unpack_from("<I", raw, 0x104)[0],
+            backup_bgs=struct.unpack_from("<II", raw, 0x24C),
+            checksum_type=raw[0x175],
+            checksum=struct.unpack_from("<I", raw, 0x3FC)[0],
+            raw=raw,
+        )
+
+    @property
+    def block_size(self) -> int:
+        return 1024 << self.log_block_size
+
+    def fs_type(self) -> str:
+        if self.incompat & INCOMPAT_JOURNAL_DEV:
+            return "jbd"
+        if self.ro_compat & ~_EXT3_RO_COMPAT or self.incompat & ~_EXT3_INCOMPAT:
+            return "ext4"
+        return "ext3" if self.compat & COMPAT_HAS_JOURNAL else "ext2"
+
+    def checksum_state(self) -> str:
+        """"ok", "bad" or "none" (no metadata_csum): the superblock's CRC32C, stored without final inversion."""
+        if not self.ro_compat & RO_COMPAT_METADATA_CSUM:
+            return "none"
+        if self.checksum_type != 1:
+            return "bad"
+        crc = ~google_crc32c.value(self.raw[:0x3FC]) & 0xFFFFFFFF
+        return "ok" if crc == self.checksum else "bad"
+
+
+def _read_superblock(volume: Readable) -> Superblock | None:
+    if volume.size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
+        return None
+    raw = volume.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE)
+    if len(raw) < SUPERBLOCK_SIZE or struct.unpack_from("<H", raw, 0x38)[0] != MAGIC:
+        return None
+    sb = Superblock.parse(raw)
+    if sb.log_block_size > 6:  # no ext block is larger than 64 KiB: not a superblock we know
+        return None
+    return sb
+
+
+def identify(volume: Readable) -> FsInfo | None:
+    """ext2/ext3/ext4 (or ``jbd``, an external journal) from the superblock; None if there is none."""
+    sb = _read_superblock(volume)
+    if sb is None:
+        return None
+    fs_type = sb.fs_type()
+    label = sb.volume_name.split(b"\0", 1)[0].decode("utf-8", "replace") or None
+    uuid = str(uuidlib.UUID(bytes=sb.uuid)) if any(sb.uuid) else None
+    checksum = sb.checksum_state()
+    unknown = sb.incompat & ~_READ_INCOMPAT
+    details: dict[str, object] = {
+        "block_size": sb.block_size,
+        "inode_size": sb.inode_size,
+        "features": _feature_names(sb.compat, _COMPAT_NAMES) + _feature_names(sb.incompat, _INCOMPAT_NAMES)
+        + _feature_names(sb.ro_compat, _RO_COMPAT_NAMES),
+        "needs_recovery": bool(sb.incompat & INCOMPAT_RECOVER),
+        "superblock_checksum": checksum,
+    }
+    return FsInfo(type=fs_type, label=label, uuid=uuid, size=sb.blocks_count * sb.block_size,
+                  version=f"{sb.rev_level}.{sb.minor_rev_level}",
+                  readable=fs_type != "jbd" and checksum != "bad" and not unknown, details=details)
+
+
+@dataclass
+class Inode:
+    ino: int
+    mode: int
+    size: int
+    flags: int
+    block: bytes     # i_block, 60 bytes
+    extra: bytes     # the in-inode extended attribute area (after i_extra_isize), b"" if none
+
+    @property
+    def kind(self) -> Kind:
+        return _KINDS.get(self.mode & S_IFMT, "other")
+
+
+@dataclass(frozen=True)
+class ExtNode:
+    """A directory entry's inode number (the inode is read when first asked about)."""
+
+    ino: int
+
+
+@dataclass(frozen=True)
+class _ExtentNode:
+    depth: int
+    keys: list[int]
+    entries: list[tuple[int, int, int]]  # leaf: (start, length, physical); index: (start, 0, child block)
+
+
+class _Mapping:
+    """Logical block -> physical block runs of one inode, by extent tree or indirect blocks."""
+
+    def __init__(self, fs: ExtFilesystem, inode: Inode) -> None:
+        self.fs = fs
+        self.inode = inode
+        self.extents = bool(inode.flags & FL_EXTENTS)
+        if self.extents:
+            self.root = fs._parse_extent_node(inode.block, None, f"inode {inode.ino}'s extent root")
+
+    def run(self, lblk: int) -> tuple[int, int | None]:
+        """``(count, physical)``: ``count`` (>= 1) blocks from ``lblk`` that map to ``physical`` onwards, or
+        are a hole when ``physical`` is None."""
+        return self._extent_run(lblk) if self.extents else self._indirect_run(lblk)
+
+    def _extent_run(self, lblk: int) -> tuple[int, int | None]:
+        node = self.root
+        limit = 1 << 32
+        for _ in range(MAX_EXTENT_DEPTH + 1):
+            if not node.keys:
+                return limit - lblk, None
+            i = bisect.bisect_right(node.keys, lblk) - 1
+            if i < 0:
+                return min(node.keys[0], limit) - lblk, None
+            if i + 1 < len(node.keys):
+                limit = min(limit, node.keys[i + 1])
+            start, length, phys = node.entries[i]
+            if node.depth == 0:
+                if lblk < start + length:
+                    count = min(start + length, limit) - lblk
+                    if phys == 0:  # uninitialised extent: reads as zeros
+                        return count, None
+                    return count, phys + (lblk - start)
+                return limit - lblk, None
+            node = self.fs._extent_child(phys, node.depth - 1, self.inode.ino)
+        raise CorruptImage(f"inode {self.inode.ino}'s extent tree is deeper than {MAX_EXTENT_DEPTH}",
+                           path=self.fs.volume.name, fmt=self.fs.type)
+
+    def _indirect_run(self, lblk: int) -> tuple[int, int | None]:
+        fs = self.fs
+        per = fs.block_size // 4
+        pointers = struct.unpack("<15I", self.inode.block)
+        if lblk < 12:
+            phys = pointers[lblk]
+            return 1, (fs._check_block(phys, 1, f"inode {self.inode.ino}'s block") if phys else None)
+        rel = lblk - 12
+        span, level = per, 12
+        while rel >= span:
+            if level == 14:
+                return 1, None  # past what indirect blocks address: a hole (the size check keeps reads away)
+            rel -= span
+            span, level = span * per, level + 1
+        ptr = pointers[level]
+        while True:
+            if ptr == 0:
+                return span - rel, None  # the rest of this subtree is a hole
+            fs._check_block(ptr, 1, f"inode {self.inode.ino}'s indirect block")
+            if span == 1:
+                return 1, ptr
+            span //= per
+            table = fs._pointer_block(ptr)
+            ptr = table[rel // span]
+            rel %= span
+
+
+class ExtFile:
+    """A regular file's (or slow symlink's) bytes, mapped block by block onto the volume."""
+
+    def __init__(self, fs: ExtFilesystem, inode: Inode, name: str) -> None:
+        self.fs = fs
+        self.inode = inode
+        self.name = name
+        self.size = inode.size
+        self.inline: bytes | None = None
+        if inode.flags & FL_INLINE_DATA:
+            self.inline = fs._inline_bytes(inode)
+            if inode.size > len(self.inline):
+                raise CorruptImage(f"inode {inode.ino} holds {len(self.inline)} inline bytes but says "
+                                   f"{inode.size}", path=fs.volume.name, fmt=fs.type)
+            self.mapping: _Mapping | None = None
+        else:
+            self.mapping = _Mapping(fs, inode)
+            limit = (1 << 32) if self.mapping.extents else 12 + fs.per + fs.per ** 2 + fs.per ** 3
+            if inode.size > limit * fs.block_size:
+                raise CorruptImage(f"inode {inode.ino}'s size {inode.size} is more than its block map addresses",
+                                   path=fs.volume.name, fmt=fs.type)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"read {offset}+{length}")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        if self.inline is not None:
+            return self.inline[offset:end]
+        assert self.mapping is not None
+        bs = self.fs.block_size
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            lblk, within = divmod(pos, bs)
+            count, phys = self.mapping.run(lblk)
+            if phys is not None:  # coalesce physically contiguous runs (indirect maps give one block at a time)
+                while count * bs - within < end - pos:
+                    more, nxt = self.mapping.run(lblk + count)
+                    if nxt != phys + count:
+                        break
+                    count += more
+            span = min(count * bs - within, end - pos)
+            if phys is None:
+                parts.append(bytes(span))
+            else:
+                parts.append(read_exact(self.fs.volume, phys * bs + within, span,
+                                        f"inode {self.inode.ino}'s data", self.fs.type))
+            pos += span
+        return b"".join(parts)
+
+
+# ---- the htree name hash (directory.rst, "Hash Tree Directories"; the kernel's fs/ext4/hash.c) -----------------
+_M32 = 0xFFFFFFFF
+_HASH_NAMES = {0: "legacy", 1: "half_md4", 2: "tea"}
+FLAG_UNSIGNED_HASH = 0x2
+
+
+def _rol(x: int, s: int) -> int:
+    return ((x << s) | (x >> (32 - s))) & _M32
+
+
+def _hash_words(name: bytes, count: int, signed: bool) -> list[int]:
+    """The name packed into ``count`` 32-bit words as ext4 pads it (its length repeated in every byte)."""
+    pad = (len(name) | (len(name) << 8)) & _M32
+    pad = (pad | (pad << 16)) & _M32
+    words: list[int] = []
+    value = pad
+    for i, byte in enumerate(name[: count * 4]):
+        char = byte - 256 if signed and byte >= 128 else byte
+        value = (char + (value << 8)) & _M32
+        if i % 4 == 3:
+            words.append(value)
+            value = pad
+    if len(words) < count:
+        words.append(value)
+    words.extend([pad] * (count - len(words)))
+    return words
+
+
+def _half_md4(state: list[int], data: list[int]) -> None:
+    a, b, c, d = state
+
+    def f(x: int, y: int, z: int) -> int:
+        return z ^ (x & (y ^ z))
+
+    def g(x: int, y: int, z: int) -> int:
+        return ((x & y) + ((x ^ y) & z)) & _M32
+
+    def h(x: int, y: int, z: int) -> int:
+        return x ^ y ^ z
+
+    for fn, key, order, shifts in ((f, 0, (0, 1, 2, 3, 4, 5, 6, 7), (3, 7, 11, 19)),
+                                   (g, 0o13240474631, (1, 3, 5, 7, 0, 2, 4, 6), (3, 5, 9, 13)),
+                                   (h, 0o15666365641, (3, 7, 2, 6, 1, 5, 0, 4), (3, 9, 11, 15))):
+        for i, word in enumerate(order):
+            x = (data[word] + key) & _M32
+            shift = shifts[i % 4]
+            if i % 4 == 0:
+                a = _rol((a + fn(b, c, d) + x) & _M32, shift)
+            elif i % 4 == 1:
+                d = _rol((d + fn(a, b, c) + x) & _M32, shift)
+            elif i % 4 == 2:
+                c = _rol((c + fn(d, a, b) + x) & _M32, shift)
+            else:
+                b = _rol((b + fn(c, d, a) + x) & _M32, shift)
+    state[0] = (state[0] + a) & _M32
+    state[1] = (state[1] + b) & _M32
+    state[2] = (state[2] + c) & _M32
+    state[3] = (state[3] + d) & _M32
+
+
+def _tea(state: list[int], data: list[int]) -> None:
+    total, b0, b1 = 0, state[0], state[1]
+    a, b, c, d = data[:4]
+    for _ in range(16):
+        total = (total + 0x9E3779B9) & _M32
+        b0 = (b0 + ((((b1 << 4) + a) & _M32) ^ ((b1 + total) & _M32) ^ (((b1 >> 5) + b) & _M32))) & _M32
+        b1 = (b1 + ((((b0 << 4) + c) & _M32) ^ ((b0 + total) & _M32) ^ (((b0 >> 5) + d) & _M32))) & _M32
+    state[0] = (state[0] + b0) & _M32
+    state[1] = (state[1] + b1) & _M32
+
+
+def dx_hash(name: bytes, version: int, seed: bytes = bytes(16)) -> int:
+    """The major htree hash of ``name`` (low bit clear) for hash ``version`` 0-5 (3-5: unsigned chars)."""
+    signed = version < 3
+    kind = version % 3
+    if kind == 0:
+        h0, h1 = 0x12A3FE2D, 0x37ABE8F9
+        for byte in name:
+            char = byte - 256 if signed and byte >= 128 else byte
+            value = (h1 + (h0 ^ ((char * 7152373) & _M32))) & _M32
+            if value & 0x80000000:
+                value = (value - 0x7FFFFFFF) & _M32
+            h1, h0 = h0, value
+        major = (h0 << 1) & _M32
+    else:
+        state = list(struct.unpack("<4I", seed)) if any(seed) else [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476]
+        step = 32 if kind == 1 else 16
+        for at in range(0, max(len(name), 1), step):
+            words = _hash_words(name[at:], 8 if kind == 1 else 4, signed)
+            (_half_md4 if kind == 1 else _tea)(state, words)
+        major = state[1] if kind == 1 else state[0]
+    major &= ~1 & _M32
+    if major == (0x7FFFFFFF << 1):
+        major = (0x7FFFFFFF - 1) << 1
+    return major
+
+
+
+class ExtFilesystem(Filesystem[ExtNode]):
+    """An ext2/3/4 volume, read-only."""
+
+    def __init__(self, volume: Readable, info: FsInfo) -> None:
+        super().__init__(volume, info)
+        sb = _read_superblock(volume)
+        if sb is None:
+            raise CorruptImage("no ext superblock", path=volume.name, fmt=info.type)
+        self.sb = sb
+        if sb.fs_type() == "jbd":
+            raise UnsupportedImage("an external ext journal holds no files", path=volume.name, fmt=info.type)
+        if sb.checksum_state() == "bad":
+            raise CorruptImage("the superblock's checksum is wrong", path=volume.name, fmt=info.type)
+        unknown = sb.incompat & ~_READ_INCOMPAT
+        if unknown:
+            names = ", ".join(_feature_names(unknown, _INCOMPAT_NAMES))
+            raise UnsupportedImage(f"incompatible features diskport does not read: {names}", path=volume.name,
+                                   fmt=info.type)
+        bs = self.block_size = sb.block_size
+        self.per = bs // 4
+        self.blocks_count = sb.blocks_count
+        if not sb.first_data_block < sb.blocks_count:
+            self._corrupt(f"first data block {sb.first_data_block} is not below the block count "
+                          f"{sb.blocks_count}")
+        if not 0 < sb.blocks_per_group <= 8 * bs << max(sb.log_cluster_size - sb.log_block_size, 0):
+            self._corrupt(f"{sb.blocks_per_group} blocks per group")
+        if not 0 < sb.inodes_per_group <= 8 * bs:
+            self._corrupt(f"{sb.inodes_per_group} inodes per group")
+        isz = sb.inode_size
+        if isz < 128 or isz > bs or isz & (isz - 1):
+            self._corrupt(f"inode size {isz}")
+        self.inode_size = isz
+        ds = sb.desc_size
+        if sb.incompat & INCOMPAT_64BIT and (ds < 64 or ds > 1024 or ds & (ds - 1)):
+            self._corrupt(f"group descriptor size {ds}")
+        self.desc_size = ds
+        self.groups = -(-(sb.blocks_count - sb.first_data_block) // sb.blocks_per_group)
+        if sb.inodes_count > self.groups * sb.inodes_per_group or sb.inodes_count < ROOT_INO:
+            self._corrupt(f"{sb.inodes_count} inodes in {self.groups} groups of {sb.inodes_per_group}")
+        self.itable_blocks = -(-sb.inodes_per_group * isz // bs)
+        self.filetype = bool(sb.incompat & INCOMPAT_FILETYPE)
+        self._inodes: _LRU[int, Inode] = _LRU(INODE_CACHE)
+        self._nodes: _LRU[int, _ExtentNode] = _LRU(NODE_CACHE)
+        self._pointers: _LRU[int, tuple[int, ...]] = _LRU(NODE_CACHE)
+        self._tables: _LRU[int, int] = _LRU(GROUP_CACHE)
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _corrupt(self, message: str) -> NoReturn:
+        raise CorruptImage(message, path=self.volume.name, fmt=self.type)
+
+    def _check_block(self, block: int, count: int, what: str) -> int:
+        if block < self.sb.first_data_block or count < 0 or block + count > self.blocks_count:
+            self._corrupt(f"{what} {block}+{count} lies outside the filesystem ({self.blocks_count} blocks)")
+        return block
+
+    def _block(self, block: int, what: str) -> bytes:
+        self._check_block(block, 1, what)
+        return read_exact(self.volume, block * self.block_size, self.block_size, what, self.type)
+
+    def _has_super(self, group: int) -> bool:
+        if self.sb.compat & COMPAT_SPARSE_SUPER2:
+            return group == 0 or group in self.sb.backup_bgs
+        if group <= 1 or not self.sb.ro_compat & RO_COMPAT_SPARSE_SUPER:
+            return True
+        if not group & 1:
+            return False
+        for base in (3, 5, 7):
+            n = base
+            while n < group:
+                n *= base
+            if n == group:
+                return True
+        return False
+
+    def _desc_block(self, group: int) -> int:
+        per_block = self.block_size // self.desc_size
+        meta = group // per_block
+        first = self.sb.first_data_block
+        if not self.sb.incompat & INCOMPAT_META_BG or meta < self.sb.first_meta_bg:
+            return first + 1 + meta
+        bg = meta * per_block
+        offset = 1 if self._has_super(bg) else 0
+        if self.block_size == 1024 and meta == 0 and first == 0:
+            offset += 1
+        return first + bg * self.sb.blocks_per_group + offset
+
+    def _inode_table(self, group: int) -> int:
+        table = self._tables.get(group)
+        if table is not None:
+            return table
+        block = self._desc_block(group)
+        at = (group % (self.block_size // self.desc_size)) * self.desc_size
+        desc = self._block(block, f"group {group}'s descriptor block")[at: at + self.desc_size]
+        table = struct.unpack_from("<I", desc, 0x08)[0]
+        if self.desc_size >= 64:
+            table |= struct.unpack_from("<I", desc, 0x28)[0] << 32
+        self._check_block(table, self.itable_blocks, f"group {group}'s inode table")
+        return self._tables.put(group, table)
+
+    def _inode(self, ino: int) -> Inode:
+        cached = self._inodes.get(ino)
+        if cached is not None:
+            return cached
+        if not 1 <= ino <= self.sb.inodes_count:
+            self._corrupt(f"inode number {ino} is outside 1..{self.sb.inodes_count}")
+        group, index = divmod(ino - 1, self.sb.inodes_per_group)
+        table = self._inode_table(group)
+        raw = read_exact(self.volume, table * self.block_size + index * self.inode_size, self.inode_size,
+                         f"inode {ino}", self.type)
+        mode, size_lo = struct.unpack_from("<HxxI", raw, 0)
+        flags = struct.unpack_from("<I", raw, 0x20)[0]
+        size_hi = struct.unpack_from("<I", raw, 0x6C)[0]
+        extra = b""
+        if self.inode_size > 128:
+            extra_isize = struct.unpack_from("<H", raw, 0x80)[0]
+            if 128 + extra_isize + 4 <= self.inode_size and extra_isize % 4 == 0:
+                extra = raw[128 + extra_isize:]
+        if mode & S_IFMT not in _KINDS and mode & S_IFMT not in _OTHER_TYPES:
+            self._corrupt(f"inode {ino} has no valid type (mode {mode:#o}): a free or damaged inode")
+        inode = Inode(ino, mode, size_lo | (size_hi << 32), flags, raw[0x28:0x28 + N_BLOCKS_BYTES], extra)
+        return self._inodes.put(ino, inode)
+
+    def _parse_extent_node(self, data: bytes, depth: int | None, what: str) -> _ExtentNode:
+        magic, count, maximum, node_depth = struct.unpack_from("<HHHH", data, 0)
+        if magic != EXTENT_MAGIC:
+            self._corrupt(f"{what} has no extent header")
+        if count > maximum or maximum > (len(data) - 12) // 12 or node_depth > MAX_EXTENT_DEPTH:
+            self._corrupt(f"{what}: {count} of {maximum} entries at depth {node_depth}")
+        if depth is not None and node_depth != depth:
+            self._corrupt(f"{what} says depth {node_depth}, its parent {depth}")
+        keys: list[int] = []
+        entries: list[tuple[int, int, int]] = []
+        prev_end = -1
+        for i in range(count):
+            at = 12 + 12 * i
+            if node_depth == 0:
+                start, length, hi, lo = struct.unpack_from("<IHHI", data, at)
+                phys = lo | (hi << 32)
+                if length > 32768:     # uninitialised: allocated, reads as zeros
+                    length -= 32768
+                    phys_used = 0
+                else:
+                    phys_used = phys
+                if length == 0:
+                    self._corrupt(f"{what} has an empty extent")
+                self._check_block(phys, length, f"{what}'s extent")
+                if start < prev_end or start + length > 1 << 32:
+                    self._corrupt(f"{what}'s extents overlap or are out of order")
+                prev_end = start + length
+                entries.append((start, length, phys_used))
+            else:
+                start, lo, hi = struct.unpack_from("<IIH", data, at)
+                child = lo | (hi << 32)
+                self._check_block(child, 1, f"{what}'s index")
+                if start <= prev_end:
+                    self._corrupt(f"{what}'s index entries are out of order")
+                prev_end = start
+                entries.append((start, 0, child))
+            keys.append(start)
+        return _ExtentNode(node_depth, keys, entries)
+
+    def _extent_child(self, block: int, depth: int, ino: int) -> _ExtentNode:
+        node = self._nodes.get(block)
+        if node is None:
+            what = f"inode {ino}'s extent block {block}"
+            node = self._nodes.put(block, self._parse_extent_node(self._block(block, what), depth, what))
+        elif node.depth != depth:
+            self._corrupt(f"inode {ino}'s extent block {block} is at depth {node.depth}, wanted at {depth}")
+        return node
+
+    def _pointer_block(self, block: int) -> tuple[int, ...]:
+        table = self._pointers.get(block)
+        if table is None:
+            data = self._block(block, f"indirect block {block}")
+            table = self._pointers.put(block, struct.unpack(f"<{self.per}I", data))
+        return table
+
+    def _inline_bytes(self, inode: Inode) -> bytes:
+        """``i_block`` then the ``system.data`` attribute's value: an inline file's or directory's bytes."""
+        return inode.block + (self._system_data(inode) or b"")
+
+    def _system_data(self, inode: Inode) -> bytes | None:
+        area = inode.extra
+        if len(area) < 8 or struct.unpack_from("<I", area, 0)[0] != 0xEA020000:
+            return None
+        base = 4
+        at = base
+        while at + 16 <= len(area):
+            name_len, index, value_offs, value_inum, value_size = struct.unpack_from("<BBHII", area, at)
+            if name_len == 0 and index == 0 and value_offs == 0 and value_inum == 0:
+                break
+            name = area[at + 16: at + 16 + name_len]
+            if at + 16 + name_len > len(area):
+                self._corrupt(f"inode {inode.ino}'s extended attributes run past the inode")
+            if index == 7 and name == b"data":
+                if value_inum:
+                    self._corrupt(f"inode {inode.ino}'s inline data lies in another inode")
+                if base + value_offs + value_size > len(area):
+                    self._corrupt(f"inode {inode.ino}'s inline data runs past the inode")
+                return area[base + value_offs: base + value_offs + value_size]
+            at += (16 + name_len + 3) & ~3
+        return None
+
+    def _check_readable(self, inode: Inode) -> None:
+        if inode.flags & FL_ENCRYPT:
+            raise UnsupportedImage(f"inode {inode.ino} is encrypted (fscrypt)", path=self.volume.name,
+                                   fmt=self.type)
+
+    # ---- the interface -------------------------------------------------------------------------------------
+    def root(self) -> ExtNode:
+        return ExtNode(ROOT_INO)
+
+    def stat_node(self, node: ExtNode) -> Stat:
+        inode = self._inode(node.ino)
+        return Stat(inode.kind, inode.size)
+
+    def _dir_chunks(self, inode: Inode) -> Iterator[bytes]:
+        """The directory's bytes in record-bounded chunks: each block, or the two inline areas."""
+        if inode.flags & FL_INLINE_DATA:
+            yield inode.block[4:]          # the first 4 bytes are the parent's inode number
+            yield self._system_data(inode) or b""
+            return
+        if inode.size > MAX_DIR_BYTES:
+            self._corrupt(f"directory inode {inode.ino} is {inode.size} bytes (more than {MAX_DIR_BYTES})")
+        bs = self.block_size
+        mapping = _Mapping(self, inode)
+        lblk, blocks = 0, -(-inode.size // bs)
+        while lblk < blocks:
+            count, phys = mapping.run(lblk)
+            count = min(count, blocks - lblk)
+            if phys is not None:
+                for i in range(count):
+                    yield self._block(phys + i, f"directory inode {inode.ino}'s block")
+            lblk += count
+
+    def _records(self, chunk: bytes, ino: int) -> Iterator[tuple[bytes, int]]:
+        pos = 0
+        size = len(chunk)
+        while pos + 8 <= size:
+            child, rec_len, name_len, _ftype = struct.unpack_from("<IHBB", chunk, pos)
+            if self.block_size == 65536 and rec_len in (0, 65535):
+                rec_len = 65536
+            if not self.filetype:
+                name_len |= _ftype << 8
+            if rec_len < 8 or rec_len % 4 or pos + rec_len > size:
+                self._corrupt(f"directory inode {ino} has a record of length {rec_len} at {pos} of {size}")
+            if child and name_len:
+                if 8 + name_len > rec_len:
+                    self._corrupt(f"directory inode {ino} has a name longer than its record")
+                name = chunk[pos + 8: pos + 8 + name_len]
+                if name not in (b".", b".."):
+                    if b"/" in name or b"\0" in name:
+                        self._corrupt(f"directory inode {ino} holds a name with '/' or NUL")
+                    if child > self.sb.inodes_count:
+                        self._corrupt(f"directory inode {ino} names inode {child}")
+                    yield name, child
+            pos += rec_len
+
+    def entries(self, node: ExtNode) -> Iterator[tuple[str, ExtNode]]:
+        inode = self._inode(node.ino)
+        if inode.kind != "dir":
+            self._corrupt(f"inode {node.ino} is not a directory")
+        self._check_readable(inode)
+        for chunk in self._dir_chunks(inode):
+            for name, child in self._records(chunk, node.ino):
+                yield name.decode("utf-8", "surrogateescape"), ExtNode(child)
+
+    def _htree_find(self, inode: Inode, name: bytes) -> int | None:
+        """The inode ``name`` names through the directory's hash index: a number, 0 when the index says it is
+        absent, or None when there is no index this reader follows (then the caller reads linearly)."""
+        bs = self.block_size
+        if not inode.flags & FL_INDEX or inode.flags & (FL_INLINE_DATA | FL_CASEFOLD | FL_ENCRYPT):
+            return None
+        if inode.size > MAX_DIR_BYTES or inode.size < bs:
+            return None
+        blocks = inode.size // bs
+        mapping = _Mapping(self, inode)
+
+        def logical(lblk: int) -> bytes | None:
+            if lblk >= blocks:
+                return None
+            _count, phys = mapping.run(lblk)
+            return None if phys is None else self._block(phys, f"directory inode {inode.ino}'s block")
+
+        root = logical(0)
+        if root is None or struct.unpack_from("<H", root, 4)[0] != 12:
+            return None
+        zero, version, info_len, levels = struct.unpack_from("<IBBB", root, 0x18)
+        max_levels = 3 if self.sb.incompat & INCOMPAT_LARGEDIR else 2
+        if zero or info_len != 8 or levels >= max_levels or version > 2:
+            return None
+        if self.sb.raw[0x160] & FLAG_UNSIGNED_HASH:
+            version += 3
+        want = dx_hash(name, version, self.sb.raw[0xEC:0xFC])
+        node, at = root, 0x18 + info_len
+        for level in range(levels + 1):
+            limit, count = struct.unpack_from("<HH", node, at)
+            if count == 0 or count > limit or at + 8 * limit > bs:
+                return None
+            hashes = [0] + [struct.unpack_from("<I", node, at + 8 * i)[0] for i in range(1, count)]
+            targets = [struct.unpack_from("<I", node, at + 8 * i + 4)[0] for i in range(count)]
+            i = bisect.bisect_right(hashes, want) - 1
+            if level < levels:
+                child = logical(targets[i])
+                fake_ino, fake_len = struct.unpack_from("<IH", child or bytes(8), 0)
+                if child is None or fake_ino or fake_len not in ((bs,) if bs < 65536 else (0, 65535)):
+                    return None
+                node, at = child, 8
+                continue
+            for j in range(i, count):   # a run of equal hashes may continue in the next blocks (low bit set)
+                if j > i and not (hashes[j] & 1 and hashes[j] & ~1 == want):
+                    break
+                leaf = logical(targets[j])
+                if leaf is None:
+                    return None
+                for entry, child_ino in self._records(leaf, inode.ino):
+                    if entry == name:
+                        return child_ino
+        return 0
+
+    def find_entry(self, node: ExtNode, name: str) -> ExtNode | None:
+        inode = self._inode(node.ino)
+        if not inode.flags & FL_CASEFOLD:
+            self._check_readable(inode)
+            found = self._htree_find(inode, name.encode("utf-8", "surrogateescape"))
+            if found is not None:
+                return ExtNode(found) if found else None
+            return super().find_entry(node, name)
+        want = name.casefold()
+        for count, (entry, child) in enumerate(self.entries(node)):
+            if count >= 100_000:
+                self._corrupt("a directory holds more than 100000 entries")
+            if entry.casefold() == want:
+                return child
+        return None
+
+    def open_node(self, node: ExtNode) -> Readable:
+        inode = self._inode(node.ino)
+        if inode.kind != "file":
+            self._corrupt(f"inode {node.ino} is not a regular file")
+        self._check_readable(inode)
+        return ExtFile(self, inode, f"{self.volume.name}:inode {node.ino}")
+
+    def readlink_node(self, node: ExtNode) -> str:
+        inode = self._inode(node.ino)
+        if inode.kind != "symlink":
+            self._corrupt(f"inode {node.ino} is not a symbolic link")
+        self._check_readable(inode)
+        if inode.size > MAX_SYMLINK:
+            self._corrupt(f"symbolic link inode {node.ino} is {inode.size} bytes long")
+        fast = (inode.size < N_BLOCKS_BYTES and not inode.flags & FL_INLINE_DATA
+                and not (inode.flags & FL_EXTENTS and inode.block[:2] == b"\x0a\xf3"))
+        if fast:
+            target = inode.block[:inode.size]
+        else:
+            target = ExtFile(self, inode, f"{self.volume.name}:inode {node.ino}").pread(0, inode.size)
+        if len(target) != inode.size or b"\0" in target:
+            self._corrupt(f"symbolic link inode {node.ino} is damaged")
+        return target.decode("utf-8", "surrogateescape")
+
+
+def open_ext(volume: Readable, info: FsInfo) -> ExtFilesystem:
+    return ExtFilesystem(volume, info)
+
+
+#: ext2, ext3 and ext4 share one identify and one reader; ``types`` names the three.
+SPEC = FilesystemSpec("ext4", identify, open_ext, types=("ext2", "ext3"))
