@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from diskport.guest.filesystems import ntfs
 from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Stat
 from diskport.guest.view import Readable
 
 #: Every known type, most specific signature first (an encrypted or RAID member before the filesystems whose
 #: signatures could show through it). Each module offers ``SPEC``.
 FILESYSTEMS: list[FilesystemSpec] = [
+    ntfs.SPEC,
 ]
 
 
