@@ -102,9 +102,9 @@ def parse_boot_sector(data: bytes) -> BootSector | None:
         return None
     if spc_code > 0x80:
         shift = 256 - spc_code
-        if shift > 31:
+        if shift > 20:
             return None
-        cluster = 1 << shift  # the negative-exponent form gives the cluster size in bytes
+        cluster = bps << shift  # the negative-exponent form: 2**-n sectors per cluster, for clusters > 64 KiB
     elif _power_of_two(spc_code):
         cluster = spc_code * bps
     else:
