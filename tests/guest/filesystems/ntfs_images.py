@@ -55,29 +55,36 @@ def write_fragmented(volume: Path, target: str, source: Path, pieces: int = 64) 
     """Copy ``source`` to ``target`` on ``volume`` in about ``pieces`` fragments.
 
     ntfs-3g allocates contiguously while it can (it refused, when tried, to fill holes left by truncated
-    fillers, and ``ntfsfallocate`` crashes on a sparse file), so the file is allocated piece by piece with
-    ``ntfsfallocate``, and after each piece a new pad file (``/frag-pad-NNNN``, one cluster) takes the cluster
-    where the piece ended, so the next piece cannot continue the run. ``ntfscp`` then writes the data into the
-    clusters already allocated (same size: no reallocation). The pad files stay on the volume."""
+    fillers, and ``ntfsfallocate`` crashes on a sparse file): it extends a file from the cluster after its last
+    one, and gives a new file the start of the largest free range. So the file starts as a new one-cluster file
+    (at the start of the largest free range), and before each further piece (``ntfsfallocate``) a new
+    one-cluster pad file (``/frag-pad-NNNN``, left on the volume) takes the cluster after it. This needs the
+    free space after the file to stay the largest free range: give the volume ample room (a sparse file costs
+    nothing). ``ntfscp`` then writes the data into the clusters already allocated (same size: no
+    reallocation)."""
     require_tool("ntfscp")
     require_tool("ntfsfallocate")
     cluster, _ = free_clusters(volume)
     size = source.stat().st_size
     piece = max(cluster, -(-size // pieces // cluster) * cluster)
-    empty = source.with_name(source.name + ".empty")
-    empty.write_bytes(b"")
+    first = source.with_name(source.name + ".first")
+    with open(source, "rb") as f:
+        first.write_bytes(f.read(cluster))  # as big as a pad, so that it lands where the pads will
+    pad = source.with_name(source.name + ".pad")
+    pad.write_bytes(b"\x5a" * cluster)
     try:
-        _run("ntfscp", volume, empty, target)
-        offset = 0
-        for k in range(-(-size // piece)):
+        _run("ntfscp", volume, first, target)
+        offset = min(cluster, size)
+        k = 0
+        while offset < size:
+            _run("ntfscp", volume, pad, f"/frag-pad-{k:04d}")
             length = min(piece, size - offset)
             _run("ntfsfallocate", "-o", str(offset), "-l", str(length), volume, target)
             offset += length
-            if offset < size:
-                _run("ntfscp", volume, empty, f"/frag-pad-{k:04d}")
-                _run("ntfsfallocate", "-l", str(cluster), volume, f"/frag-pad-{k:04d}")
+            k += 1
     finally:
-        empty.unlink()
+        first.unlink()
+        pad.unlink()
     _run("ntfscp", "-f", volume, source, target)
 
 
