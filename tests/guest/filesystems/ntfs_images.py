@@ -3,8 +3,8 @@ captures a folder into a WIM and applies it straight onto the unmounted volume i
 libntfs-3g; ``ntfscp`` cannot create folders).
 
 Fragmented files: wimlib and ntfs-3g allocate contiguously while the volume has room, so
-:func:`write_fragmented` allocates the file piece by piece, interleaved with clusters of a pad file
-(``/frag-pad``, which stays on the volume), then writes its data with ``ntfscp``.
+:func:`write_fragmented` allocates the file piece by piece with ``ntfsfallocate``, a new one-cluster pad file
+(``/frag-pad-NNNN``, left on the volume) between pieces, then writes its data with ``ntfscp``.
 
 Oracles for the tests: :func:`ntfsls_names`, :func:`ntfscat`, :func:`data_runs` (``ntfsinfo -v``).
 """

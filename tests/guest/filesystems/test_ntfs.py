@@ -89,13 +89,13 @@ def open_fs(path: Path) -> Iterator[tuple[NtfsFilesystem, GuestView]]:
         yield fs, view
 
 
-def walk(fs: NtfsFilesystem, path: str = "/") -> Iterator[str]:
+def walk(fs: NtfsFilesystem, path: str = "/", depth: int = 0) -> Iterator[str]:
     for name in fs.listdir(path):
         child = path.rstrip("/") + "/" + name
         yield child
         st = fs.stat(child, follow=False)
-        if st is not None and st.kind == "dir":
-            yield from walk(fs, child)
+        if st is not None and st.kind == "dir" and depth < 8:  # a hostile entry may name an ancestor
+            yield from walk(fs, child, depth + 1)
 
 
 def blkid(path: Path) -> dict[str, str]:
@@ -118,6 +118,8 @@ def test_identify_matches_blkid(tmp_path: Path, cluster: int, sector: int) -> No
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_bytes(pattern(70_000, 9))
+    for i in range(400):  # an index in INDX blocks: VCNs count clusters, or 512-byte units when clusters are larger
+        (src / "d" / f"name-{i:04d}").write_bytes(b"")
     vol = build_ntfs_volume(tmp_path / "v.img", src, 48 * MiB, cluster_size=cluster, sector_size=sector,
                             label=f"L{cluster}")
     expect = blkid(vol)
@@ -128,6 +130,8 @@ def test_identify_matches_blkid(tmp_path: Path, cluster: int, sector: int) -> No
         assert fs.info.details["sector_size"] == sector
         assert fs.info.size is not None and fs.info.size <= view.size and fs.info.size > view.size - 2 * sector
         assert sha(fs.read("/D/F", 1 << 20) or b"") == sha(ntfscat(vol, "/d/f"))
+        assert sorted(fs.listdir("/d")) == sorted(ntfsls_names(vol, "/d")) and len(fs.listdir("/d")) == 401
+        assert fs.lookup("/d/NAME-0399") is not None and fs.lookup("/d/name-0400") is None
 
 
 @pytest.mark.slow

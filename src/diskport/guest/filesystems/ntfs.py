@@ -467,10 +467,16 @@ class NtfsFilesystem(Filesystem[int]):
             key = entry.key
             if key is None or key.namespace == NS_DOS:
                 continue
+            self._check_parent(key, inode.number, what)
             number = entry.ref & REF_MASK
             if number == inode.number or (number < FIRST_USER_RECORD and key.name.startswith("$")):
                 continue
             yield key.name, entry.ref
+
+    def _check_parent(self, key: FileName, number: int, what: str) -> None:
+        if key.parent & REF_MASK != number:
+            raise corrupt(f"{what}: the entry {key.name!r} says its directory is record {key.parent & REF_MASK}",
+                          self.volume.name)
 
     def _check_child(self, vcn: int, visited: set[int], depth: int, what: str, limit: int | None = None) -> None:
         """A sub-node may be entered: not seen before in this walk, not too deep, within the walk's budget."""
@@ -523,6 +529,7 @@ class NtfsFilesystem(Filesystem[int]):
                 if order < 0:
                     return None
                 if order == 0 and key is not None:
+                    self._check_parent(key, inode.number, what)
                     if key.codes == codes:
                         return entry.ref
                     found.append(entry.ref)
