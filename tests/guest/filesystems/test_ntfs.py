@@ -486,3 +486,85 @@ def test_random_mutations_fail_cleanly(small_volume: bytes, tmp_path: Path) -> N
         slowest = max(slowest, time.monotonic() - began)
     assert outcomes["corrupt"] > 50 and outcomes["ok"] > 10, outcomes
     assert slowest < 5.0
+
+
+def test_runlist_with_an_absurd_length(small_volume: bytes, tmp_path: Path) -> None:
+    good = write(tmp_path, small_volume)
+    number = record_of(small_volume, good, "/dir/sub/big")
+
+    def edit(rec: bytearray) -> None:
+        pos = find_attr(rec, 0x80)
+        runs = pos + struct.unpack_from("<H", rec, pos + 0x20)[0]
+        size = rec[runs] & 0x0F
+        rec[runs + 1: runs + 1 + size] = ((1 << (8 * size - 1)) - 1).to_bytes(size, "little")
+    with pytest.raises(CorruptImage, match="exceeds the attribute"):
+        exercise(write(tmp_path, mutate_record(small_volume, number, edit)))
+
+
+@pytest.mark.parametrize(("flag", "word"), [(0x0001, "compressed"), (0x4000, "encrypted")])
+def test_compressed_and_encrypted_files_are_named(small_volume: bytes, tmp_path: Path, flag: int,
+                                                  word: str) -> None:
+    """LZNT1 is not decompressed and EFS not decrypted: opening such a file says so, naming it."""
+    good = write(tmp_path, small_volume)
+    number = record_of(small_volume, good, "/dir/sub/big")
+
+    def edit(rec: bytearray) -> None:
+        pos = find_attr(rec, 0x80)
+        struct.pack_into("<H", rec, pos + 0x0C, flag)
+    bad = write(tmp_path, mutate_record(small_volume, number, edit))
+    with open_image(bad) as img:
+        view = GuestView(img)
+        info = ntfs_identify(view)
+        assert info is not None
+        fs = NtfsFilesystem(view, info)
+        assert fs.read("/dir/file-001.txt", 1000) == pattern(137, 1)
+        with pytest.raises(UnsupportedImage, match=f"big is .*{word}"):
+            fs.open("/dir/sub/big")
+
+
+def test_other_reparse_points_are_not_read(tmp_path: Path) -> None:
+    """A reparse point other than a link (here a symlink's tag rewritten to WOF's, as compact-OS files carry):
+    kind "other", and its unnamed $DATA is not served as the file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    (src / "wof").symlink_to("f")
+    vol = build_ntfs_volume(tmp_path / "v.img", src, 8 * MiB)
+    image = vol.read_bytes()
+    number = _record_nofollow(vol, "/wof")
+
+    def edit(rec: bytearray) -> None:
+        pos = find_attr(rec, 0xC0)
+        value = pos + struct.unpack_from("<H", rec, pos + 0x14)[0]
+        struct.pack_into("<I", rec, value, 0x80000017)  # IO_REPARSE_TAG_WOF
+    bad = write(tmp_path, mutate_record(image, number, edit))
+    with open_image(bad) as img:
+        view = GuestView(img)
+        info = ntfs_identify(view)
+        assert info is not None
+        fs = NtfsFilesystem(view, info)
+        assert fs.stat("/wof") == fs.stat("/wof", follow=False) and fs.stat("/wof").kind == "other"  # type: ignore[union-attr]
+        assert fs.open("/wof") is None and fs.read("/f", 10) == b"data"
+
+
+def _record_nofollow(vol: Path, path: str) -> int:
+    with open_image(vol) as img:
+        view = GuestView(img)
+        info = ntfs_identify(view)
+        assert info is not None
+        node = NtfsFilesystem(view, info).lookup(path, follow=False)
+        assert node is not None
+        return node & 0xFFFFFFFFFFFF
+
+
+def test_missing_upcase_falls_back_to_casefold(small_volume: bytes, tmp_path: Path) -> None:
+    def edit(rec: bytearray) -> None:
+        struct.pack_into("<H", rec, 0x16, 0)  # $UpCase's record no longer in use
+    bad = write(tmp_path, mutate_record(small_volume, 10, edit))
+    with open_image(bad) as img:
+        view = GuestView(img)
+        info = ntfs_identify(view)
+        assert info is not None
+        fs = NtfsFilesystem(view, info)
+        assert fs.read("/DIR/File-005.TXT", 1000) == pattern(100 + 5 * 37, 5)
+        assert fs.upcase_source.startswith("casefold") and fs.info.details["upcase"] == fs.upcase_source
