@@ -568,3 +568,31 @@ def test_missing_upcase_falls_back_to_casefold(small_volume: bytes, tmp_path: Pa
         fs = NtfsFilesystem(view, info)
         assert fs.read("/DIR/File-005.TXT", 1000) == pattern(100 + 5 * 37, 5)
         assert fs.upcase_source.startswith("casefold") and fs.info.details["upcase"] == fs.upcase_source
+
+
+def test_dos_names_are_not_listed(small_volume: bytes, tmp_path: Path) -> None:
+    """An index entry in the DOS namespace (here an entry's namespace byte set to 2) is left out of listings, as
+    ntfsls leaves it out, and is still found by a lookup, as Windows finds 8.3 names."""
+    bad = bytearray(small_volume)
+    needle = "file-010.txt".encode("utf-16-le")
+    hits = []
+    start = 0
+    while (at := bytes(bad).find(needle, start)) >= 0:
+        base = at - at % 1024
+        if any(bad[base - k * 1024: base - k * 1024 + 4] == b"INDX" for k in range(4)):  # 4 KiB INDX blocks
+            hits.append(at)
+        start = at + 1
+    assert hits, "the INDX entry of file-010.txt"
+    at = hits[0]
+    assert bad[at - 2] == len("file-010.txt")
+    bad[at - 1] = 2
+    path = write(tmp_path, bad)
+    names = ntfsls_names(path, "/dir")
+    assert "file-010.txt" not in names and "file-011.txt" in names
+    with open_image(path) as img:
+        view = GuestView(img)
+        info = ntfs_identify(view)
+        assert info is not None
+        fs = NtfsFilesystem(view, info)
+        assert sorted(fs.listdir("/dir")) == sorted(names)
+        assert fs.read("/dir/FILE-010.TXT", 1000) == pattern(100 + 10 * 37, 10)
