@@ -373,9 +373,18 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
 @click.argument("image", type=click.Path(dir_okay=False))
 @FORMAT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="JSON with qemu-img info's field names.")
+@click.option("--guest", is_flag=True, help="Look inside the guest: partitions, filesystems, firmware, OS, "
+              "drivers, and the platform settings it needs.")
 @handle_errors
-def inspect(image: str, source_format: str | None, as_json: bool) -> None:
-    """Show an image's format, sizes and format-specific facts."""
+def inspect(image: str, source_format: str | None, as_json: bool, guest: bool) -> None:
+    """Show an image's format, sizes and format-specific facts; with --guest, what is inside it."""
+    if guest:
+        from diskport.guest import inspect_guest
+        from diskport.guest.render import render_guest
+
+        report = inspect_guest(image, source_format)
+        click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_guest(report))
+        return
     facts: dict[str, Any] = inspect_image(image, source_format)
     click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
 

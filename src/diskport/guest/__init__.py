@@ -5,3 +5,114 @@ bounded cache), :mod:`~diskport.guest.volumes` (partition tables), :mod:`~diskpo
 (superblock identification and read-only readers), :mod:`~diskport.guest.windows` (registry hives), then the
 facts drawn from them and the advice drawn from the facts alone.
 """
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from diskport.errors import DiskportError
+from diskport.formats import open_image
+from diskport.formats.base import DiskImage
+from diskport.guest.advice import advise
+from diskport.guest.facts import GuestReport, VolumeFacts
+from diskport.guest.filesystems import Filesystem, identify, open_filesystem
+from diskport.guest.firmware import firmware_facts
+from diskport.guest.linux import is_linux_root, linux_facts
+from diskport.guest.view import GuestView
+from diskport.guest.volumes import Partition, read_volumes
+from diskport.guest.windows.facts import is_windows_volume, windows_facts
+from diskport.sources.base import Source
+
+#: Volumes looked into at most (a disk with more partitions is reported, the rest not opened).
+MAX_VOLUMES = 128
+
+
+def inspect_guest(location: str | os.PathLike[str] | Source | DiskImage, fmt: str | None = None, *,
+                  scratch_dir: str | None = None) -> GuestReport:
+    """What is inside the disk and how it must boot, read without booting or converting it."""
+    if isinstance(location, DiskImage):
+        return inspect_image_guest(location)
+    with open_image(location, fmt, scratch_dir=scratch_dir) as image:
+        report = inspect_image_guest(image)
+        if not isinstance(location, Source):
+            report.filename = os.fspath(location)
+        return report
+
+
+def inspect_image_guest(image: DiskImage) -> GuestReport:
+    began = time.monotonic()
+    if not image.size_known:
+        from diskport.errors import UnsupportedImage
+
+        raise UnsupportedImage("the disk's size is learnt only by reading it all; guest inspection needs "
+                               "random access", path=image.source.name, fmt=image.format,
+                               hint="decompress it first, or inspect the converted disk")
+    view = GuestView(image)
+    report = GuestReport(filename=image.source.name, format=image.format, virtual_size=image.virtual_size,
+                         access=image.access)
+    table = read_volumes(view)
+    report.scheme, report.sector_size = table.scheme, table.sector_size
+    report.protective_mbr, report.hybrid_mbr = table.protective_mbr, table.hybrid_mbr
+    report.table_notes = list(table.notes)
+    parts = [p for p in table.partitions if not p.extended]
+    if table.scheme == "none":
+        parts = [Partition(number=0, start=0, size=view.size, type="", type_name=None, view=view)]
+    opened: list[tuple[Partition, Filesystem[Any]]] = []
+    for part in parts[:MAX_VOLUMES]:
+        facts = VolumeFacts(number=part.number, start=part.start, size=part.size, type=part.type or None,
+                            type_name=part.type_name, name=part.name, uuid=part.uuid, active=part.active,
+                            logical=part.logical)
+        report.volumes.append(facts)
+        try:
+            info = identify(part.view)
+        except DiskportError as e:
+            facts.error = str(e)
+            continue
+        if info is None:
+            continue
+        facts.filesystem, facts.version, facts.label, facts.fs_uuid = info.type, info.version, info.label, info.uuid
+        if info.type == "BitLocker":
+            report.warnings.append(f"partition {part.number} is BitLocker-encrypted: suspend or turn off "
+                                   "BitLocker before uploading, or the guest cannot be inspected and may ask "
+                                   "for its recovery key")
+        try:
+            fs = open_filesystem(part.view, info)
+        except DiskportError as e:
+            facts.error = str(e)
+            continue
+        if fs is not None:
+            facts.readable = True
+            opened.append((part, fs))
+    if len(parts) > MAX_VOLUMES:
+        report.warnings.append(f"{len(parts)} partitions: only the first {MAX_VOLUMES} were looked into")
+
+    report.firmware = firmware_facts(table, view, [(p, fs) for p, fs in opened if fs.type == "vfat"])
+    _find_os(report, opened)
+    report.advice = advise(report)
+    report.bytes_read, report.reads = view.stats.bytes_read, view.stats.reads
+    report.seconds = time.monotonic() - began
+    return report
+
+
+def _find_os(report: GuestReport, opened: list[tuple[Partition, Filesystem[Any]]]) -> None:
+    for part, fs in opened:
+        try:
+            if fs.type == "ntfs" and is_windows_volume(fs):
+                report.os, report.drivers = windows_facts(fs, part.number, report.warnings)
+                return
+            if fs.type != "ntfs" and is_linux_root(fs):
+                boot = next((b for p, b in opened if p is not part and _is_boot_volume(b)), None)
+                report.os, report.drivers, report.agents = linux_facts(fs, boot, part.number, report.warnings)
+                return
+        except DiskportError as e:
+            report.warnings.append(f"partition {part.number}: {e}")
+
+
+def _is_boot_volume(fs: Filesystem[Any]) -> bool:
+    """A separate /boot: kernels at its top, beside a bootloader folder."""
+    return any(n.startswith("vmlinuz-") for n in fs.listdir("/"))
+
+
+__all__ = ["GuestReport", "inspect_guest", "inspect_image_guest"]

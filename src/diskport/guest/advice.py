@@ -1,0 +1,86 @@
+"""Advice in the platform's terms, derived from the facts alone: one named rule per field.
+
+A rule's name is what a manifest comment cites to say why a field has its value. The platform's defaults are
+``firmware.bootloader: efi`` and a ``virtio`` disk bus and network, so the rules say when those must change:
+a BIOS-only disk needs ``bios``; a Windows guest without a boot-start viostor needs ``sata``; without netkvm,
+``e1000e``.
+"""
+
+from __future__ import annotations
+
+from diskport.guest.facts import AdviceItem, GuestReport
+
+
+def advise(report: GuestReport) -> list[AdviceItem]:
+    items = [_guest_os(report), _bootloader(report)]
+    items.append(_secure_boot(report, items[1].value))
+    items.append(_bus(report))
+    items.append(_network(report))
+    return items
+
+
+def _guest_os(r: GuestReport) -> AdviceItem:
+    if r.os.type == "windows":
+        return AdviceItem("guestOS", "windows", "os-windows", f"Windows found on partition {r.os.partition}")
+    if r.os.type == "linux":
+        return AdviceItem("guestOS", "linux", "os-linux", f"os-release found on partition {r.os.partition}")
+    return AdviceItem("guestOS", "linux", "os-unknown", "no operating system found; the platform's default")
+
+
+def _bootloader(r: GuestReport) -> AdviceItem:
+    fw = r.firmware
+    why = "; ".join(fw.reasons)
+    if fw.verdict == "bios":
+        return AdviceItem("firmware.bootloader", "bios", "firmware-bios-only", why)
+    if fw.verdict in ("efi", "bios+efi"):
+        rule = "firmware-efi" if fw.verdict == "efi" else "firmware-both-efi-default"
+        return AdviceItem("firmware.bootloader", "efi", rule, why)
+    return AdviceItem("firmware.bootloader", "efi", "firmware-unknown",
+                      f"no boot loader found ({why or 'nothing to read'}); the platform's default")
+
+
+def _secure_boot(r: GuestReport, loader: str | bool) -> AdviceItem:
+    if loader != "efi":
+        return AdviceItem("firmware.secureBoot", False, "secure-boot-needs-efi", "BIOS boot")
+    if r.firmware.secure_boot:
+        return AdviceItem("firmware.secureBoot", True, "secure-boot-signed", r.firmware.secure_boot_reason)
+    return AdviceItem("firmware.secureBoot", False, "secure-boot-unsigned", r.firmware.secure_boot_reason)
+
+
+def _bus(r: GuestReport) -> AdviceItem:
+    if r.os.type == "windows":
+        viostor = r.driver("viostor")
+        if viostor is not None and viostor.state == "installed":
+            return AdviceItem("bus", "virtio", "windows-viostor", viostor.evidence)
+        why = viostor.evidence if viostor is not None else "no SYSTEM hive"
+        return AdviceItem("bus", "sata", "windows-no-viostor",
+                          f"viostor is not loaded at boot ({why}): Windows would stop with "
+                          "INACCESSIBLE_BOOT_DEVICE on virtio; slipstream the virtio-win drivers before upload "
+                          "to use virtio")
+    if r.os.type == "linux":
+        blk = r.driver("virtio_blk")
+        if blk is not None and blk.state in ("builtin", "module"):
+            return AdviceItem("bus", "virtio", "linux-virtio-blk", f"virtio_blk {blk.state}: {blk.evidence}")
+        ahci = r.driver("ahci")
+        if ahci is not None and ahci.state == "missing":
+            return AdviceItem("bus", "virtio", "linux-no-disk-driver",
+                              "the kernel has neither virtio_blk nor ahci; virtio is the platform's default")
+        why = blk.evidence if blk is not None else "no kernel found"
+        return AdviceItem("bus", "sata", "linux-no-virtio-blk", f"virtio_blk not found ({why})")
+    return AdviceItem("bus", "virtio", "bus-default", "no operating system found; the platform's default")
+
+
+def _network(r: GuestReport) -> AdviceItem:
+    if r.os.type == "windows":
+        netkvm = r.driver("netkvm")
+        if netkvm is not None and netkvm.state == "installed":
+            return AdviceItem("network", "virtio", "windows-netkvm", netkvm.evidence)
+        return AdviceItem("network", "e1000e", "windows-no-netkvm",
+                          "netkvm (the VirtIO network driver) is not installed; Windows has e1000e inbox")
+    if r.os.type == "linux":
+        net = r.driver("virtio_net")
+        if net is not None and net.state in ("missing",):
+            return AdviceItem("network", "e1000e", "linux-no-virtio-net", net.evidence)
+        return AdviceItem("network", "virtio", "linux-virtio-net",
+                          net.evidence if net is not None else "the platform's default")
+    return AdviceItem("network", "virtio", "network-default", "the platform's default")

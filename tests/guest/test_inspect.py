@@ -1,0 +1,200 @@
+"""inspect_guest end to end on disks assembled here with Debian tools (sgdisk/sfdisk, mkfs.vfat + mtools,
+mkfs.ext4 -d, GRUB's boot.img and grub-mkimage images), read through several formats and over HTTP.
+
+The boot tests in tests/guest/boot prove, by booting under SeaBIOS and OVMF, the firmware verdicts these same
+kinds of layouts get; here every fact the report gives is checked against what the test put on the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diskport.guest import inspect_guest
+from tests.conftest import require_tool, run, run_cli
+from tests.guest.filesystems.images import mkfs_ext, mkfs_fat, mtools
+from tests.guest.support import blank, convert, patch, sfdisk, sgdisk
+
+MiB = 1024 * 1024
+SECTOR = 512
+KERNEL = "6.1.0-99-amd64"
+BOOT_IMG = Path("/usr/lib/grub/i386-pc/boot.img")
+
+
+def linux_tree(root: Path, *, virtio_blk: bool = True, fstab_device: str = "UUID=1234") -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "usr/lib/os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian '
+                                             'GNU/Linux"\nVERSION_ID="12"\nID=debian\n')
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (root / "etc/fstab").write_text(f"{fstab_device} / ext4 errors=remount-ro 0 1\n")
+    (root / "usr/bin").mkdir()
+    shutil.copy("/bin/dash", root / "usr/bin/sh")
+    (root / "bin").symlink_to("usr/bin")
+    shutil.copy("/bin/true", root / "usr/bin/cloud-init")
+    modules = root / "usr/lib/modules" / KERNEL
+    (modules / "kernel/drivers/ata").mkdir(parents=True)
+    (modules / "kernel/drivers/ata/ahci.ko.xz").write_bytes(b"module")
+    if virtio_blk:
+        (modules / "kernel/drivers/block").mkdir(parents=True)
+        (modules / "kernel/drivers/block/virtio_blk.ko.xz").write_bytes(b"module")
+    (modules / "modules.builtin").write_text("kernel/drivers/net/virtio_net.ko\nkernel/fs/ext4/ext4.ko\n")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "boot").mkdir()
+    (root / "boot" / f"vmlinuz-{KERNEL}").write_bytes(b"kernel")
+    (root / "boot" / f"config-{KERNEL}").write_text("CONFIG_SCSI_VIRTIO=m\n")
+    return root
+
+
+def efi_loader(tmp: Path) -> Path:
+    out = tmp / "BOOTX64.EFI"
+    run(require_tool("grub-mkimage"), "-O", "x86_64-efi", "-o", out, "-p", "/EFI/BOOT", "normal")
+    return out
+
+
+def grub_core(tmp: Path) -> Path:
+    out = tmp / "core.img"
+    run(require_tool("grub-mkimage"), "-O", "i386-pc", "-o", out, "-p", "(hd0,gpt3)/boot/grub", "biosdisk",
+        "part_gpt", "part_msdos", "ext2")
+    return out
+
+
+def write_boot_code(disk: Path) -> None:
+    patch(disk, 0, BOOT_IMG.read_bytes()[:440])
+
+
+def put(disk: Path, offset: int, source: Path) -> None:
+    patch(disk, offset, source.read_bytes())
+
+
+def gpt_linux_disk(tmp: Path, *, virtio_blk: bool = True, fstab_device: str = "UUID=1234") -> Path:
+    """GPT: 1 ESP with the UEFI fallback loader, 2 BIOS boot holding GRUB's core, 3 ext4 root."""
+    disk = blank(tmp / "gpt.raw", 160 * MiB)
+    sgdisk(disk, "-n", "1:2048:+32M", "-t", "1:EF00", "-c", "1:EFI System", "-n", "2:0:+1M", "-t", "2:EF02",
+           "-n", "3:0:0", "-t", "3:8304", "-c", "3:root")
+    esp = mkfs_fat(tmp / "esp.img", 16, 32 * 1024)
+    mtools("mmd", esp, "::EFI", "::EFI/BOOT")
+    mtools("mcopy", esp, str(efi_loader(tmp)), "::EFI/BOOT/BOOTX64.EFI")
+    put(disk, 2048 * SECTOR, esp)
+    put(disk, (2048 + 65536) * SECTOR, grub_core(tmp))
+    root = mkfs_ext(tmp / "root.img", linux_tree(tmp / "tree", virtio_blk=virtio_blk, fstab_device=fstab_device),
+                    size="100M")
+    put(disk, (2048 + 65536 + 2048) * SECTOR, root)
+    write_boot_code(disk)
+    return disk
+
+
+def mbr_linux_disk(tmp: Path) -> Path:
+    """MBR: GRUB boot code, its core in the gap, one active ext4 partition."""
+    disk = blank(tmp / "mbr.raw", 120 * MiB)
+    sfdisk(disk, "label: dos\nstart=2048, type=83, bootable\n")
+    put(disk, SECTOR, grub_core(tmp))
+    put(disk, 2048 * SECTOR, mkfs_ext(tmp / "root.img", linux_tree(tmp / "tree"), size="100M"))
+    write_boot_code(disk)
+    return disk
+
+
+def test_gpt_disk_with_both_loaders_is_bios_and_efi(tmp_path: Path) -> None:
+    report = inspect_guest(gpt_linux_disk(tmp_path, fstab_device="/dev/sda3"))
+    assert report.scheme == "gpt" and report.protective_mbr and not report.hybrid_mbr
+    assert [(v.number, v.filesystem) for v in report.volumes] == [(1, "vfat"), (2, None), (3, "ext4")]
+    fw = report.firmware
+    assert fw.verdict == "bios+efi" and fw.boot_code == "grub"
+    assert any("BIOS boot partition 2" in r for r in fw.reasons)
+    assert [(x.path, x.role, x.signed) for x in fw.loaders] == [("\\EFI\\BOOT\\BOOTX64.EFI", "fallback", False)]
+    assert not fw.secure_boot and "not signed" in fw.secure_boot_reason
+    assert report.os.type == "linux" and report.os.distribution == "debian" and report.os.version == "12"
+    assert report.os.pretty_name == "Debian GNU/Linux 12 (bookworm)" and report.os.partition == 3
+    assert report.os.kernels == [KERNEL] and report.os.architecture == "x86_64"
+    states = {d.name: d.state for d in report.drivers}
+    assert states == {"virtio_blk": "module", "virtio_scsi": "missing", "virtio_net": "builtin", "ahci": "module"}
+    assert report.agents["cloud-init"] and not report.agents["qemu-guest-agent"]
+    assert any("/dev/sda3" in w for w in report.warnings)
+    assert report.advised("firmware.bootloader") == "efi" and report.advised("firmware.secureBoot") is False
+    assert report.advised("bus") == "virtio" and report.advised("network") == "virtio"
+    assert report.advised("guestOS") == "linux"
+
+
+def test_mbr_grub_disk_is_bios_only_and_advised_bios(tmp_path: Path) -> None:
+    report = inspect_guest(mbr_linux_disk(tmp_path))
+    assert report.scheme == "mbr"
+    assert report.firmware.verdict == "bios" and report.firmware.boot_code == "grub"
+    assert any("gap" in r for r in report.firmware.reasons)
+    assert report.advised("firmware.bootloader") == "bios"
+    assert report.advised("firmware.secureBoot") is False
+
+
+def test_empty_gap_and_zeroed_code_are_not_bios_bootable(tmp_path: Path) -> None:
+    disk = mbr_linux_disk(tmp_path)
+    patch(disk, SECTOR, bytes(SECTOR * 2000))
+    assert inspect_guest(disk).firmware.verdict == "unknown"
+    patch(disk, 0, bytes(440))
+    report = inspect_guest(disk)
+    assert report.firmware.boot_code == "zero" and not report.firmware.bios
+
+
+def test_hybrid_mbr_with_zeroed_code_is_efi_only(tmp_path: Path) -> None:
+    disk = gpt_linux_disk(tmp_path)
+    sgdisk(disk, "-h", "1:3")
+    patch(disk, 0, bytes(440))
+    report = inspect_guest(disk)
+    assert report.hybrid_mbr
+    assert report.firmware.verdict == "efi"
+    assert any("zeroed" in r and "hybrid" in r for r in report.firmware.reasons)
+
+
+def test_linux_without_virtio_blk_is_advised_sata(tmp_path: Path) -> None:
+    report = inspect_guest(gpt_linux_disk(tmp_path, virtio_blk=False))
+    assert report.driver("virtio_blk") is not None and report.driver("virtio_blk").state == "missing"  # type: ignore[union-attr]
+    item = next(a for a in report.advice if a.field == "bus")
+    assert item.value == "sata" and item.rule == "linux-no-virtio-blk"
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vpc", "vdi"])
+def test_same_verdict_through_every_format(tmp_path: Path, fmt: str) -> None:
+    raw = gpt_linux_disk(tmp_path)
+    expected = inspect_guest(raw).to_json()
+    got = inspect_guest(convert(raw, fmt)).to_json()
+    for key in ("filename", "format", "read", "virtual-size", "access"):
+        expected.pop(key)
+        got.pop(key)
+    if fmt == "vpc":  # the VHD's CHS-rounded size moves the backup GPT; everything inside is the same
+        got["partition-table"]["notes"] = expected["partition-table"]["notes"]
+    assert got == expected
+
+
+def test_over_http_ranges_reads_little(tmp_path: Path, nginx: object) -> None:
+    raw = gpt_linux_disk(tmp_path)
+    image = convert(raw, "qcow2")
+    url = nginx.put("disk.qcow2", image.read_bytes())  # type: ignore[attr-defined]
+    report = inspect_guest(url)
+    assert report.firmware.verdict == "bios+efi" and report.os.distribution == "debian"
+    assert report.bytes_read < 4 * MiB, report.bytes_read
+
+
+def test_cli_json_and_text(tmp_path: Path) -> None:
+    disk = mbr_linux_disk(tmp_path)
+    out = run_cli("inspect", "--guest", "--json", disk)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["advice"]["firmware.bootloader"] == "bios"
+    assert data["os"]["distribution"] == "debian"
+    assert data["partitions"][0]["filesystem"] == "ext4"
+    assert {r["field"] for r in data["rules"]} == {"guestOS", "firmware.bootloader", "firmware.secureBoot", "bus",
+                                                    "network"}
+    text = run_cli("inspect", "--guest", disk)
+    assert text.returncode == 0 and "firmware.bootloader: bios" in text.stdout
+    assert "Debian GNU/Linux 12" in text.stdout
+
+
+def test_bare_volume_and_garbage_are_reported_not_refused(tmp_path: Path, testdata: Path) -> None:
+    report = inspect_guest(testdata / "ext2.qcow2")
+    assert report.scheme == "none" and report.volumes[0].filesystem == "ext2"
+    assert report.firmware.verdict == "unknown" and report.os.type == "unknown"
+    junk = tmp_path / "junk.raw"
+    junk.write_bytes(bytes(range(256)) * 8192)
+    report = inspect_guest(junk)
+    assert report.volumes[0].filesystem is None
