@@ -55,10 +55,13 @@ class LoaderFacts:
     signed: bool = False
     signer: str | None = None    # "Microsoft UEFI CA 2011", "Microsoft Windows Production PCA 2011", CN of another
     digest_ok: bool | None = None
+    #: Why a signature that is there could not be read, or why the loader could not be looked into.
+    problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"partition": self.partition, "path": self.path, "role": self.role, "machine": self.machine,
-                "signed": self.signed, "signer": self.signer, "digest-ok": self.digest_ok}
+                "signed": self.signed, "signer": self.signer, "digest-ok": self.digest_ok,
+                "problem": self.problem}
 
 
 @dataclass

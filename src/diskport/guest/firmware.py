@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from diskport.errors import DiskportError
-from diskport.guest.authenticode import read_signature
+from diskport.guest.authenticode import AUTHORITIES, read_signature
 from diskport.guest.facts import FirmwareFacts, LoaderFacts
 from diskport.guest.filesystems.base import Filesystem
 from diskport.guest.view import GuestView
@@ -36,8 +36,7 @@ VENDOR_LOADERS = {
     "systemd-bootx64.efi": "systemd-boot",
 }
 #: Signers whose certificates the platform's Secure Boot db (Microsoft's keys) trusts.
-TRUSTED_SIGNERS = ("Microsoft UEFI CA 2011", "Microsoft Windows Production PCA 2011", "Microsoft UEFI CA 2023",
-                   "Windows UEFI CA 2023")
+TRUSTED_SIGNERS = tuple(AUTHORITIES.values())
 
 
 def is_esp(part: Partition) -> bool:
@@ -123,14 +122,19 @@ def _efi(facts: FirmwareFacts, fat_volumes: list[tuple[Partition, Filesystem[Any
     if fallback is None:
         facts.secure_boot_reason = "no UEFI fallback loader"
     elif not fallback.signed:
-        facts.secure_boot_reason = f"{_windows_path(fallback.path)} is not signed"
-    elif fallback.digest_ok is False:
-        facts.secure_boot_reason = f"{_windows_path(fallback.path)} was changed after it was signed"
+        facts.secure_boot_reason = f"{fallback.path} is not signed" + (
+            f" ({fallback.problem})" if fallback.problem else "")
+    elif fallback.signer is None:
+        facts.secure_boot_reason = f"{fallback.path} has a signature that cannot be read ({fallback.problem})"
+    elif fallback.digest_ok is not True:
+        facts.secure_boot_reason = (f"{fallback.path} was changed after {fallback.signer} signed it"
+                                    if fallback.digest_ok is False else
+                                    f"{fallback.path}'s signed digest cannot be read ({fallback.problem})")
     elif fallback.signer in TRUSTED_SIGNERS:
         facts.secure_boot = True
-        facts.secure_boot_reason = f"{_windows_path(fallback.path)} signed by {fallback.signer}"
+        facts.secure_boot_reason = f"{fallback.path} signed by {fallback.signer}"
     else:
-        facts.secure_boot_reason = (f"{_windows_path(fallback.path)} signed by {fallback.signer}, which "
+        facts.secure_boot_reason = (f"{fallback.path} signed by {fallback.signer}, which "
                                     "Microsoft's Secure Boot keys do not trust")
 
 
@@ -152,12 +156,11 @@ def _loader(part: Partition, path: str, role: str, handle: Any) -> LoaderFacts:
     loader = LoaderFacts(partition=part.number, path=_windows_path(path), role=role)
     try:
         sig = read_signature(handle)
-    except DiskportError:
+    except DiskportError as e:
+        loader.problem = e.message
         return loader
-    loader.machine = sig.machine
-    loader.signed = sig.signed
-    loader.signer = sig.signer
-    loader.digest_ok = sig.digest_ok
+    loader.machine, loader.signed, loader.signer = sig.machine, sig.signed, sig.signer
+    loader.digest_ok, loader.problem = sig.digest_ok, sig.problem
     return loader
 
 
