@@ -179,13 +179,16 @@ def convert(source: str, destination: str, source_format: str | None, output_for
 @click.option("--platform", metavar="OS/ARCH", help="docker:// only: which image of an index [default: this "
                                                     "machine's].")
 @registry_options
+@click.option("--inspect", "inspect_guest", is_flag=True,
+              help="Look inside the disk written and print the guest's one-line verdict (OS, firmware, bus).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def import_(source: str, destination: str, size_text: str | None = None, output_format: str = "raw",
             checksum: str | None = None, ca_bundle: str | None = None, insecure: bool = False,
             headers: tuple[str, ...] = (), connections: int = 4, scratch: str | None = None, force: bool = False,
             progress_mode: str = "bar", metrics_port: int | None = None, platform: str | None = None,
-            tls_verify: bool = True, creds: str | None = None, quiet: bool = False) -> None:
+            tls_verify: bool = True, creds: str | None = None, inspect_guest: bool = False,
+            quiet: bool = False) -> None:
     """Import the disk at SOURCE (an http(s) URL, a file:// URL, a path, or docker://REF for a containerDisk
     image) into DESTINATION (file or block device), decompressed and converted (raw by default).
 
@@ -210,7 +213,14 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
                      download_total=0 if "://" in source else None) as job:
         result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
                               http=http, scratch_dir=scratch, force=force, job=job, platform=platform,
-                              registry=registry, credentials=credentials)
+                              registry=registry, credentials=credentials, inspect=inspect_guest)
+    if inspect_guest:
+        # The verdict is what was asked for: it shows even with -q, on stdout.
+        if result.guest is not None:
+            click.echo(f"{result.destination}: guest: {result.guest.verdict_line()}")
+        else:
+            click.echo(f"diskport: warning: {result.destination}: the guest could not be inspected: "
+                       f"{result.guest_error}", err=True)
     if not quiet:
         click.echo(f"{result.source}: {result.access}", err=True)
         layers = "".join(f", {layer}" for layer in result.compression)
@@ -310,6 +320,8 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
                  if image.layer else "")
         click.echo(f"{key}: disk/{image.disk_name} ({image.disk_format}, {human_size(image.disk_size)}){layer}",
                    err=True)
+        if image.guest is not None:
+            click.echo(f"{key}: guest: {image.guest.verdict_line()}", err=True)
     if result.docker_archive:
         archived = next(iter(result.images.values())).archive
         click.echo(f"wrote {result.docker_archive}" + (f" (image {archived.config_digest})" if archived else ""),
@@ -358,6 +370,8 @@ def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, c
 @click.option("--force", is_flag=True, help="Replace DESTINATION if it exists.")
 @click.option("--progress", "progress_mode", type=click.Choice(["bar", "json", "none"]), default="bar",
               show_default=True, help="bar (on a terminal), JSON lines on stderr, or nothing.")
+@click.option("--inspect", "inspect_guest", is_flag=True,
+              help="Look inside the disk written and print the guest's one-line verdict (OS, firmware, bus).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @click.pass_context
 def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any) -> None:

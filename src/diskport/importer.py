@@ -21,6 +21,7 @@ from diskport.destination import refuse_existing
 from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
+from diskport.guest.facts import GuestReport
 from diskport.progress import JobProgress
 from diskport.sources import open_source
 from diskport.sources.base import SliceSource, Source
@@ -60,6 +61,9 @@ class ImportResult:
     zero_bytes: int
     seconds: float
     checksum: str | None
+    #: With ``inspect``: guest inspection of the disk written, or why it could not be done.
+    guest: GuestReport | None = None
+    guest_error: str | None = None
 
 
 def import_image(location: str, destination: str | os.PathLike[str], *, size: int | None = None,
@@ -67,7 +71,8 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                  scratch_dir: str | None = None, force: bool = False, sync: bool = True,
                  job: JobProgress | None = None, platform: str | None = None,
                  registry: RegistryOptions | None = None,
-                 credentials: Credentials | Literal["auto"] | None = "auto") -> ImportResult:
+                 credentials: Credentials | Literal["auto"] | None = "auto",
+                 inspect: bool = False) -> ImportResult:
     """Import the disk at ``location`` into ``destination`` (a file or a block device).
 
     ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw
@@ -75,6 +80,8 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
     downloaded before the destination is put in place. The result is flushed to stable storage (``sync``).
     ``job`` receives the progress: bytes downloaded and converted, and the phase. A ``docker://REF`` location is
     a containerDisk image: ``platform`` picks from an index, ``registry`` and ``credentials`` say how to reach it.
+    With ``inspect``, the disk written is looked into afterwards (:func:`diskport.guest.inspect_guest`); a guest
+    that cannot be inspected does not fail the import, ``guest_error`` says why.
     """
     began = time.monotonic()
     dst = os.fspath(destination)
@@ -128,12 +135,23 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
         downloaded = http_source.downloaded if isinstance(http_source, HttpSource) else source.size
         if job is not None:
             job(stats.virtual_size, stats.virtual_size)
+        guest, guest_error = _inspect_written(dst, output_format) if inspect else (None, None)
         return ImportResult(source=location, destination=dst, source_format=image.format,
                             output_format=output_format, compression=list(image.compression),
                             access=image.access, virtual_size=stats.virtual_size, downloaded_bytes=downloaded,
                             data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
                             seconds=time.monotonic() - began,
-                            checksum=f"{expected[0]}:{expected[1]}" if expected else None)
+                            checksum=f"{expected[0]}:{expected[1]}" if expected else None,
+                            guest=guest, guest_error=guest_error)
+
+
+def _inspect_written(dst: str, output_format: str) -> tuple[GuestReport | None, str | None]:
+    from diskport.guest import inspect_guest
+
+    try:
+        return inspect_guest(dst, output_format), None
+    except DiskportError as e:
+        return None, str(e)
 
 
 def _verify(checks: list[Callable[[], None]], job: JobProgress | None) -> None:

@@ -128,6 +128,13 @@ class AdviceItem:
         return {"field": self.field, "value": self.value, "rule": self.rule, "reason": self.reason}
 
 
+#: Prefix of the labels ``build`` writes into a containerDisk's config and manifest annotations.
+LABEL_PREFIX = "io.diskport.guest."
+ADVICE_LABELS = {"guestOS": "guest-os", "firmware.bootloader": "bootloader", "firmware.secureBoot": "secure-boot",
+                 "bus": "bus", "network": "network"}
+VIRTIO_DRIVERS = ("viostor", "vioscsi", "netkvm", "virtio_blk", "virtio_scsi", "virtio_net")
+
+
 @dataclass
 class GuestReport:
     filename: str
@@ -156,6 +163,24 @@ class GuestReport:
     def advised(self, name: str) -> str | bool | None:
         item = next((a for a in self.advice if a.field == name), None)
         return None if item is None else item.value
+
+    def labels(self) -> dict[str, str]:
+        """The verdict as OCI labels/annotations (``build`` records them in the image; see the README)."""
+        def text(value: str | bool | None) -> str:
+            return str(value).lower() if isinstance(value, bool) else str(value or "")
+
+        labels = {
+            LABEL_PREFIX + "os": self.os.type or "unknown",
+            LABEL_PREFIX + "firmware": self.firmware.verdict,
+            LABEL_PREFIX + "verdict": self.verdict_line()[:1024],
+        }
+        if self.os.pretty_name:
+            labels[LABEL_PREFIX + "os-name"] = self.os.pretty_name[:256]
+        for item in self.advice:
+            labels[LABEL_PREFIX + ADVICE_LABELS[item.field]] = text(item.value)
+        drivers = sorted(d.name for d in self.drivers if d.state in ("builtin", "module", "installed"))
+        labels[LABEL_PREFIX + "virtio-drivers"] = ",".join(n for n in drivers if n in VIRTIO_DRIVERS)
+        return labels
 
     def verdict_line(self) -> str:
         """One line for ``import --inspect``: the OS, then the platform fields that matter."""

@@ -45,11 +45,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from diskport.engine import convert
-from diskport.errors import SourceError, UnsupportedImage, UsageError
+from diskport.errors import DiskportError, SourceError, UnsupportedImage, UsageError
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage
 from diskport.formats.compression import detect_compression
 from diskport.formats.vmdk import VmdkImage
+from diskport.guest.facts import GuestReport
 from diskport.oci import archive as docker_archive_mod
 from diskport.oci import layout as layout_mod
 from diskport.oci.archive import ArchiveResult, write_docker_archive
@@ -144,13 +145,14 @@ def default_output(disk: str) -> str:
     return os.path.join(os.curdir, _strip_suffixes(os.path.basename(os.path.normpath(disk))) + ".oci")
 
 
-def image_config(platform: Mapping[str, str], diff_ids: list[str], created: str) -> dict[str, Any]:
+def image_config(platform: Mapping[str, str], diff_ids: list[str], created: str,
+                 labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The OCI image config of a containerDisk (image-spec config.md); also the docker-archive's config."""
     config: dict[str, Any] = {
         "architecture": platform["architecture"],
         "os": platform.get("os", "linux"),
         "created": created,
-        "config": {},
+        "config": {"Labels": dict(labels)} if labels else {},
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
     }
     if platform.get("variant"):
@@ -158,8 +160,9 @@ def image_config(platform: Mapping[str, str], diff_ids: list[str], created: str)
     return config
 
 
-def _one_layer_config(platform: Mapping[str, str], created: str, diff_id: str) -> dict[str, Any]:
-    return image_config(platform, [diff_id], created)
+def _one_layer_config(platform: Mapping[str, str], created: str, labels: Mapping[str, str],
+                      diff_id: str) -> dict[str, Any]:
+    return image_config(platform, [diff_id], created, labels)
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,8 @@ class ImageResult:
     config: Descriptor | None = None     # in the layout
     manifest: Descriptor | None = None   # in the layout, with the platform
     archive: ArchiveResult | None = None
+    #: What guest inspection found in the disk (its labels are in the config and the manifest), or None.
+    guest: GuestReport | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,21 @@ class _Disk:
     path: str
     fmt: str
     compression: str | None
+
+
+def _inspect_guest(path: str, given: str, warnings: list[str],
+                   warn: Callable[[str], None] | None) -> GuestReport | None:
+    """Guest inspection of the disk packaged (a few MB read); a disk it cannot look into is built all the same."""
+    from diskport.guest import inspect_guest
+
+    try:
+        return inspect_guest(path)
+    except DiskportError as e:
+        text = f"{given}: the guest was not inspected, so the image carries no verdict labels: {e}"
+        warnings.append(text)
+        if warn is not None:
+            warn(text)
+        return None
 
 
 def _inspect(path: str, convert_to: str | None) -> _Disk:
@@ -358,6 +378,8 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
             if phase is not None and convert_to is not None:
                 phase(f"convert {key}")
             with _prepared(disk, convert_to, convert_compression, scratch, progress) as (path, name, fmt):
+                guest = _inspect_guest(path, disk.path, warnings, warn)
+                labels = guest.labels() if guest is not None else {}
                 if phase is not None:
                     phase(f"package {key}")
                 size = _file_size(path)
@@ -365,8 +387,9 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 layer = config = manifest = None
                 if writer is not None:
                     layer = write_layer(path, name, writer.blobs_dir, compression, mtime=mtime, progress=report)
-                    config = writer.add_json(image_config(disk.platform, [layer.diff_id], created), OCI_CONFIG)
-                    annotations = {ANNOTATION_CREATED: created, ANNOTATION_TITLE: name}
+                    config = writer.add_json(image_config(disk.platform, [layer.diff_id], created, labels),
+                                             OCI_CONFIG)
+                    annotations = {ANNOTATION_CREATED: created, ANNOTATION_TITLE: name, **labels}
                     if source:
                         annotations[ANNOTATION_SOURCE] = source
                     body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.to_json(),
@@ -375,10 +398,11 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 archived = None
                 if archive_path is not None:
                     archived = write_docker_archive(
-                        archive_path, path, name, functools.partial(_one_layer_config, disk.platform, created),
+                        archive_path, path, name,
+                        functools.partial(_one_layer_config, disk.platform, created, labels),
                         mtime=mtime, repo_tags=[tag] if tag else [], force=force, progress=report)
                 images[key] = ImageResult(disk.platform, disk.path, disk.fmt, name, fmt, size,
-                                          convert_to is not None, layer, config, manifest, archived)
+                                          convert_to is not None, layer, config, manifest, archived, guest)
         if writer is not None:
             manifests = [image.manifest for image in images.values() if image.manifest is not None]
             if len(manifests) == 1:
