@@ -384,19 +384,38 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
 
 
 @main.command()
-@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("image")
 @FORMAT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="JSON with qemu-img info's field names.")
 @click.option("--guest", is_flag=True, help="Look inside the guest: partitions, filesystems, firmware, OS, "
               "drivers, and the platform settings it needs.")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
+              help="--guest: CA certificates for https and registries.")
+@click.option("--insecure", is_flag=True, help="--guest: do not verify an https server's TLS certificate.")
+@click.option("--platform", metavar="OS/ARCH", help="--guest, docker:// only: which image of an index.")
+@registry_options
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="--guest: folder to spool a compressed disk to [default: the system's temporary folder].")
 @handle_errors
-def inspect(image: str, source_format: str | None, as_json: bool, guest: bool) -> None:
-    """Show an image's format, sizes and format-specific facts; with --guest, what is inside it."""
+def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, ca_bundle: str | None = None,
+            insecure: bool = False, platform: str | None = None, tls_verify: bool = True, creds: str | None = None,
+            scratch: str | None = None) -> None:
+    """Show an image's format, sizes and format-specific facts; with --guest, what is inside it.
+
+    IMAGE is a path or an http(s) URL (read with range requests); with --guest also docker://REF (the disk of
+    a containerDisk image).
+    """
     if guest:
         from diskport.guest import inspect_guest
         from diskport.guest.render import render_guest
 
-        report = inspect_guest(image, source_format)
+        registry: Any = None
+        credentials: Any = "auto"
+        if image.startswith("docker://"):
+            registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, image)
+        http = HttpOptions(ca_bundle=ca_bundle, insecure=insecure)
+        report = inspect_guest(image, source_format, scratch_dir=scratch, http=http, platform=platform,
+                               registry=registry, credentials=credentials)
         click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_guest(report))
         return
     facts: dict[str, Any] = inspect_image(image, source_format)

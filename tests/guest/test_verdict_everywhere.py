@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diskport.guest import inspect_guest
 from diskport.guest.facts import LABEL_PREFIX
-from tests.conftest import run_cli
+from tests.conftest import require_tool, run, run_cli
 from tests.guest.support import convert
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
 from tests.registry_servers import RegistryServer
@@ -73,3 +73,36 @@ def test_build_of_a_disk_it_cannot_look_into_still_builds(tmp_path: Path) -> Non
     manifest = json.loads((tmp_path / "blank.oci/blobs/sha256" / digest).read_text())
     assert manifest["annotations"][LABEL_PREFIX + "os"] == "unknown"
     assert manifest["annotations"][LABEL_PREFIX + "firmware"] == "unknown"
+
+
+def test_inspect_guest_over_a_registry_in_place_and_spooled(registry: RegistryServer, tmp_path: Path) -> None:
+    raw = mbr_linux_disk(tmp_path)
+    expected = inspect_guest(raw)
+    for compression, how in (("none", "in place"), ("gzip", "spooled")):
+        ref = f"{registry.name}/cd/inspect-{compression}:v1"
+        built = run_cli("build", raw, "-t", ref, "--push", "--compression", compression, "-q", cwd=tmp_path)
+        assert built.returncode == 0, built.stderr
+        out = run_cli("inspect", f"docker://{ref}", "--guest", "--json", "--tls-verify=false",
+                      "--scratch", tmp_path)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        assert got["advice"] == {a.field: a.value for a in expected.advice}
+        assert got["os"]["pretty-name"] == "Debian GNU/Linux 12 (bookworm)"
+        assert got["filename"] == f"docker://{ref}"
+        assert how in got["access"], got["access"]
+        if compression == "none":
+            assert got["read"]["bytes"] < 4 * 1024 * 1024, got["read"]
+
+
+def test_compressed_files_are_spooled_and_say_so(tmp_path: Path) -> None:
+    raw = mbr_linux_disk(tmp_path)
+    expected = inspect_guest(raw)
+    qcow2 = convert(raw, "qcow2")
+    for path, tool in ((raw, "gzip"), (qcow2, "xz")):
+        run(require_tool(tool), "-k", "-1", path)
+        packed = path.with_name(path.name + (".gz" if tool == "gzip" else ".xz"))
+        report = inspect_guest(packed, scratch_dir=str(tmp_path))
+        assert report.access.startswith("spooled:"), report.access
+        assert [(a.field, a.value) for a in report.advice] == [(a.field, a.value) for a in expected.advice]
+        assert report.os.pretty_name == expected.os.pretty_name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".diskport")) == [], "spools removed"

@@ -86,9 +86,10 @@ def declared_size(name: str, head: bytes) -> int | None:
 
 
 def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: str | None,
-                size_limit: int | None) -> DiskImage:
+                size_limit: int | None, random_access: bool = False) -> DiskImage:
     """Open an image that can only be read in order (inside a compressed file, or a ``sequential`` source):
-    straight from the stream when its format allows, else spooled to scratch first."""
+    straight from the stream when its format allows and ``random_access`` is not asked for, else spooled to
+    scratch first."""
     stream = DecompressingStream(source, kind)
     try:
         head_buf = bytearray(HEAD_SIZE)
@@ -101,11 +102,11 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         name = ALIASES.get(fmt, fmt) if fmt else _choose(probe_scores(view, head), view, probe_only=True)
         limit = size_limit if size_limit is not None else MAX_STREAM_SIZE
         image: DiskImage
-        if name in STREAMABLE:
+        if name in STREAMABLE and not random_access:
             image = StreamedRawImage(stream, head, name, limit=limit, fixed_vhd_footer=vhd.fixed_footer_size)
             image.access = f"stream: {name} is read straight from {stream.label}"
             return image
-        if name == "vmdk" and vmdk.is_stream_optimized(head):
+        if name == "vmdk" and vmdk.is_stream_optimized(head) and not random_access:
             image = vmdk.StreamedVmdkImage(stream, head)
             image.access = f"stream: streamOptimized VMDK is read straight from {stream.label}"
             return image
@@ -126,7 +127,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         image.close_with(source.close)
         image.outer = source
         image.compression = [kind] if kind else []
-        image.access = f"spooled: {name} needs random access, so {stream.label} was copied to scratch first"
+        needs = "random access was asked for" if name in STREAMABLE or name == "vmdk" else f"{name} needs random access"
+        image.access = f"spooled: {needs}, so {stream.label} was copied to scratch first"
         return image
     except BaseException:
         stream.close()
@@ -159,17 +161,17 @@ def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) ->
 
 
 def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | None = None,
-                  size_limit: int | None = None) -> DiskImage:
+                  size_limit: int | None = None, random_access: bool = False) -> DiskImage:
     """Open ``source`` as ``fmt``, or as the format its content shows.
 
     A compressed file, or a source that can only be read in order, is opened through :func:`open_stream`;
     ``scratch_dir`` is where a random-access format
-    inside one is spooled, and ``size_limit`` bounds a raw disk inside one.
+    inside one is spooled (any format, with ``random_access``), and ``size_limit`` bounds a raw disk inside one.
     """
     head = read_head(source)
     compression = detect_compression(head)
     if compression or source.sequential:
-        return open_stream(source, compression, fmt, scratch_dir, size_limit)
+        return open_stream(source, compression, fmt, scratch_dir, size_limit, random_access)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)
         if name not in FORMATS:
@@ -180,11 +182,13 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
 
 
 def open_image(location: str | os.PathLike[str] | Source, fmt: str | None = None, *,
-               scratch_dir: str | None = None, size_limit: int | None = None) -> DiskImage:
+               scratch_dir: str | None = None, size_limit: int | None = None,
+               random_access: bool = False) -> DiskImage:
     """Open a disk image from a path or a :class:`Source`; the caller closes it (it is a context manager)."""
     source = location if isinstance(location, Source) else open_source(location)
     try:
-        return open_detected(source, fmt, scratch_dir=scratch_dir, size_limit=size_limit)
+        return open_detected(source, fmt, scratch_dir=scratch_dir, size_limit=size_limit,
+                             random_access=random_access)
     except BaseException:
         if not isinstance(location, Source):
             source.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from diskport.errors import DiskportError
 from diskport.formats import open_image
@@ -23,22 +23,52 @@ from diskport.guest.linux import is_linux_root, linux_facts
 from diskport.guest.view import GuestView
 from diskport.guest.volumes import Partition, read_volumes
 from diskport.guest.windows.facts import is_windows_volume, windows_facts
+from diskport.sources import open_source
 from diskport.sources.base import Source
+
+if TYPE_CHECKING:
+    from diskport.oci.auth import Credentials
+    from diskport.oci.registry import RegistryOptions
+    from diskport.sources.http import HttpOptions
 
 #: Volumes looked into at most (a disk with more partitions is reported, the rest not opened).
 MAX_VOLUMES = 128
 
 
 def inspect_guest(location: str | os.PathLike[str] | Source | DiskImage, fmt: str | None = None, *,
-                  scratch_dir: str | None = None) -> GuestReport:
-    """What is inside the disk and how it must boot, read without booting or converting it."""
+                  scratch_dir: str | None = None, http: HttpOptions | None = None, platform: str | None = None,
+                  registry: RegistryOptions | None = None,
+                  credentials: Credentials | Literal["auto"] | None = "auto") -> GuestReport:
+    """What is inside the disk and how it must boot, read without booting or converting it.
+
+    ``location`` is a path, an ``http(s)://`` URL (read with range requests), ``docker://REF`` (the disk inside a
+    containerDisk image: an uncompressed layer is read in place, a compressed one spooled to ``scratch_dir``),
+    an open :class:`Source` or :class:`DiskImage`. ``http``, ``platform``, ``registry`` and ``credentials`` are
+    as for :func:`diskport.import_image`.
+    """
     if isinstance(location, DiskImage):
         return inspect_image_guest(location)
-    with open_image(location, fmt, scratch_dir=scratch_dir) as image:
-        report = inspect_image_guest(image)
-        if not isinstance(location, Source):
-            report.filename = os.fspath(location)
-        return report
+    text = None if isinstance(location, Source) else os.fspath(location)
+    found = ""
+    source: Source | None = None
+    if text is not None and text.startswith("docker://"):
+        from diskport.oci.pull import open_registry_disk  # the registry client only for registry images
+
+        source, pulled = open_registry_disk(text, platform=platform, registry=registry, credentials=credentials,
+                                            http=http)
+        found = f"disk/{pulled.disk_name} in {pulled.access}; "
+    elif text is not None and "://" in text:
+        source = open_source(text, http)
+    try:
+        with open_image(source or location, fmt, scratch_dir=scratch_dir, random_access=True) as image:
+            report = inspect_image_guest(image)
+    finally:
+        if source is not None:
+            source.close()
+    report.access = found + report.access
+    if text is not None:
+        report.filename = text
+    return report
 
 
 def inspect_image_guest(image: DiskImage) -> GuestReport:
