@@ -7,7 +7,7 @@ else in these hives is hivex's doing: :func:`merge` feeds it a regedit file list
 children (hivexregedit adds one level at a time).
 
 hivex writes only ``lh`` subkey lists and one plain cell per value however large, never an ``ri`` index or a
-``db`` big-data cell (checked by :func:`cell_kinds`): :func:`split_subkeys_into_ri` and :func:`make_big_data`
+``db`` big-data cell (checked by :func:`cell_kinds`): :func:`rewrite_subkey_list` and :func:`make_big_data`
 rewrite such parts of a hivex hive by hand, in a new hive bin appended to it, so the reader meets the
 structures Windows writes; hivex reads both and stays the oracle.
 
@@ -193,7 +193,16 @@ def export(hive: Path, path: str, prefix: str = "") -> str:
     """``hivexregedit --export`` of ``path``, recursively."""
     args = [require_tool("hivexregedit"), "--export"] + (["--prefix", prefix] if prefix else []) + [
         os.fspath(hive), "\\" + path.strip("\\")]
-    return subprocess.run(args, check=True, capture_output=True, text=True, encoding="utf-8").stdout
+    raw = subprocess.run(args, check=True, capture_output=True).stdout
+    return "\n".join(_perl_line(line) for line in raw.split(b"\n"))
+
+
+def _perl_line(line: bytes) -> str:
+    """Perl prints a string holding only Latin-1 characters as Latin-1 bytes and any other as UTF-8."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("latin-1")
 
 
 def parse_export(text: str) -> dict[str, dict[str, tuple[int, bytes]]]:
@@ -333,25 +342,37 @@ def find_value(path: Path, key: int, name: str) -> int:
     raise AssertionError(f"no value {name}")
 
 
-def split_subkeys_into_ri(path: Path, key_name: str, pieces: int) -> int:
-    """Replace the ``lh`` list of key ``key_name`` by an ``ri`` index of ``pieces`` ``lh`` lists (in order, as
-    Windows splits a long list). Returns the ri cell's offset."""
+def rewrite_subkey_list(path: Path, key_name: str, kind: str = "lh", pieces: int = 1) -> int:
+    """Replace the ``lh`` list hivex wrote for key ``key_name`` by ``kind`` lists (``lh``, ``lf`` with name
+    hints, or ``li`` with offsets only), split in order into ``pieces`` lists under an ``ri`` index when
+    ``pieces`` > 1, as Windows splits a long list. Returns the new list's offset (the ri when there is one)."""
     key = find_key(path, key_name)
     hive = Appender(path)
     (sublist,) = struct.unpack_from("<I", hive.read(key, 32), 28)
     head = hive.read(sublist, 4)
     assert head[:2] == b"lh", head
     (count,) = struct.unpack_from("<H", head, 2)
-    entries = hive.read(sublist, 4 + 8 * count)[4:]
+    entries = [struct.unpack_from("<II", hive.read(sublist, 4 + 8 * count), 4 + 8 * i) for i in range(count)]
+
+    def entry(nk: int, lh_hash: int) -> bytes:
+        if kind == "li":
+            return struct.pack("<I", nk)
+        if kind == "lh":
+            return struct.pack("<II", nk, lh_hash)
+        length = struct.unpack_from("<H", hive.read(nk, 76), 72)[0]
+        return struct.pack("<I", nk) + hive.read(nk, 76 + min(length, 4))[76:].ljust(4, b"\0")
+
     step = -(-count // pieces)
     lists = []
     for i in range(0, count, step):
-        part = entries[i * 8: (i + step) * 8]
-        lists.append(hive.add(struct.pack("<2sH", b"lh", len(part) // 8) + part))
-    ri = hive.add(struct.pack("<2sH", b"ri", len(lists)) + b"".join(struct.pack("<I", x) for x in lists))
-    struct.pack_into("<I", hive.data, BASE + key + 4 + 28, ri)
+        part = entries[i: i + step]
+        lists.append(hive.add(struct.pack("<2sH", kind.encode(), len(part)) + b"".join(entry(*e) for e in part)))
+    new = lists[0]
+    if pieces > 1:
+        new = hive.add(struct.pack("<2sH", b"ri", len(lists)) + b"".join(struct.pack("<I", x) for x in lists))
+    struct.pack_into("<I", hive.data, BASE + key + 4 + 28, new)
     hive.close()
-    return ri
+    return new
 
 
 def make_big_data(path: Path, key_name: str, value_name: str, segment: int = 16344) -> int:
@@ -400,14 +421,25 @@ def software_hive(path: Path, *, product: str = "Windows 10 Pro", edition: str =
     return path
 
 
-def pad_hive(path: Path, prefix: str, under: str, count: int, value_bytes: int, batch: int = 5000) -> None:
-    """``count`` keys ``under\\.extNNNNNN`` each with a binary value of ``value_bytes`` (merged in batches)."""
+def pad_hive(path: Path, prefix: str, under: str, count: int, value_bytes: int, *, group: int = 100,
+             batch: int = 5000) -> None:
+    """``count`` keys ``under\\gNNN\\.extNNNNNN`` (``group`` to a folder; all in ``under`` itself when 0), each
+    with a default value and, if ``value_bytes``, a binary one of that size, merged in batches.
+
+    hivex writes a key's grown subkey list anew and leaves the old one as garbage, so n subkeys of one key cost
+    about 4 n**2 bytes: grouping keeps a padded hive as compact as Windows keeps its own."""
     blob = bytes((i * 7) & 0xFF for i in range(value_bytes))
     for start in range(0, count, batch):
         keys: dict[str, Mapping[str, RegValue]] = {}
         for i in range(start, min(count, start + batch)):
-            keys[f"{under}\\.ext{i:06d}"] = {"": f"file{i}", "Data": blob} if value_bytes else {"": f"file{i}"}
+            folder = f"{under}\\g{i // group:03d}" if group else under
+            keys[f"{folder}\\.ext{i:06d}"] = {"": f"file{i}", "Data": blob} if value_bytes else {"": f"file{i}"}
         merge(path, prefix, keys)
+
+
+def padded_key(under: str, i: int, group: int = 100) -> str:
+    """The path :func:`pad_hive` gave its ``i``-th key."""
+    return f"{under}\\g{i // group:03d}\\.ext{i:06d}" if group else f"{under}\\.ext{i:06d}"
 
 
 def system_hive(path: Path, *, current: int = 2, drivers: Mapping[str, int | None] | None = None,
