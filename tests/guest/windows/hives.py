@@ -443,11 +443,11 @@ def padded_key(under: str, i: int, group: int = 100) -> str:
 
 
 def system_hive(path: Path, *, current: int = 2, drivers: Mapping[str, int | None] | None = None,
-                hiberboot: int = 0, architecture: str = "AMD64", decoy_set: int | None = 1) -> Path:
+                hiberboot: int = 0, architecture: str = "AMD64", decoy: bool = True) -> Path:
     """A SYSTEM hive whose ``Select\\Current`` is ``current``: ``ControlSet{current:03d}`` holds the Services keys
     of ``drivers`` (name -> Start, None for no Start value), the architecture and HiberbootEnabled; the
-    ``decoy_set`` control set says the opposite of every one (all drivers boot-start, another architecture,
-    Fast Startup on), so reading the wrong set fails the tests."""
+    decoy control set (ControlSet001, or 002 when 001 is current) says the opposite of every one (all drivers
+    boot-start, another architecture, Fast Startup flipped), so reading the wrong set fails the tests."""
     drivers = {"viostor": 0, "vioscsi": 0, "netkvm": 3} if drivers is None else drivers
     keys: dict[str, Mapping[str, RegValue]] = {
         "Select": {"Current": current, "Default": current, "Failed": 0, "LastKnownGood": current},
@@ -472,6 +472,6 @@ def system_hive(path: Path, *, current: int = 2, drivers: Mapping[str, int | Non
             keys[f"{cs}\\Services\\{name}"] = values
 
     control_set(current, True)
-    if decoy_set is not None:
-        control_set(decoy_set, False)
+    if decoy:
+        control_set(1 if current != 1 else 2, False)
     return build_hive(path, SYSTEM_PREFIX, keys)
