@@ -366,6 +366,9 @@ def test_value_sizes_that_lie(sample: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedImage, match="exceeds"):
         assert key.value("Sz").data  # type: ignore[union-attr]
     assert source.bytes_read < 64 * regf.PAGE
+    source = Counted(hostile(sample, tmp_path, [(sz + 4, "<I", 0x80000000)]))   # bit 31: resident, 0 bytes
+    key = Hive(source).open_key("Software\\Vendor\\Product")
+    assert key is not None and key.value("Sz").data == b""  # type: ignore[union-attr]
     path = hostile(sample, tmp_path, [(sz + 4, "<I", 0x80000000 | 0x7FFFFFFF)])
     refused(path, "resident bytes", value="Sz")
     path = hostile(sample, tmp_path, [(sz + 4, "<I", 5000)])
