@@ -42,6 +42,8 @@ class WindowsLayout:
     services: Mapping[str, int | None] = field(default_factory=lambda: {"viostor": 0, "vioscsi": 4, "netkvm": 3})
     #: .sys files in System32\drivers
     sys_files: tuple[str, ...] = ("viostor", "vioscsi", "netkvm")
+    #: drivers staged in System32\DriverStore\FileRepository (NAME.inf_amd64_<hash>)
+    staged: tuple[str, ...] = ()
     architecture: str = "AMD64"
     hiberboot: int = 0
     hiberfil: bytes | None = None              # hiberfil.sys's first bytes, None for no file
@@ -64,7 +66,10 @@ def windows_tree(root: Path, layout: WindowsLayout) -> Path:
     for name in ("disk", "storahci", *layout.sys_files):
         (drivers / f"{name}.sys").write_bytes(b"MZ" + name.encode() * 100)
     (root / "Windows/System32/DriverStore/FileRepository").mkdir(parents=True)
-    (root / "Windows/System32/DriverStore/FileRepository/disk.inf_amd64_0123456789abcdef").mkdir()
+    for name in ("disk", *layout.staged):
+        folder = root / f"Windows/System32/DriverStore/FileRepository/{name}.inf_amd64_0123456789abcdef"
+        folder.mkdir()
+        (folder / f"{name}.sys").write_bytes(b"MZ" + name.encode() * 100)
     (root / "Windows/explorer.exe").write_bytes(b"MZ explorer")
     (root / "Program Files").mkdir()
     (root / "Users/Public").mkdir(parents=True)

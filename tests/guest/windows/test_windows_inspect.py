@@ -116,6 +116,17 @@ def test_viostor_not_boot_start_is_not_enough(tmp_path: Path) -> None:
     assert rule(report, "network") == ("virtio", "windows-netkvm")
 
 
+def test_drivers_only_staged_in_the_driver_store(tmp_path: Path) -> None:
+    """Staged but never installed: Plug and Play installs netkvm when the NIC appears, but viostor is needed
+    before that, to find the boot disk."""
+    layout = WindowsLayout(services={}, sys_files=(), staged=("viostor", "netkvm"))
+    report = inspect_guest(windows_disk(tmp_path, layout))
+    assert states(report) == {"viostor": "missing", "vioscsi": "missing", "netkvm": "installed"}
+    assert "only staged in the DriverStore" in report.driver("viostor").evidence  # type: ignore[union-attr]
+    assert rule(report, "bus") == ("sata", "windows-no-viostor")
+    assert rule(report, "network") == ("virtio", "windows-netkvm")
+
+
 def test_windows_server_core_arm64(tmp_path: Path) -> None:
     """Server 2022 (build 20348: no renaming), Server Core, ARM64, only CurrentBuild written."""
     layout = WindowsLayout(product="Windows Server 2022 Datacenter", edition="ServerDatacenter",
