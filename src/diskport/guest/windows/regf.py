@@ -16,9 +16,11 @@ later in a ``db`` big-data cell listing segments of 16344 bytes), ``sk`` securit
 
 What is checked, because the bytes may be hostile: the checksum and signature of the base block; the hive bins
 size against the file; every cell offset against the bins, its bin's ``hbin`` header (offset field must match),
-its size against its bin; every count against the cell that holds it; list cycles (a list offset seen twice),
-``ri`` nesting (:data:`MAX_RI_DEPTH`), value sizes (:data:`MAX_VALUE` by default), ``db`` segment counts against
-the value size. Any inconsistency raises :class:`~diskport.errors.CorruptImage` with ``fmt="regf"``.
+its size against its bin; every count against the cell that holds it, a key's subkey count against its lists;
+list cycles (a list offset seen twice); a listed key's parent field against the key that lists it (else a key
+could list its own ancestor and the tree would loop); ``ri`` nesting (:data:`MAX_RI_DEPTH`); value sizes
+(:data:`MAX_VALUE` by default); ``db`` segment counts against the value size. Any inconsistency raises
+:class:`~diskport.errors.CorruptImage` with ``fmt="regf"``.
 
 A hive whose sequence numbers differ was not cleanly written (Windows 8 and later write hives lazily; the newest
 changes may live in the transaction logs): it is read as it is on disk and reported as :attr:`Hive.dirty`. The
@@ -262,6 +264,18 @@ class Hive:
                     yield nk, None, None
 
         yield from walk(list_offset, 0)
+        if budget[0]:
+            raise self._corrupt(f"subkey lists hold {count - budget[0]} entries, fewer than the key counts ({count})",
+                                BASE + list_offset)
+
+    def _child(self, parent: Key, offset: int) -> Key:
+        """The key node at ``offset`` listed by ``parent``, which it must name as its parent: a key listed
+        under another (its own child, say) would make the tree a loop."""
+        key = self._key(offset)
+        if key.parent_offset != parent.offset:
+            raise self._corrupt(f"key node at {offset:#x} listed under key {parent.name!r} names another parent "
+                                f"({key.parent_offset:#x})", BASE + offset)
+        return key
 
     # --- API ----------------------------------------------------------------------------------------------
 
@@ -313,7 +327,7 @@ class Key:
         return self.hive._subkey_offsets(self._subkey_list, self.subkey_count)
 
     def subkeys(self) -> list[Key]:
-        return [self.hive._key(off) for off, _h, _hint in self._entries()]
+        return [self.hive._child(self, off) for off, _h, _hint in self._entries()]
 
     def subkey(self, name: str) -> Key | None:
         """The child named ``name`` (case-insensitive), else None. ``lh`` hashes and ``lf`` hints skip the
@@ -328,7 +342,7 @@ class Key:
             if (ascii_name and entry_hint is not None and hint is not None
                     and fold(entry_hint.rstrip(b"\0").decode("latin-1")) != hint.decode("latin-1")):
                 continue
-            key = self.hive._key(off)
+            key = self.hive._child(self, off)
             if fold(key.name) == want:
                 return key
         return None
