@@ -31,6 +31,8 @@ def linux_tree(root: Path, *, virtio_blk: bool = True, fstab_device: str = "UUID
                                              'GNU/Linux"\nVERSION_ID="12"\nID=debian\n')
     (root / "etc/os-release").symlink_to("../usr/lib/os-release")
     (root / "etc/fstab").write_text(f"{fstab_device} / ext4 errors=remount-ro 0 1\n")
+    (root / "var/lib/dpkg").mkdir(parents=True)  # virt-inspector (bench/guest.py) reads a Debian's package list
+    (root / "var/lib/dpkg/status").write_text("Package: base-files\nStatus: install ok installed\nVersion: 12.4\n\n")
     (root / "usr/bin").mkdir()
     shutil.copy("/bin/dash", root / "usr/bin/sh")
     (root / "bin").symlink_to("usr/bin")
