@@ -16,7 +16,8 @@ import pytest
 
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
-from diskport.sources.http import HttpOptions, read_bounded
+from diskport.net import read_bounded
+from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, loop_device, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
