@@ -60,7 +60,7 @@ from tests.conftest import require_tool, run
 LOOPBACK = "127.0.0.1"
 OTHER_NAME = "localhost"    # the same loopback address under another host name (a different origin)
 MAX_WAIT = 5.0              # the longest any helper waits for a server to start, stop or settle
-MAX_STALL = 5.0             # a stall never lasts longer than this, whatever the test asks
+MAX_STALL = 30.0            # a stall never lasts longer than this (it ends at once when the client goes away)
 SETTLE = 2.0                # how long ``.requests`` waits for in-flight requests to finish
 IDLE_TIMEOUT = 10.0         # an idle keep-alive connection is closed by the Python servers after this
 CHUNK = 64 * 1024
@@ -349,6 +349,9 @@ class Faults:
     """False: Range and If-Range are ignored (always 200) and no Accept-Ranges is sent."""
     no_validators: bool = False
     """True: neither ETag nor Last-Modified is sent, and no If-Range can match."""
+    ignore_if_range: bool = False
+    """True: If-Range is ignored and a Range always answered 206 from the file as it is now (with its current
+    validators), as some servers and caches do."""
     status_sequence: list[int] = field(default_factory=list)
     """Statuses answered, in order, to the first requests (any path, before redirects); then normal service."""
     retry_after: int | str | None = None
@@ -362,7 +365,7 @@ class Faults:
     stall_after: int | None = None
     """Stop sending after this many body bytes of a GET (only when the body is longer) ..."""
     stall_seconds: float = 2.0
-    """... for this long (capped at 5 s; the handler ends at once if the client goes away), then go on ..."""
+    """... for this long (capped at 30 s; the handler ends at once if the client goes away), then go on ..."""
     stall_times: int = 1
     """... for the first ``stall_times`` such GETs."""
     change_after_requests: int | None = None
@@ -495,7 +498,7 @@ class _FaultHandler(_RecordingHandler):
                 self._reply(416, [("Content-Range", f"bytes */{size}"), *validators.items()])
                 return
             if_range = self.headers.get("If-Range")
-            if if_range is None or _if_range_matches(if_range, validators):
+            if if_range is None or faults.ignore_if_range or _if_range_matches(if_range, validators):
                 spec = parse_range(range_header, size)
                 if spec == _UNSATISFIABLE:
                     self._reply(416, [("Content-Range", f"bytes */{size}"), *validators.items()])

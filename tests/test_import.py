@@ -9,6 +9,10 @@ import hashlib
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +20,8 @@ import pytest
 
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
-from diskport.sources.http import HttpOptions, read_bounded
+from diskport.net import read_bounded
+from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, loop_device, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
@@ -347,3 +352,113 @@ def test_small_answers_are_read_bounded(nginx: NginxServer) -> None:
         whole = client.get(nginx.url("endless"))
         assert read_bounded(whole, 100) == (bytes(100), True)
         assert read_bounded(whole, 32 * MiB) == (bytes(16 * MiB), False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 10, transfer items 1, 2, 4 and 5 against the live fault server (item 3, https redirecting to http on
+# the same host and port, needs one port that speaks both: it is tested over MockTransport in
+# tests/sources/test_http_unit.py)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_a_206_of_a_changed_file_is_refused_and_the_destination_untouched(fault_server: FaultServer,
+                                                                           serve_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """A server that ignores If-Range answers the later ranges 206 from the new file, with its new ETag: the
+    import fails in one line, and the disk already at DEST (replaced with --force) stays as it was."""
+    make_image(serve_dir, "raw", 12 * MiB, name="disk.raw")
+    fault_server.faults.ignore_if_range = True
+    fault_server.faults.change_after_requests = 2
+    dest = pvc_dir(tmp_path) / "disk.img"
+    dest.write_bytes(b"the old disk")
+    proc = run_cli("import", "-q", "--force", fault_server.url("disk.raw"), dest)
+    assert proc.returncode == 1, proc.stderr
+    assert "the file changed on the server while it was being read (its ETag went from" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert fault_server.injected["change"] == 1
+    assert dest.read_bytes() == b"the old disk"
+    assert os.listdir(dest.parent) == ["disk.img"]
+
+
+def test_a_drop_every_700_kib_still_completes(fault_server: FaultServer, qcow2: tuple[Path, str],
+                                               tmp_path: Path) -> None:
+    """Every body breaks after 700 KiB; each resume moves on, so the breaks in a row never pass retries=4."""
+    _, expected = qcow2
+    fault_server.faults.drop_after = 700 * 1024
+    fault_server.faults.drop_times = 1000
+    dest = pvc_dir(tmp_path) / "disk.img"
+    import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
+    assert sha256_file(dest) == expected
+    assert fault_server.injected["drop"] > FAST.retries + 1  # one 8 MiB range alone breaks 11 times
+
+
+def _start_stalled_import(fault_server: FaultServer, dest: Path) -> subprocess.Popen[str]:
+    fault_server.faults.stall_after = 2 * MiB
+    fault_server.faults.stall_seconds = 30
+    proc = subprocess.Popen([sys.executable, "-m", "diskport", "import", "-q", fault_server.url("disk.qcow2"),
+                             str(dest)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    def stalled() -> bool:
+        return fault_server.injected["stall"] >= fault_server.faults.stall_times and \
+            any(n.startswith(f".{dest.name}.") for n in _parts(dest.parent))
+
+    while not stalled() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalled(), "the import never reached the stall"
+    return proc
+
+
+def _parts(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".diskport-part"))
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_a_stall_ends_the_import_within_seconds(fault_server: FaultServer,
+                                                                qcow2: tuple[Path, str], tmp_path: Path,
+                                                                sig: int, code: int) -> None:
+    """The server sends nothing for 30 s; SIGTERM (a pod being stopped, 30 s of grace) or Ctrl-C must end the
+    import long before that, with the part file removed. (5 s is a bound, not a benchmark.)"""
+    folder = pvc_dir(tmp_path)
+    proc = _start_stalled_import(fault_server, folder / "disk.img")
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=25)
+    finally:
+        proc.kill()
+    took = time.monotonic() - sent
+    assert proc.returncode == code, err
+    assert took < 5.0, f"exited {took:.1f} s after the signal"
+    assert os.listdir(folder) == []
+
+
+def test_the_next_run_removes_what_a_killed_run_left(fault_server: FaultServer, qcow2: tuple[Path, str],
+                                                      tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup: the part file stays. The next run for the same DEST removes it (its process is
+    gone) but never the part file of a job still running, nor files it did not make."""
+    _, expected = qcow2
+    folder = pvc_dir(tmp_path)
+    dest = folder / "disk.img"
+    killed = _start_stalled_import(fault_server, dest)
+    left = _parts(folder)
+    killed.kill()
+    killed.communicate(timeout=10)
+    assert _parts(folder) == left and len(left) == 1, "SIGKILL leaves the part file"
+    other = folder / "other.img"
+    fault_server.faults.stall_times = 2  # the first stall is used up: one more for the live job
+    live = _start_stalled_import(fault_server, other)
+    try:
+        foreign = [".disk.img.1.abcdefgh.diskport-part",       # pid 1 is alive: not ours to judge
+                   ".disk.img.notours.diskport-part",          # not diskport's name
+                   "disk.img.99999999.abcdefgh.diskport-part"]  # not hidden: not diskport's name
+        for name in foreign:
+            (folder / name).write_bytes(b"keep")
+        (folder / ".disk.img.0.x.diskport-part").symlink_to(folder / "nowhere")
+        import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
+        assert sha256_file(dest) == expected
+        names = set(os.listdir(folder))
+        assert left[0] not in names, "the killed run's part file is gone"
+        assert set(foreign) <= names and ".disk.img.0.x.diskport-part" in names
+        assert len([n for n in _parts(folder) if n.startswith(".other.img.")]) == 1, "the live job's part stays"
+    finally:
+        live.kill()
+        live.communicate(timeout=10)

@@ -16,6 +16,7 @@ from diskport.errors import (
     UnsupportedImage,
 )
 from diskport.formats import open_image
+from diskport.version import __version__
 
 __all__ = [
     "ConvertResult",
@@ -23,7 +24,7 @@ __all__ = [
     "DiskportError",
     "UnsafeImage",
     "UnsupportedImage",
+    "__version__",
     "convert",
     "open_image",
 ]
-__version__ = "0.1.0"

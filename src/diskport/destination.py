@@ -11,17 +11,89 @@ where the filesystem or device allows it (-1 where not). Writers send aligned bu
 the page cache, so converting a disk does not fill memory with gigabytes of output (in a Kubernetes pod the page
 cache counts against the memory limit) and, on the machines measured, writes several times faster than the
 page cache can take fresh pages. qemu-img offers the same as ``-t none``; ovirt-imageio does it by default.
+
+**Leftovers of a killed job.** SIGKILL (an OOM kill, a pod past its grace period) runs no cleanup, and a part
+file the size of the disk left beside DST would make every later run fail for lack of space. So the part file's
+name records the process id (``.DST.<pid>.<random>.diskport-part``) and the live job holds an exclusive
+``flock`` on it. Before it creates its own, a job for DST removes the part files of earlier jobs for the same
+DST: only names of exactly that form, regular files of this user, whose recorded process is gone (or is this
+very process id, as after a container restart where every job is pid 1), and only after taking the lock
+itself -- so the file of a job that is still running, here or (where the filesystem shares locks) on another
+host, is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
+import re
 import stat
 import tempfile
 from types import TracebackType
 
 from diskport.errors import DestinationError, UsageError
+
+log = logging.getLogger(__name__)
+PART_SUFFIX = ".diskport-part"
+
+
+def _part_pattern(base: str) -> re.Pattern[str]:
+    """The names :class:`Destination` gives the part files of ``base`` (mkstemp's 8 random characters)."""
+    return re.compile(rf"\.{re.escape(base)}\.(\d+)\.[a-z0-9_]{{8}}{re.escape(PART_SUFFIX)}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_parts(path: str) -> list[str]:
+    """Remove the part files that killed jobs left for the destination ``path`` (see the module docstring);
+    the names removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = _part_pattern(os.path.basename(path))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        candidate = os.path.join(folder, name)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its job is alive and holds it
+            if os.lstat(candidate).st_ino != st.st_ino:
+                continue
+            os.unlink(candidate)
+            removed.append(name)
+            log.info("removed %s, left by an earlier job that was killed", candidate)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def refuse_existing(path: str, force: bool) -> None:
@@ -82,9 +154,12 @@ class Destination:
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise DestinationError(f"folder {folder} does not exist", path=self.path)
+        remove_stale_parts(self.path)
         try:
-            self.fd, self.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
-                                                      suffix=".diskport-part", dir=folder)
+            self.fd, self.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.{os.getpid()}.",
+                                                      suffix=PART_SUFFIX, dir=folder)
+            with contextlib.suppress(OSError):  # says "alive" to another job's cleanup (which, where locks
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fail, removes nothing)
             os.fchmod(self.fd, 0o666 & ~_umask())
         except OSError as e:
             raise DestinationError(f"cannot create a file beside the destination: {e.strerror}",

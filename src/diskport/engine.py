@@ -69,6 +69,7 @@ class _Prefetcher:
     """
 
     DEPTH = 3
+    UNWIND_WAIT = 1.0  # seconds
 
     def __init__(self, image: DiskImage, window: int, gran: int) -> None:
         self.image = image
@@ -85,12 +86,14 @@ class _Prefetcher:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stop.set()
-        # Unblock a producer waiting for a free buffer, then wait for it to notice the stop.
+        # Unblock a producer waiting for a free buffer, then wait for it to notice the stop. When leaving on an
+        # error or a signal, wait only a moment: the producer may be stuck in a read from a stalled server, and
+        # closing the source (which the caller does next) is what ends that read; the thread is a daemon.
         for _ in range(self.DEPTH):
             self.free.put(None)
-        self.thread.join()
+        self.thread.join(None if exc_type is None else self.UNWIND_WAIT)
 
     def _take_buffer(self) -> mmap.mmap | None:
         buf = self.free.get()

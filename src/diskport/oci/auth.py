@@ -52,10 +52,9 @@ from pathlib import Path
 
 import httpx
 
-from diskport import __version__
 from diskport.errors import RegistryError, UsageError
+from diskport.net import USER_AGENT, read_capped, retry_after
 from diskport.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, LOOPBACK_HOSTS, Reference
-from diskport.sources.http import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -370,16 +369,6 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream | ReplayableStream)
 
 
-def _read_capped(response: httpx.Response, limit: int) -> bytes:
-    """The body of a small answer (read with ``read()``, so httpx may read it again), refused when it says it is
-    larger than ``limit``."""
-    length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        response.close()
-        raise RegistryError(f"{response.request.url.copy_with(query=None)} sent more than {limit} bytes")
-    return response.read()
-
-
 class RegistryAuth(httpx.Auth):
     """Authentication for one registry host, as an ``httpx.Auth`` usable on any (synchronous) ``httpx.Client``.
 
@@ -399,7 +388,7 @@ class RegistryAuth(httpx.Auth):
         self._port = url.port  # None: the scheme's default port
         self.name = name or endpoint
         self.credentials = credentials
-        self.user_agent = user_agent or f"diskport/{__version__}"
+        self.user_agent = user_agent or USER_AGENT
         self._lock = threading.Lock()
         self._scheme: str | None = None
         self._realm: str | None = None
@@ -539,7 +528,7 @@ class RegistryAuth(httpx.Auth):
             request = httpx.Request("GET", url.copy_merge_params(tuple(params)), headers=headers)
         started = time.monotonic()
         response = yield request
-        body = _read_capped(response, MAX_TOKEN_RESPONSE)
+        body = read_capped(response, MAX_TOKEN_RESPONSE, RegistryError)
         status = response.status_code
         if status in (401, 403):
             who = f"the credentials from {creds.source}" if creds is not None else "an anonymous token request"

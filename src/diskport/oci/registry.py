@@ -16,8 +16,9 @@ go-containerregistry and regclient):
   the upload goes on from byte N+1; a 416 does the same. A registry that has forgotten or invalidated the upload
   (404: distribution cancels an upload whose stored size no longer matches its state token, which happens when a
   broken body was partly written) gets a new upload from byte 0, a bounded number of times.
-* **Retries** with exponential backoff on connection errors, timeouts, 5xx and 429 (``Retry-After`` honoured),
-  bounded by a count and a time (:class:`RegistryOptions`); the budget is renewed whenever bytes get through.
+* **Retries** by :mod:`diskport.net.retry` on connection errors, timeouts, 5xx and 429 (``Retry-After``
+  honoured up to 120 s), bounded by failures in a row (reset whenever bytes get through) and by one budget of
+  waiting per request or upload (:class:`RegistryOptions`).
 * **Authentication** is :class:`~diskport.oci.auth.RegistryAuth`: the first request (``GET /v2/``) learns the
   challenge, the token for the repository's scopes is fetched before the first upload body, request bodies are
   replayable (each iteration re-reads the file), so a token that expires mid-upload costs one new token, not the
@@ -26,9 +27,10 @@ go-containerregistry and regclient):
 * **Trust nothing that is read.** Manifests are bounded (4 MiB), their digest is checked against the digest asked
   for and against ``Docker-Content-Digest``; small blobs (configs) are bounded and checked against their digest;
   the digest a registry reports after an upload must be the one sent.
-* **Transport**: https, verified against the system CAs plus ``ca_bundle`` (or not at all with
-  ``tls_verify=False``); plain http only for loopback registries, tried when https finds no TLS there. Proxies
-  come from the environment (``HTTPS_PROXY``, ``NO_PROXY``...). User-Agent ``diskport/<version>``.
+* **Transport**: the client of :func:`diskport.net.make_client`: https, verified against the system CAs plus
+  ``ca_bundle`` (or not at all with ``tls_verify=False``); plain http only for loopback registries, tried when
+  https finds no TLS there. Proxies come from the environment (``HTTPS_PROXY``, ``NO_PROXY``...). User-Agent
+  ``diskport/<version>``. ``transport`` replaces the network in unit tests (``httpx.MockTransport``).
 
 Every failure is a :class:`~diskport.errors.RegistryError` whose one-line message names the registry, the
 repository and what failed, with the registry's own error codes and messages (``errors[].code/message``).
@@ -42,16 +44,27 @@ import os
 import re
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import httpx
 
-from diskport import __version__
 from diskport.errors import RegistryError, SourceError, UsageError
+from diskport.net import (
+    USER_AGENT,
+    Retrier,
+    RetriesExhausted,
+    RetryPolicy,
+    cap_body,
+    is_transient_error,
+    is_transient_status,
+    make_client,
+    read_bounded,
+    read_capped,
+    retry_after,
+)
 from diskport.oci.auth import (
     CREDENTIALS_HINT,
     Credentials,
@@ -63,7 +76,6 @@ from diskport.oci.auth import (
 )
 from diskport.oci.media import MANIFEST_TYPES, is_digest, sha256_digest
 from diskport.oci.reference import Reference, parse_reference, parse_repository
-from diskport.sources.http import read_bounded, retry_after
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -91,14 +103,20 @@ class RegistryOptions:
     commit_timeout: float = 900.0         # waiting for the answer to an upload's final PUT (a resumed upload is
                                           # hashed again by the registry before it answers)
     retries: int = 8                      # failures in a row (without progress) before giving up ...
-    retry_time: float = 600.0             # ... or this long spent failing in a row
+    retry_time: float = 600.0             # ... or this long spent waiting to retry, in all, per request or upload
     backoff: float = 0.5                  # first wait; doubles each retry
     max_backoff: float = 30.0
+    max_retry_after: float = 120.0        # a Retry-After is honoured up to this
     chunk_size: int = DEFAULT_CHUNK       # PATCH size of a chunked upload
     chunked: bool = False                 # upload in chunks from the start (no monolithic PUT first)
     read_block: int = READ_BLOCK          # bytes read from disk and handed to the socket at a time
     max_manifest: int = MAX_MANIFEST
-    user_agent: str = field(default_factory=lambda: f"diskport/{__version__}")
+    user_agent: str = USER_AGENT
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.retries, backoff=self.backoff, max_backoff=self.max_backoff,
+                           budget=self.retry_time, max_retry_after=self.max_retry_after)
 
 
 @dataclass(frozen=True)
@@ -192,28 +210,24 @@ class _Restart(Exception):
 
 
 class _Failures:
-    """Consecutive failures of one operation, bounded by count and time; ``reset`` when bytes got through."""
+    """The failures of one request or upload under the retry policy, as :class:`RegistryError` when it gives
+    up; ``reset`` when bytes got through."""
 
     def __init__(self, options: RegistryOptions, where: str) -> None:
-        self.options = options
         self.where = where
-        self.count = 0
-        self.first: float | None = None
+        self._retrier = Retrier(options.policy)
 
     def wait(self, error: _Transient, what: str) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-        self.count += 1
-        o = self.options
-        delay = error.wait if error.wait is not None else min(o.backoff * 2 ** (self.count - 1), o.max_backoff)
-        if self.count > o.retries or now - self.first + delay > o.retry_time:
-            raise RegistryError(f"{self.where}: {what} failed after {self.count} attempts: {error}")
-        time.sleep(delay)
+        try:
+            self._retrier.failed(str(error), error.wait)
+        except RetriesExhausted as e:
+            if e.spent:
+                raise RegistryError(f"{self.where}: {what} failed: {e.budget:g} s of retrying spent, last: "
+                                    f"{error}") from None
+            raise RegistryError(f"{self.where}: {what} failed after {e.attempts} attempts: {error}") from None
 
     def reset(self) -> None:
-        self.count = 0
-        self.first = None
+        self._retrier.progressed()
 
 
 def _ssl_error(error: BaseException) -> BaseException | None:
@@ -315,7 +329,7 @@ class RegistryClient:
 
     def __init__(self, reference: Reference | str, options: RegistryOptions | None = None, *,
                  credentials: Credentials | Literal["auto"] | None = "auto", push: bool = False,
-                 auth: RegistryAuth | None = None) -> None:
+                 auth: RegistryAuth | None = None, transport: httpx.BaseTransport | None = None) -> None:
         self.reference = parse_reference(reference) if isinstance(reference, str) else reference
         self.repository = self.reference.repository
         self.registry = self.reference.registry
@@ -331,25 +345,13 @@ class RegistryClient:
         self._auth = auth
         auth.add_scopes(repository_scope(self.repository, "pull", "push") if push
                         else repository_scope(self.repository, "pull"))
-        self._client = httpx.Client(event_hooks={"response": [_cap_answer]},
-            verify=self._verify(), trust_env=True, follow_redirects=False, auth=auth,
+        self._client = make_client(
             timeout=httpx.Timeout(self.options.timeout, connect=self.options.connect_timeout),
-            headers={"User-Agent": self.options.user_agent, "Accept-Encoding": "identity"},
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8))
+            ca_bundle=self.options.ca_bundle, insecure=not self.options.tls_verify, max_connections=16,
+            max_keepalive=8, auth=auth, user_agent=self.options.user_agent, transport=transport,
+            event_hooks={"response": [_cap_answer]})
         self._base: str | None = None
         self._lock = threading.Lock()
-
-    def _verify(self) -> ssl.SSLContext | bool:
-        if not self.options.tls_verify:
-            return False
-        context = ssl.create_default_context()
-        if self.options.ca_bundle:
-            try:
-                context.load_verify_locations(cafile=self.options.ca_bundle)
-            except (OSError, ssl.SSLError) as e:
-                raise UsageError(f"--ca-bundle {self.options.ca_bundle}: cannot load it as PEM certificates ({e})") \
-                    from None
-        return context
 
     # -- public accessors ----------------------------------------------------------------------------------
     @property
@@ -403,9 +405,12 @@ class RegistryClient:
                     raise _NotTls(str(cause)) from None
                 raise RegistryError(f"{self.registry}: TLS handshake failed: {cause}",
                                     hint="is it a plain-http registry? only loopback registries may be") from None
+            if not is_transient_error(e):
+                raise RegistryError(f"{self.where}: {request.method} {request.url.copy_with(query=None)} failed: "
+                                    f"{e or type(e).__name__}") from None
             raise _Transient(f"connection failed: {e or type(e).__name__}", broken=True) from None
         status = response.status_code
-        if status == 429 or status >= 500:
+        if is_transient_status(status):
             wait = retry_after(response)
             detail = _error_detail(response)
             response.close()
@@ -713,15 +718,11 @@ class RegistryClient:
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise RegistryError(f"{self.where}: {what}: {length} bytes, more than the {limit} allowed")
-        out = bytearray()
         try:
-            for chunk in response.iter_raw():
-                out += chunk
-                if len(out) > limit:
-                    raise RegistryError(f"{self.where}: {what}: more than the {limit} allowed")
+            return read_capped(response, limit,
+                               lambda _: RegistryError(f"{self.where}: {what}: more than the {limit} allowed"))
         except httpx.TransportError as e:
             raise RegistryError(f"{self.where}: {what}: the connection broke: {e}") from None
-        return bytes(out)
 
     # -- manifests -----------------------------------------------------------------------------------------
     def _manifest_name(self, reference: str) -> str:
@@ -787,29 +788,10 @@ class RegistryClient:
         return self.reference.with_reference(ref).reference
 
 
-class _CappedStream(httpx.SyncByteStream):
-    """A response body that fails once it passes :data:`MAX_ANSWER`: a registry (or whatever answers in its
-    place) that sends an endless body costs bounded memory, also where httpx reads a body whole itself."""
-
-    def __init__(self, inner: httpx.SyncByteStream, url: httpx.URL) -> None:
-        self.inner = inner
-        self.url = url
-
-    def __iter__(self) -> Iterator[bytes]:
-        seen = 0
-        for chunk in self.inner:
-            seen += len(chunk)
-            if seen > MAX_ANSWER:
-                raise RegistryError(f"{self.url.copy_with(query=None)} answered with more than {MAX_ANSWER} bytes")
-            yield chunk
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def _cap_answer(response: httpx.Response) -> None:
-    if isinstance(response.stream, httpx.SyncByteStream):
-        response.stream = _CappedStream(response.stream, response.request.url)
+    """No answer from a registry (or whatever answers in its place) is read past :data:`MAX_ANSWER`, also where
+    httpx reads a body whole itself."""
+    cap_body(response, MAX_ANSWER, RegistryError)
 
 
 def _check_digest(digest: str) -> None:

@@ -13,32 +13,48 @@ are not in any client library:
   ``streams`` times the throughput, and there is never a round trip's pause between two ranges. Memory is
   ``streams * chunk`` (4 x 8 MiB by default).
 * **Resume, never stitch.** A body that breaks off is resumed from the last byte received with a ``Range``
-  request carrying ``If-Range`` (the ETag, else Last-Modified). A server that answers 200 to it has a different
-  file now: that is an error, never a splice of two files. Without a validator a break cannot be resumed safely
-  and fails.
-* **Retries** with exponential backoff on connection errors, 5xx and 429 (honouring ``Retry-After``), a stall
-  timeout (no byte for ``stall_timeout`` seconds is a failure, and retried like one), redirects followed by hand
-  so that credentials (``Authorization``, cookies, ``--header`` values) are never sent to another host, proxies
-  from the standard environment variables (httpx's ``trust_env``), ``--ca-bundle`` and ``--insecure``.
+  request carrying ``If-Range`` (the strong ETag, else Last-Modified). A server that answers 200 to it has a
+  different file now: that is an error, never a splice of two files. So is a 206 whose ETag or Last-Modified
+  differs from the first answer's, or that carries neither (a server ignoring ``If-Range``): every ranged answer
+  is checked, not only resumes. Without a validator a break cannot be resumed safely and fails.
+* **Retries** by :mod:`diskport.net.retry` (one policy, one budget of waiting per source, the count of breaks
+  reset whenever a resumed body made progress), a stall timeout (no byte for ``stall_timeout`` seconds is a
+  failure, and retried like one), redirects followed by hand so that credentials (``Authorization``, cookies,
+  ``--header`` values) are sent only to the origin the user named: the same scheme, host and port (a redirect
+  from https to http drops them, like a redirect to another host). The client (proxies, TLS) comes from
+  :func:`diskport.net.make_client`; ``transport`` replaces the network in unit tests.
+* **Closing stops everything at once.** The pipeline's fetches run on daemon threads that check a cancel event
+  between chunks and wait on it between retries, so SIGTERM or Ctrl-C ends the process within moments even
+  while a fetch is stalled (the main thread, which receives the signal, never waits for them).
 """
 
 from __future__ import annotations
 
-import email.utils
+import functools
 import re
 import ssl
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
-from diskport import __version__
-from diskport.errors import SourceError, UsageError
+from diskport.errors import SourceError
+from diskport.net import (
+    Cancelled,
+    Retrier,
+    RetriesExhausted,
+    RetryBudget,
+    RetryPolicy,
+    is_transient_error,
+    is_transient_status,
+    make_client,
+    retry_after,
+)
 from diskport.sources.base import ReadintoSource
 
 HEAD_BYTES = 64 * 1024
@@ -54,15 +70,22 @@ class HttpOptions:
     headers: dict[str, str] = field(default_factory=dict)
     ca_bundle: str | None = None
     insecure: bool = False
-    retries: int = 8
+    retries: int = 8              # failures in a row without progress
     backoff: float = 0.5          # first wait; doubles each retry
     max_backoff: float = 30.0
+    retry_budget: float = 600.0   # seconds of waiting between retries, in all, per source
+    max_retry_after: float = 120.0
     stall_timeout: float = 60.0   # seconds without a byte
     connect_timeout: float = 30.0
     streams: int = 4              # ranged requests in flight for large reads
     chunk: int = 8 * 1024 * 1024  # bytes per ranged request
-    #: Authentication for the origin (a registry's token auth); never used for another host after a redirect.
+    #: Authentication for the origin (a registry's token auth); never used for another origin after a redirect.
     auth: httpx.Auth | None = None
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.retries, backoff=self.backoff, max_backoff=self.max_backoff,
+                           budget=self.retry_budget, max_retry_after=self.max_retry_after)
 
 
 class _Retry(Exception):
@@ -73,72 +96,55 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
-def read_bounded(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """At most ``limit`` bytes of a small answer's body (an error text), and whether there was more.
+_T = TypeVar("_T")
 
-    A body already read is cut; a streamed one is read no further than ``limit`` and closed, so a server that
-    answers with an endless body costs ``limit`` bytes of memory."""
-    try:
-        body = response.content
-    except httpx.ResponseNotRead:
-        pass
-    else:
-        return body[:limit], len(body) > limit
-    out = bytearray()
-    try:
-        for chunk in response.iter_bytes():
-            out += chunk
-            if len(out) > limit:
-                return bytes(out[:limit]), True
-    finally:
-        response.close()
-    return bytes(out), False
+
+def _spawn(fn: Callable[[], _T]) -> Future[_T]:
+    """``fn`` on a daemon thread: a fetch stuck in a socket never holds the process up at exit."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # handed to the reader, which raises it
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="diskport-http", daemon=True).start()
+    return future
 
 
 class HttpSource(ReadintoSource):
     """The image at ``url``. ``sequential`` is True when the server does not answer ranges."""
 
     def __init__(self, url: str, options: HttpOptions | None = None, *,
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.name = url
         self.url = url
         self.options = options or HttpOptions()
         self._on_bytes = on_bytes
         self.downloaded = 0
         self._lock = threading.Lock()
-        verify: ssl.SSLContext | bool | str = True
-        if self.options.insecure:
-            verify = False
-        elif self.options.ca_bundle:  # trusted besides the system's CAs (a redirect may go to a public host)
-            verify = ssl.create_default_context()
-            try:
-                verify.load_verify_locations(cafile=self.options.ca_bundle)
-            except (OSError, ssl.SSLError) as e:
-                raise UsageError(f"--ca-bundle {self.options.ca_bundle}: cannot load it as PEM certificates ({e})") \
-                    from None
+        self._policy = self.options.policy
+        self._budget = RetryBudget(self._policy.budget)  # one budget of waiting for the whole transfer
+        self._closed = threading.Event()
         timeout = httpx.Timeout(self.options.stall_timeout, connect=self.options.connect_timeout)
-        self.client = httpx.Client(verify=verify, timeout=timeout, trust_env=True, follow_redirects=False,
-                                   headers={"User-Agent": f"diskport/{__version__}",
-                                            "Accept-Encoding": "identity"},
-                                   limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
+        self.client = make_client(timeout=timeout, ca_bundle=self.options.ca_bundle, insecure=self.options.insecure,
+                                  transport=transport)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cursor: _Cursor | None = None   # the body of a server without ranges
         self._pipeline: _Pipeline | None = None
         self._head = b""
-        self.validator: str | None = None
+        self.validator: str | None = None       # what If-Range carries
+        self._etag: str | None = None           # the first answer's, which every later one must repeat
+        self._last_modified: str | None = None
         self.sequential = False
         try:
             self._open()
@@ -149,11 +155,13 @@ class HttpSource(ReadintoSource):
     # -- the first request -----------------------------------------------------------------------------
     def _open(self) -> None:
         response = self._send(0, HEAD_BYTES - 1)
-        for _ in range(self.options.retries):
-            if response.status_code != 416 or response.headers.get("content-range", "").strip() == "bytes */0":
-                break
+        retries = self._retrier()
+        while response.status_code == 416 and response.headers.get("content-range", "").strip() != "bytes */0":
             response.close()  # a file that is not empty cannot be unsatisfiable from byte 0: a passing fault
-            time.sleep(self.options.backoff)
+            try:
+                retries.failed("HTTP 416")
+            except RetriesExhausted:
+                break
             response = self._send(0, HEAD_BYTES - 1)
         if response.status_code == 206:
             start, _, total = self._content_range(response)
@@ -162,7 +170,7 @@ class HttpSource(ReadintoSource):
                 self._open_sequential(self._send(None, None))
                 return
             self.size = total
-            self.validator = response.headers.get("etag") or response.headers.get("last-modified")
+            self._remember_validators(response)
             self._head = self._read_body(response, min(HEAD_BYTES, total))
             return
         if response.status_code == 416:
@@ -184,11 +192,39 @@ class HttpSource(ReadintoSource):
         self.sequential_reason = "the download (the server does not answer range requests)"
         length = response.headers.get("content-length")
         self.size = int(length) if length and length.isdigit() else UNKNOWN_SIZE
-        self.validator = response.headers.get("etag") or response.headers.get("last-modified")
+        self._remember_validators(response)
         self._cursor = _Cursor(self, response, 0)
         # Keep the first bytes: the format probe reads them, then the stream reads them again from 0.
         head = bytearray(HEAD_BYTES)
         self._head = bytes(head[: self._cursor.readinto(memoryview(head))])
+
+    def _remember_validators(self, response: httpx.Response) -> None:
+        self._etag = response.headers.get("etag")
+        self._last_modified = response.headers.get("last-modified")
+        strong = self._etag if self._etag and not self._etag.startswith("W/") else None
+        self.validator = strong or self._last_modified  # a weak tag never matches If-Range (RFC 9110 13.1.5)
+
+    def check_same_file(self, response: httpx.Response) -> None:
+        """A ranged answer must come from the file the transfer started with: the same ETag and Last-Modified
+        as the first answer (a server that ignores If-Range sends the new file's bytes with the new file's
+        validators). A :class:`SourceError` otherwise: the output is never a splice of two files."""
+        if self._etag is None and self._last_modified is None:
+            return
+        etag, modified = response.headers.get("etag"), response.headers.get("last-modified")
+        if etag is None and modified is None:
+            changed = "the answer to a range request carries no ETag or Last-Modified to match"
+        elif self._etag is not None and etag is not None and etag != self._etag:
+            changed = f"its ETag went from {self._etag} to {etag}"
+        elif self._last_modified is not None and modified is not None and modified != self._last_modified:
+            changed = f"its Last-Modified went from {self._last_modified} to {modified}"
+        else:
+            return
+        response.close()
+        raise SourceError(f"the file changed on the server while it was being read ({changed})", path=self.name,
+                          hint="start the import again")
+
+    def _retrier(self, cancel: threading.Event | None = None) -> Retrier:
+        return Retrier(self._policy, self._budget, cancel or self._closed)
 
     @staticmethod
     def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
@@ -199,19 +235,19 @@ class HttpSource(ReadintoSource):
         return int(m.group(1)), int(m.group(2)), total
 
     # -- requests ----------------------------------------------------------------------------------------
-    def _send(self, start: int | None, end: int | None, *, if_range: bool = False) -> httpx.Response:
+    def _send(self, start: int | None, end: int | None, *, if_range: bool = False,
+              cancel: threading.Event | None = None) -> httpx.Response:
         """One GET (with retries and redirects) whose response is open for streaming."""
-        attempt = 0
+        retries = self._retrier(cancel)
         while True:
+            retries.check()
             try:
                 return self._send_once(start, end, if_range)
             except _Retry as e:
-                attempt += 1
-                if attempt > self.options.retries:
-                    raise SourceError(f"giving up after {attempt} attempts: {e}", path=self.name) from None
-                wait = e.wait if e.wait is not None else min(self.options.backoff * 2 ** (attempt - 1),
-                                                             self.options.max_backoff)
-                time.sleep(wait)
+                try:
+                    retries.failed(str(e), e.wait)
+                except RetriesExhausted as gave_up:
+                    raise SourceError(gave_up.describe(), path=self.name) from None
 
     def _send_once(self, start: int | None, end: int | None, if_range: bool) -> httpx.Response:
         url = self.url
@@ -220,10 +256,10 @@ class HttpSource(ReadintoSource):
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
             if if_range and self.validator:
                 headers["If-Range"] = self.validator
-        origin = urlsplit(url).netloc
+        origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                auth = self.options.auth if urlsplit(url).netloc == origin else None
+                auth = self.options.auth if _origin(url) == origin else None
                 response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True,
                                             auth=auth)
             except httpx.TimeoutException as e:
@@ -234,6 +270,8 @@ class HttpSource(ReadintoSource):
                 if "CERTIFICATE_VERIFY_FAILED" in str(e) or isinstance(e.__cause__, ssl.SSLError):
                     raise SourceError(f"TLS failed: {e}", path=self.name,
                                       hint="pass --ca-bundle with the server's CA, or --insecure") from None
+                if not is_transient_error(e):
+                    raise SourceError(f"HTTP failed: {e or type(e).__name__}", path=self.name) from None
                 raise _Retry(f"connection failed: {e}") from None
             if response.is_redirect:
                 location = response.headers.get("location")
@@ -241,13 +279,14 @@ class HttpSource(ReadintoSource):
                 if not location:
                     raise SourceError(f"HTTP {response.status_code} redirect without a Location", path=self.name)
                 url = str(response.url.join(location))
-                if urlsplit(url).netloc != origin:
-                    # Another host: never send it the user's credentials or headers.
+                if _origin(url) != origin:
+                    # Another origin (another host or port, or https down to http): never send it the user's
+                    # credentials or headers.
                     headers = {k: v for k, v in headers.items()
                                if k.lower() not in _SENSITIVE and k not in self.options.headers}
                 continue
             status = response.status_code
-            if status == 429 or status >= 500:
+            if is_transient_status(status):
                 wait = retry_after(response)
                 response.close()
                 raise _Retry(f"HTTP {status}", wait)
@@ -348,6 +387,7 @@ class HttpSource(ReadintoSource):
         return None
 
     def close(self) -> None:
+        self._closed.set()  # fetches on other threads stop at their next chunk or wait
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
@@ -365,18 +405,19 @@ class _Cursor:
     """An open response body at ``position``, resumed with If-Range when it breaks off."""
 
     def __init__(self, source: HttpSource, response: httpx.Response | None, position: int,
-                 end: int | None = None) -> None:
+                 end: int | None = None, cancel: threading.Event | None = None) -> None:
         self.source = source
         self.response = response
         self.position = position
         self.end = end
         self._chunks: Iterator[bytes] | None = None
         self._pending = memoryview(b"")
-        self._resumes = 0
+        self._cancel = cancel or source._closed
+        self._retries = source._retrier(self._cancel)  # breaks in a row; reset by every chunk received
 
     def _open(self) -> None:
         src = self.source
-        response = src._send(self.position, self.end, if_range=True)
+        response = src._send(self.position, self.end, if_range=True, cancel=self._cancel)
         if response.status_code == 416 and self.position >= src.size:
             response.close()
             self.response = None
@@ -392,6 +433,7 @@ class _Cursor:
             response.close()
             raise SourceError(f"the server answered a range request for {self.position} with one from {start} "
                               f"(of {total} bytes, expected {src.size})", path=src.name)
+        src.check_same_file(response)
         self.response = response
 
     def readinto(self, buf: memoryview) -> int:
@@ -422,7 +464,7 @@ class _Cursor:
                         raise SourceError(f"the connection broke after {self.position} bytes and the server does "
                                           "not answer range requests, so the transfer cannot resume",
                                           path=self.source.name, hint="start the import again")
-                    if not self.source.validator and self._resumes:
+                    if not self.source.validator and self._retries.total:
                         raise SourceError("the connection broke and the server offers no ETag or "
                                           "Last-Modified to resume safely", path=self.source.name)
                     self._open()
@@ -432,6 +474,8 @@ class _Cursor:
                     assert self.response is not None
                     # httpx's own chunks (what the socket gave): re-chunking costs 3x the throughput.
                     self._chunks = self.response.iter_raw()
+                if self._cancel.is_set():
+                    raise Cancelled()
                 raw = next(self._chunks, None)
             except (httpx.TransportError, httpx.StreamError, _Retry) as e:
                 self._broken(e)
@@ -444,17 +488,21 @@ class _Cursor:
                     self._broken(SourceError(f"body ended at {self.position} of {expected_end} bytes"))
                     continue
                 return None
+            if raw:
+                self._retries.progressed()
             self.source._count(len(raw))
             self._pending = memoryview(raw)
 
     def _broken(self, error: BaseException) -> None:
-        """The body broke off: drop it; the next read resumes at ``position`` (a bounded number of times)."""
+        """The body broke off: drop it; the next read resumes at ``position`` (after the retry policy's wait;
+        breaks in a row are bounded, breaks after progress are not)."""
         self.close()
-        self._resumes += 1
-        if self._resumes > self.source.options.retries:
-            raise SourceError(f"transfer broke off {self._resumes} times, last: {error}",
-                              path=self.source.name) from None
-        time.sleep(min(self.source.options.backoff * 2 ** (self._resumes - 1), self.source.options.max_backoff))
+        try:
+            self._retries.failed(str(error))
+        except RetriesExhausted as e:
+            what = (f"{e.budget:g} s of retrying spent" if e.spent
+                    else f"transfer broke off {e.attempts} times in a row")
+            raise SourceError(f"{what}, last: {error}", path=self.source.name) from None
 
     def close(self) -> None:
         if self.response is not None:
@@ -478,7 +526,7 @@ class _Pipeline:
         self._next = start            # first byte not yet requested
         self._streams = max(1, source.options.streams)
         self._chunk = max(BLOCK, source.options.chunk)
-        self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="diskport-http")
+        self._cancel = threading.Event()
         self._inflight: deque[tuple[int, Future[deque[memoryview]]]] = deque()
         self._parts: deque[memoryview] = deque()  # the chunk being read, as the socket gave it
         self._fill()
@@ -489,14 +537,14 @@ class _Pipeline:
     def _fill(self) -> None:
         while len(self._inflight) < self._streams and self._next < self.source.size:
             length = min(self._chunk, self.source.size - self._next)
-            self._inflight.append((self._next, self._pool.submit(self._fetch, self._next, length)))
+            self._inflight.append((self._next, _spawn(functools.partial(self._fetch, self._next, length))))
             self._next += length
 
     def _fetch(self, start: int, length: int) -> deque[memoryview]:
         """The range's bytes as the socket delivered them: kept, not joined, so each byte is copied once."""
         parts: deque[memoryview] = deque()
         got = 0
-        cursor = _Cursor(self.source, None, start, end=start + length - 1)
+        cursor = _Cursor(self.source, None, start, end=start + length - 1, cancel=self._cancel)
         try:
             while (part := cursor.next_chunk()) is not None:
                 parts.append(part)
@@ -532,8 +580,8 @@ class _Pipeline:
         return done
 
     def close(self) -> None:
+        self._cancel.set()
         for _, future in self._inflight:
             future.cancel()
         self._inflight.clear()
         self._parts.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
