@@ -35,6 +35,19 @@ the grain size and inflates to at most one grain. The work done is bounded by th
 tables point at, since every grain is looked up once through a two-level table without chains (shared or
 self-referencing tables only repeat bytes); stretches of unallocated tables are skipped with numpy and an empty
 table costs one small read.
+
+Sharing: a hosted sparse extent has no refcounts and no snapshots, so no grain of the file legitimately backs two
+guest grains; grain tables naming one grain many times would expand a 195 KiB file into a terabyte of real data.
+Each grain table is checked once, when first read, against one bit per grain-sized slot of the file (per sector
+for compressed grains, which each start on their own sector): an uncompressed grain at ``h`` takes slot
+``h // grain``, which two grains that do not overlap never share, and a compressed grain takes the sector it
+starts at. A slot taken twice is refused as corrupt; the bits are bounded by the file's own size (1/4096 of it
+for compressed grains). For the same reason a descriptor may name one sparse file once, and flat extents of one
+file may not overlap.
+
+streamOptimized read from a file follows its grain tables, read from a stream it follows its grain markers: both
+readings must give the same disk, so the grain a table names must carry a marker for that same guest sector, or
+the file is corrupt (two disks in one file).
 """
 
 from __future__ import annotations
@@ -432,6 +445,10 @@ class SparseExtent(ExtentReader):
         self.gtes = header.gtes_per_gt
         self.gt_span = self.gtes * self.grain_size
         self.gd = self._read_grain_directory()
+        self._slot = SECTOR if self.compressed else self.grain_size
+        self._slots = -(-source.size // self._slot)
+        self._claimed = np.zeros(-(-self._slots // 8), dtype=np.uint8)
+        self._gt_checked = np.zeros(len(self.gd), dtype=bool)
         self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray] | None] = OrderedDict()
         self._grains: OrderedDict[int, bytes] = OrderedDict()
 
@@ -496,9 +513,31 @@ class SparseExtent(ExtentReader):
             i = int(bad[0])
             raise _corrupt(src, f"grain table {gt_index} maps grain {i} to {int(hosts[i]):#x}, beyond the end "
                            f"of the file ({src.size} bytes)", at + 4 * i)
+        if not self._gt_checked[gt_index]:
+            self._claim(hosts[~absent], gt_index)
+            self._gt_checked[gt_index] = True
         table = (kinds, hosts)
         self._remember(gt_index, table)
         return table
+
+    def _claim(self, hosts: np.ndarray, gt_index: int) -> None:
+        """Mark the file slots of a grain table's grains as used; a slot used twice is a shared grain."""
+        src = self.source
+        assert src is not None
+        slots, counts = np.unique(hosts // np.uint64(self._slot), return_counts=True)
+        if np.any(counts > 1):
+            at = int(slots[np.flatnonzero(counts > 1)[0]]) * self._slot
+            raise _corrupt(src, f"grain table {gt_index} names the grain at {at:#x} for more than one guest grain; "
+                           "a sparse extent never shares a grain")
+        slots = slots[slots < np.uint64(self._slots)]
+        byte = (slots >> np.uint64(3)).astype(np.intp)
+        bit = (np.uint8(1) << (slots & np.uint64(7)).astype(np.uint8)).astype(np.uint8)
+        taken = np.flatnonzero(self._claimed[byte] & bit)
+        if taken.size:
+            at = int(slots[taken[0]]) * self._slot
+            raise _corrupt(src, f"grain table {gt_index} names the grain at {at:#x}, which another grain table "
+                           "already names; a sparse extent never shares a grain")
+        np.bitwise_or.at(self._claimed, byte, bit)
 
     def _remember(self, gt_index: int, table: tuple[np.ndarray, np.ndarray] | None) -> None:
         self._tables[gt_index] = table
