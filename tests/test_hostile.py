@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from diskport import CorruptImage, UnsafeImage, UnsupportedImage, convert
-from diskport.errors import DestinationError, safe_text
+from diskport.errors import DestinationError
 from diskport.formats import open_image
 from tests.conftest import MiB, qemu_img, qemu_io, require_tool, run, run_cli, write_pattern_raw
 
@@ -269,6 +269,8 @@ def test_backing_file_name_cannot_forge_lines(tmp_path: Path) -> None:
 
 
 def test_messages_are_escaped_and_cut_in_one_place() -> None:
+    from diskport.errors import safe_text
+
     assert safe_text("a\x85b\x9bc\u202ed\udcff") == "a\\x85b\\x9bc\\u202ed\\xff"
     err = CorruptImage("x" * 5000, path="p\n")
     text = str(err)
