@@ -275,3 +275,36 @@ def test_messages_are_escaped_and_cut_in_one_place() -> None:
     err = CorruptImage("x" * 5000, path="p\n")
     text = str(err)
     assert text.startswith("p\\n: ") and "more characters" in text and len(text) < 1100
+
+
+# -- 11: one file, two disks --------------------------------------------------------------------------------------
+def test_stream_optimized_tables_must_agree_with_markers(tmp_path: Path) -> None:
+    """Swap two grain table entries of a streamOptimized VMDK made by qemu-img: read from the file (tables) and
+    from a stream (markers) it would be two different disks; both readings refuse it with the same words."""
+    from diskport.formats.vmdk import DISAGREE
+
+    raw = write_pattern_raw(tmp_path / "p.raw", 4 * MiB, layout=[(0, 65536, "0x11"), (65536, 65536, "0x22")])
+    image = tmp_path / "so.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, image)
+    data = bytearray(image.read_bytes())
+    gd_sector = struct.unpack_from("<Q", data, 56)[0]
+    gt = struct.unpack_from("<I", data, gd_sector * 512)[0] * 512
+    first, second = struct.unpack_from("<2I", data, gt)
+    assert first and second
+    intact = tmp_path / "intact.vmdk.gz"
+    intact.write_bytes(gzip.compress(bytes(data)))
+    with open_image(intact) as streamed:
+        assert streamed.access.startswith("stream")
+    convert(intact, tmp_path / "intact.raw")  # the check passes on what qemu wrote
+    assert (tmp_path / "intact.raw").read_bytes() == raw.read_bytes()
+
+    struct.pack_into("<2I", data, gt, second, first)
+    image.write_bytes(bytes(data))
+    packed = tmp_path / "so.vmdk.gz"
+    packed.write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(CorruptImage, match=r"grain tables and the grain markers disagree") as from_file:
+        convert(image, tmp_path / "a.raw")
+    with pytest.raises(CorruptImage, match=r"grain tables and the grain markers disagree") as from_stream:
+        convert(packed, tmp_path / "b.raw")
+    assert DISAGREE in str(from_file.value) and DISAGREE in str(from_stream.value)
+    assert not (tmp_path / "a.raw").exists() and not (tmp_path / "b.raw").exists()
