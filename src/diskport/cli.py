@@ -19,7 +19,7 @@ import click
 
 from diskport import __version__
 from diskport.engine import convert as convert_image
-from diskport.errors import DiskportError, UsageError
+from diskport.errors import DiskportError, UsageError, safe_text
 from diskport.formats import format_names
 from diskport.importer import import_image, parse_size
 from diskport.inspect import inspect_image, render_text
@@ -34,7 +34,7 @@ R = TypeVar("R")
 
 
 def fail(message: str, code: int) -> None:
-    click.echo(f"diskport: {message}", err=True)
+    click.echo(f"diskport: {safe_text(message)}", err=True)
     sys.exit(code)
 
 
@@ -307,7 +307,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
                              compression=compression, convert_to=convert_to,
                              convert_compression="zlib" if compress else None, source=source_url, force=force,
                              scratch_dir=scratch, progress=job, phase=job.set_phase,
-                             warn=lambda text: click.echo(f"diskport: warning: {text}", err=True))
+                             warn=lambda text: click.echo(f"diskport: warning: {safe_text(text)}", err=True))
         pushed = None
         if push_it and registry is not None and result.output and reference:
             job.set_phase("pushing")

@@ -22,6 +22,7 @@ from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage, Extent
 from diskport.writers import OUTPUT_FORMATS, Qcow2Writer, RawWriter, Writer
+from diskport.writers.qcow2 import check_virtual_size
 from diskport.zeros import zero_runs
 
 #: Size of one read/scan/write window. Large enough that per-call overhead vanishes, small enough to stay in
@@ -219,6 +220,8 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
     size = image.virtual_size if image.size_known else None
+    if output_format == "qcow2" and size is not None:  # before anything exists at the destination
+        check_virtual_size(max(size, grow_to or 0), cluster_size, os.fspath(destination))
     with Destination(destination, force=force, size=size) as dest:
         writer = make_writer(output_format, dest, size, compression=compression,
                              cluster_size=cluster_size, sync=sync)

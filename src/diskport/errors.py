@@ -3,9 +3,43 @@
 The library raises these; only the command line turns them into a one-line message and an exit code.
 Every message names the file, the format (when known) and what is wrong, and what the user can do when
 there is something to do.
+
+Messages quote strings from inside images, from servers, registries and tar headers (a backing-file name, an
+extent name, a server's reason phrase). Such a string can hold newlines, CR, ESC sequences, BEL or C1 controls
+that would split the one-line message, forge lines of its own or drive the terminal. Every message goes through
+:meth:`DiskportError.__str__`, which is the one place they are made safe: controls and undecodable bytes become
+visible escapes (``\\n``, ``\\x1b``, ``\\udcXX`` as ``\\xXX``) and each message is cut to
+:data:`MAX_MESSAGE` characters.
 """
 
 from __future__ import annotations
+
+import re
+
+#: Longest message shown; a longer one (a hostile name of thousands of characters) is cut with that said.
+MAX_MESSAGE = 1000
+#: C0 controls, DEL, C1 controls, lone surrogates (undecodable bytes kept by "surrogateescape"), and the
+#: Unicode line and paragraph separators and bidirectional overrides that rearrange what a terminal shows.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that did not decode, kept by "surrogateescape"
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line with nothing that drives a terminal: controls escaped, cut to ``limit`` characters."""
+    clean = _UNSAFE.sub(_escape_char, text)
+    if len(clean) > limit:
+        clean = f"{clean[:limit]}... ({len(clean) - limit} more characters)"
+    return clean
 
 
 class DiskportError(Exception):
@@ -34,7 +68,7 @@ class DiskportError(Exception):
             text += f" (at offset {self.offset:#x})"
         if self.hint:
             text += f"; {self.hint}"
-        return f"{where}: {text}" if where else text
+        return safe_text(f"{where}: {text}" if where else text)
 
     def locate(self, path: str | None = None, fmt: str | None = None) -> DiskportError:
         """Fill in the file and format if the raiser did not know them; returns self for ``raise``."""

@@ -1,9 +1,13 @@
 """Format readers, and the choice between them.
 
 Every format module offers ``probe(head, source) -> confidence`` (0 = not this format, 100 = its magic and
-version) and an opener. :func:`detect` runs all probes on the content (never the file name); when more than one
-format claims the bytes with the same top confidence, each is opened and only a format whose whole structure
-validates is chosen. Two that both validate are refused as ambiguous rather than guessed.
+version) and an opener. :func:`open_detected` runs all probes on the content (never the file name). When more
+than one format claims the bytes, whatever their confidence, each is opened and only a format whose structure
+validates is chosen; two that both validate are refused as ambiguous rather than guessed. Confidence only orders
+the claims: a polyglot (an ISO 9660 image whose system area, its first 32 KiB, free for any use, holds a qcow2
+header) is two disks, and taking the higher score would silently lose one. Raw claims everything and is chosen
+only when nothing else does. Formats diskport recognises but does not read (:mod:`diskport.formats.foreign`) are
+refused before any probe.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from diskport.errors import DiskportError, UnsupportedImage
-from diskport.formats import iso, qcow2, raw, vdi, vhd, vhdx, vmdk
+from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
@@ -99,6 +103,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
             raise UnsupportedImage(f"is {kind}-compressed {inner} data; decompress the outer layer first",
                                    path=source.name, fmt=kind)
         view = HeadSource(source.name, head)
+        if not fmt:
+            foreign.refuse_foreign(head, view)
         name = ALIASES.get(fmt, fmt) if fmt else _choose(probe_scores(view, head), view, probe_only=True)
         limit = size_limit if size_limit is not None else MAX_STREAM_SIZE
         image: DiskImage
@@ -136,17 +142,18 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
 
 
 def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) -> str:
-    """The single top-scoring format; ties are broken by which formats' structures validate."""
-    top = max(scores.values())
-    leaders = [name for name, score in scores.items() if score == top]
-    if len(leaders) == 1:
-        return leaders[0]
+    """The one format whose structure validates among those that claim the bytes (raw when none other does)."""
+    claims = sorted((name for name in scores if name != "raw"), key=lambda name: -scores[name])
+    if not claims:
+        return "raw"
+    if len(claims) == 1:
+        return claims[0]
     if probe_only:  # only the first bytes of a stream: nothing to validate, so no guessing either
-        raise UnsupportedImage(f"content matches more than one format ({', '.join(leaders)}); refusing to guess",
+        raise UnsupportedImage(f"content matches more than one format ({', '.join(claims)}); refusing to guess",
                                path=source.name, hint="name the format with --format")
     valid = []
     errors: list[DiskportError] = []
-    for name in leaders:
+    for name in claims:
         try:
             FORMATS[name].open(source)  # validation only; the source stays open for the chosen reader
             valid.append(name)
@@ -156,8 +163,8 @@ def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) ->
         return valid[0]
     if not valid:
         raise errors[0]
-    raise UnsupportedImage(f"content is valid as more than one format ({', '.join(valid)}); refusing to guess",
-                           path=source.name, hint="name the format with --format")
+    raise UnsupportedImage(f"content is valid as more than one format ({', '.join(valid)}), two different disks; "
+                           "refusing to guess", path=source.name, hint="name the format with --format")
 
 
 def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | None = None,
@@ -178,6 +185,7 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
             raise UnsupportedImage(f"unknown format '{fmt}' (known: {', '.join(format_names())})",
                                    path=source.name)
         return FORMATS[name].open(source)
+    foreign.refuse_foreign(head, source)
     return FORMATS[_choose(probe_scores(source, head), source)].open(source)
 
 

@@ -9,6 +9,16 @@ Safety: every table offset is checked against the file size and alignment before
 bounded by what the virtual size needs (and by qemu's own 32 MiB limit); only one L2 table is decoded at a time
 (plus a small cache), so memory does not grow with the image. Images that need anything outside the file
 (backing file, external data file) or a key (encryption) are refused with the feature named.
+
+Sharing: in the active image's mapping (one L1 table and the L2 tables it names) every guest cluster has its own
+host cluster. qcow2 shares clusters only between snapshots (and counts the sharing in the refcounts, which
+copy-on-write then honours), never between two guest clusters of one L1 tree, and an L2 table belongs to
+one L1 entry. So a host cluster named by two L1 entries, by two data entries, or by an L2 table and a data entry
+is refused as corrupt without reading the refcounts: that is how a 256 KiB file would otherwise expand into a
+terabyte of real data. The check keeps one bit per host cluster of the file (its own cluster count, 2 MiB for
+1 TiB of 64 KiB clusters) and claims each L2 table's clusters once, when the table is first read. Compressed
+clusters are packed byte by byte and may share a host cluster, so for them only a descriptor repeated within
+one L2 table is refused.
 """
 
 from __future__ import annotations
@@ -179,6 +189,17 @@ class Qcow2Image(DiskImage):
             i = int(bad[0])
             raise self._fail(f"L1 entry {i} points to an L2 table at {int(l2_offsets[i]):#x} that is unaligned "
                              f"or past the end of the file", l1_off + 8 * i)
+        # One bit per host cluster of the file: set once a cluster is known to hold metadata or one guest cluster.
+        self._host_clusters = -(-src.size // cs)
+        self._claimed = np.zeros(-(-self._host_clusters // 8), dtype=np.uint8)
+        self._l2_checked = np.zeros(len(self.l1), dtype=bool)
+        tables = l2_offsets[l2_offsets != 0] // np.uint64(cs)
+        unique, counts = np.unique(tables, return_counts=True)
+        if np.any(counts > 1):
+            shared = int(unique[np.flatnonzero(counts > 1)[0]]) * cs
+            raise self._fail(f"two L1 entries name the same L2 table at {shared:#x}; an L2 table belongs to one "
+                             "L1 entry", l1_off)
+        self._claim(np.concatenate([np.zeros(1, dtype=np.uint64), unique]), "metadata")
 
     def _parse_extensions(self, head: bytes, pos: int, cs: int) -> dict[int, bytes]:
         exts: dict[int, bytes] = {}
@@ -217,10 +238,50 @@ class Qcow2Image(DiskImage):
             return cached
         raw = self.source.read_exact(off, self.cs, f"L2 table {l1_index}", FMT)
         table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        if not self._l2_checked[l1_index]:
+            self._claim_table(l1_index, table)
+            self._l2_checked[l1_index] = True
         self._l2_cache[off] = table
         if len(self._l2_cache) > _L2_CACHE:
             self._l2_cache.popitem(last=False)
         return table
+
+    def _claim(self, clusters: np.ndarray, what: str) -> None:
+        """Mark host clusters (indices, each once in ``clusters``) as used; one already used is corrupt."""
+        clusters = clusters[clusters < np.uint64(self._host_clusters)]
+        if clusters.size == 0:
+            return
+        byte = (clusters >> np.uint64(3)).astype(np.intp)
+        bit = (np.uint8(1) << (clusters & np.uint64(7)).astype(np.uint8)).astype(np.uint8)
+        taken = np.flatnonzero(self._claimed[byte] & bit)
+        if taken.size:
+            at = int(clusters[taken[0]]) * self.cs
+            raise self._fail(f"{what} names host cluster {at:#x}, which another guest cluster or an L2 table "
+                             "already uses; qcow2 never shares a cluster within one image's mapping")
+        np.bitwise_or.at(self._claimed, byte, bit)
+
+    def _claim_table(self, l1_index: int, table: np.ndarray) -> None:
+        """Claim the host clusters of every data entry of an L2 table (within the virtual size), once."""
+        count = min(self.l2_entries, -(-(self.virtual_size - l1_index * self.l2_span) // self.cs))
+        if self.extended_l2:
+            entries = table[0::2][:count]
+            allocated = (table[1::2][:count] & np.uint64(0xFFFF_FFFF)) != 0
+        else:
+            entries = table[:count]
+            allocated = (entries & np.uint64(OFLAG_ZERO)) == 0
+        compressed = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+        hosts = entries & np.uint64(L2_OFFSET_MASK)
+        data = ~compressed & allocated & (hosts != 0)
+        where = f"L2 table {l1_index}"
+        clusters, counts = np.unique(hosts[data] // np.uint64(self.cs), return_counts=True)
+        if np.any(counts > 1):
+            at = int(clusters[np.flatnonzero(counts > 1)[0]]) * self.cs
+            raise self._fail(f"{where} maps host cluster {at:#x} for more than one guest cluster; qcow2 never "
+                             "shares a cluster within one image's mapping")
+        self._claim(clusters, where)
+        descriptors = entries[compressed]
+        if descriptors.size and np.unique(descriptors).size != descriptors.size:
+            raise self._fail(f"{where} names the same compressed cluster for more than one guest cluster")
 
     def _runs(self, l1_index: int, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
         """(kind, first_unit, unit_count, host) runs over units [first, last) of one L2 table.

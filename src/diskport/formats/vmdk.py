@@ -35,11 +35,26 @@ the grain size and inflates to at most one grain. The work done is bounded by th
 tables point at, since every grain is looked up once through a two-level table without chains (shared or
 self-referencing tables only repeat bytes); stretches of unallocated tables are skipped with numpy and an empty
 table costs one small read.
+
+Sharing: a hosted sparse extent has no refcounts and no snapshots, so no grain of the file legitimately backs two
+guest grains; grain tables naming one grain many times would expand a 195 KiB file into a terabyte of real data.
+Each grain table is checked once, when first read, against one bit per grain-sized slot of the file (per sector
+for compressed grains, which each start on their own sector): an uncompressed grain at ``h`` takes slot
+``h // grain``, which two grains that do not overlap never share, and a compressed grain takes the sector it
+starts at. A slot taken twice is refused as corrupt; the bits are bounded by the file's own size (1/4096 of it
+for compressed grains). For the same reason a descriptor may name one sparse file once, and flat extents of one
+file may not overlap.
+
+streamOptimized read from a file follows its grain tables, read from a stream it follows its grain markers: both
+readings must give the same disk, so the grain a table names must carry a marker for that same guest sector, or
+the file is corrupt (two disks in one file).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import os
 import re
 import struct
 import zlib
@@ -80,7 +95,11 @@ COMPRESSION_DEFLATE = 1
 NEWLINE_CHECK_BYTES = b"\n \r\n"
 GTE_ZEROED = 1
 MARKER_END_OF_STREAM = 0
+MARKER_GRAIN_TABLE = 1
+MARKER_GRAIN_DIRECTORY = 2
 MARKER_FOOTER = 3
+#: A streamOptimized file whose tables and grain markers give two different disks.
+DISAGREE = "the grain tables and the grain markers disagree (one file, two disks)"
 NO_PARENT_CID = 0xFFFF_FFFF
 
 #: magic, version, flags, capacity, grainSize, descriptorOffset, descriptorSize, numGTEsPerGT, rgdOffset,
@@ -432,6 +451,10 @@ class SparseExtent(ExtentReader):
         self.gtes = header.gtes_per_gt
         self.gt_span = self.gtes * self.grain_size
         self.gd = self._read_grain_directory()
+        self._slot = SECTOR if self.compressed else self.grain_size
+        self._slots = -(-source.size // self._slot)
+        self._claimed = np.zeros(-(-self._slots // 8), dtype=np.uint8)
+        self._gt_checked = np.zeros(len(self.gd), dtype=bool)
         self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray] | None] = OrderedDict()
         self._grains: OrderedDict[int, bytes] = OrderedDict()
 
@@ -496,9 +519,31 @@ class SparseExtent(ExtentReader):
             i = int(bad[0])
             raise _corrupt(src, f"grain table {gt_index} maps grain {i} to {int(hosts[i]):#x}, beyond the end "
                            f"of the file ({src.size} bytes)", at + 4 * i)
+        if not self._gt_checked[gt_index]:
+            self._claim(hosts[~absent], gt_index)
+            self._gt_checked[gt_index] = True
         table = (kinds, hosts)
         self._remember(gt_index, table)
         return table
+
+    def _claim(self, hosts: np.ndarray, gt_index: int) -> None:
+        """Mark the file slots of a grain table's grains as used; a slot used twice is a shared grain."""
+        src = self.source
+        assert src is not None
+        slots, counts = np.unique(hosts // np.uint64(self._slot), return_counts=True)
+        if np.any(counts > 1):
+            at = int(slots[np.flatnonzero(counts > 1)[0]]) * self._slot
+            raise _corrupt(src, f"grain table {gt_index} names the grain at {at:#x} for more than one guest grain; "
+                           "a sparse extent never shares a grain")
+        slots = slots[slots < np.uint64(self._slots)]
+        byte = (slots >> np.uint64(3)).astype(np.intp)
+        bit = (np.uint8(1) << (slots & np.uint64(7)).astype(np.uint8)).astype(np.uint8)
+        taken = np.flatnonzero(self._claimed[byte] & bit)
+        if taken.size:
+            at = int(slots[taken[0]]) * self._slot
+            raise _corrupt(src, f"grain table {gt_index} names the grain at {at:#x}, which another grain table "
+                           "already names; a sparse extent never shares a grain")
+        np.bitwise_or.at(self._claimed, byte, bit)
 
     def _remember(self, gt_index: int, table: tuple[np.ndarray, np.ndarray] | None) -> None:
         self._tables[gt_index] = table
@@ -590,7 +635,7 @@ class SparseExtent(ExtentReader):
         host = int(table[1][entry])
         cached = self._grains.get(host)
         if cached is None:
-            cached = self._inflate(host)
+            cached = self._inflate(host, grain_index)
             self._grains[host] = cached
             if len(self._grains) > _GRAIN_CACHE:
                 self._grains.popitem(last=False)
@@ -604,14 +649,18 @@ class SparseExtent(ExtentReader):
                            f"{needed}", host)
         return cached
 
-    def _inflate(self, host: int) -> bytes:
+    def _inflate(self, host: int, grain_index: int) -> bytes:
         src = self.source
         assert src is not None
         limit = 2 * self.grain_size
         if self.markers:
-            _, size = _GRAIN_MARKER.unpack(src.read_exact(host, _GRAIN_MARKER.size, "grain marker", FMT))
+            lba, size = _GRAIN_MARKER.unpack(src.read_exact(host, _GRAIN_MARKER.size, "grain marker", FMT))
             if size == 0:
                 raise _corrupt(src, "a grain table entry points at a metadata marker, not a grain", host)
+            sector = grain_index * self.header.grain_sectors
+            if lba != sector:
+                raise _corrupt(src, f"{DISAGREE}: the table maps guest sector {sector} to a grain whose marker "
+                               f"says sector {lba}", host)
             if size > limit:
                 raise _corrupt(src, f"compressed grain of {size} bytes exceeds twice the grain size", host)
             data = src.read_exact(host + _GRAIN_MARKER.size, size, "compressed grain", FMT)
@@ -874,6 +923,8 @@ class StreamedVmdkImage(DiskImage):
                            f"{MAX_GRAIN_SECTORS}", 20)
         if header.capacity * SECTOR > MAX_VIRTUAL_SIZE:
             raise _corrupt(src, f"capacity of {header.capacity} sectors is implausibly large", 12)
+        if not 1 <= header.gtes_per_gt <= MAX_GTES_PER_GT:
+            raise _corrupt(src, f"{header.gtes_per_gt} entries per grain table is outside 1..{MAX_GTES_PER_GT}", 44)
         desc = parse_descriptor(read_embedded_descriptor(src, header), src, with_extents=False)
         self.cid, self.parent_cid = read_identity(desc, src)
         self.header = header
@@ -884,6 +935,118 @@ class StreamedVmdkImage(DiskImage):
         self._grain_start = 0
         self._grain = b""
         self._started = False
+        # What the markers and the tables say, as keyed multiset hashes per grain table (see _check_tables).
+        self._key = os.urandom(16)
+        self._marker_sums: dict[int, int] = {}
+        self._table_sums: dict[int, int] = {}
+        self._directories: dict[int, np.ndarray] = {}
+        self._footer_gd: int | None = None
+
+    def _pair(self, host_sector: int, index: int) -> int:
+        digest = hashlib.blake2b(struct.pack("<QQ", host_sector, index), key=self._key, digest_size=16).digest()
+        return int.from_bytes(digest, "little")
+
+    def _read_metadata(self, kind: int, sectors: int, at: int) -> None:
+        """A metadata marker's sectors: grain tables and the directory are kept as hashes and entries, the footer
+        for where the directory is; anything else is skipped."""
+        self._skip(SECTOR - _MARKER.size)
+        data_sector = at // SECTOR + 1
+        header = self.header
+        if kind == MARKER_GRAIN_TABLE and sectors * SECTOR <= 4 * MAX_GTES_PER_GT:
+            self._table_sums[data_sector] = self._table_sum(self._read(sectors * SECTOR))
+            return
+        if kind == MARKER_GRAIN_DIRECTORY:
+            needed = -(-self.virtual_size // (header.gtes_per_gt * self.grain_size))
+            if needed > MAX_GD_ENTRIES or 4 * needed > sectors * SECTOR:
+                raise _corrupt(self.source, f"grain directory of {sectors} sectors does not fit the capacity", at)
+            raw = self._read(4 * needed)
+            self._directories[data_sector] = np.frombuffer(raw, dtype="<u4").copy()
+            self._skip(sectors * SECTOR - 4 * needed)
+            return
+        if kind == MARKER_FOOTER and sectors == 1:
+            raw = self._read(SECTOR)
+            if raw[:4] == SPARSE_MAGIC:
+                self._footer_gd = SparseHeader.unpack(raw).gd_offset
+            return
+        self._skip(sectors * SECTOR)
+
+    def _table_sum(self, raw: bytes) -> int:
+        header = self.header
+        entries = np.frombuffer(raw[: 4 * header.gtes_per_gt], dtype="<u4")
+        present = entries != 0
+        if header.flags & FLAG_ZEROED_GRAIN_GTE:
+            present &= entries != GTE_ZEROED
+        return sum(self._pair(int(entries[i]), int(i)) for i in np.flatnonzero(present).tolist()) % (1 << 128)
+
+    def _read_overhead(self) -> None:
+        """The sectors before the first grain. When the header names its grain directory (qemu's layout: the
+        directory and then the tables sit here, before the grains), they are kept for :meth:`_check_tables` as
+        they pass, one chunk at a time; a table placed before the directory cannot be checked and is refused."""
+        header = self.header
+        end = header.overhead * SECTOR
+        if header.gd_offset == GD_AT_END or not 0 < header.gd_offset * SECTOR < end:
+            self._skip(end - self._consumed)
+            return
+        needed = -(-self.virtual_size // (header.gtes_per_gt * self.grain_size))
+        if needed > MAX_GD_ENTRIES:
+            raise _corrupt(self.source, f"grain directory of {needed} entries exceeds the {MAX_GD_ENTRIES} limit")
+        gd_at = header.gd_offset * SECTOR
+        gd_end = gd_at + 4 * needed
+        gd = bytearray()
+        tables: dict[int, bytearray] = {}  # table start (bytes) -> bytes gathered so far
+        wanted: list[int] = []
+        table_bytes = 4 * header.gtes_per_gt
+        pos = self._consumed
+        while pos < end:
+            chunk = self._read(min(end - pos, 1 << 20))
+            if not chunk:
+                raise _corrupt(self.source, "stream ends inside the header area", hint="the file is truncated")
+            stop = pos + len(chunk)
+            if gd_at < stop and pos < gd_end:
+                gd += chunk[max(gd_at, pos) - pos: min(gd_end, stop) - pos]
+                if len(gd) == gd_end - gd_at:
+                    directory = np.frombuffer(bytes(gd), dtype="<u4").copy()
+                    self._directories[header.gd_offset] = directory
+                    wanted = sorted({int(x) * SECTOR for x in directory.tolist() if x})
+                    if wanted and wanted[0] < gd_end:
+                        raise _corrupt(self.source, f"{DISAGREE}: a grain table lies before the grain directory, "
+                                       "where a stream cannot check it")
+            for at in wanted:
+                if at >= stop:
+                    break
+                if at + table_bytes > pos:
+                    part = tables.setdefault(at, bytearray())
+                    part += chunk[max(at, pos) - pos: min(at + table_bytes, stop) - pos]
+                    if len(part) == table_bytes:
+                        self._table_sums[at // SECTOR] = self._table_sum(bytes(part))
+                        del tables[at]
+            wanted = [at for at in wanted if at + table_bytes > stop]
+            pos = stop
+
+    def _check_tables(self) -> None:
+        """At the end of the stream: the grains its markers carried are exactly those its tables name.
+
+        Both sides are reduced to a sum, per grain table, of a keyed hash of (grain's sector in the file, index in
+        its table): the key is random per read, so no file can be made whose sums agree while its pairs differ.
+        Memory is one number per table and the directory, not one entry per grain."""
+        gd_sector = self._footer_gd if self._footer_gd is not None else self.header.gd_offset
+        directory = self._directories.get(gd_sector)
+        if directory is None:
+            raise _corrupt(self.source, f"{DISAGREE}: the stream holds no grain directory at sector {gd_sector}")
+        marker_sums = dict(self._marker_sums)
+        for index, table_sector in enumerate(directory.tolist()):
+            if table_sector == 0:
+                expected = 0
+            elif table_sector in self._table_sums:
+                expected = self._table_sums[table_sector]
+            else:
+                raise _corrupt(self.source, f"{DISAGREE}: the directory names a grain table at sector "
+                               f"{table_sector}, which the stream does not hold")
+            if marker_sums.pop(index, 0) != expected:
+                raise _corrupt(self.source, f"{DISAGREE}: grain table {index} names other grains than the "
+                               "markers carry")
+        if marker_sums:
+            raise _corrupt(self.source, f"{DISAGREE}: grains beyond the grain directory")
 
     def _read(self, n: int) -> bytes:
         """Exactly ``n`` more bytes of the stream (b"" at its very end), from the head first."""
@@ -914,7 +1077,7 @@ class StreamedVmdkImage(DiskImage):
         self._started = True
         src = self.source
         grain = self.grain_size
-        self._skip(self.header.overhead * SECTOR)
+        self._read_overhead()
         pos = 0  # guest bytes covered so far
         while True:
             marker = self._read(_MARKER.size)
@@ -922,13 +1085,13 @@ class StreamedVmdkImage(DiskImage):
                 raise _corrupt(src, f"stream ends after {self._consumed} bytes without an end-of-stream marker",
                                hint="the file is truncated")
             value, size, kind = _MARKER.unpack(marker)
-            if size == 0:  # a metadata marker: skip its padding and its sectors
+            marker_at = self._consumed - _MARKER.size
+            if size == 0:  # a metadata marker: read what the check needs, skip the rest
                 if kind == MARKER_END_OF_STREAM:
                     break
                 if value > MAX_GD_ENTRIES:
-                    raise _corrupt(src, f"metadata marker of {value} sectors is implausibly large",
-                                   self._consumed - _MARKER.size)
-                self._skip(SECTOR - _MARKER.size + value * SECTOR)
+                    raise _corrupt(src, f"metadata marker of {value} sectors is implausibly large", marker_at)
+                self._read_metadata(kind, value, marker_at)
                 continue
             offset = value * SECTOR
             if size > 2 * grain or size < _MARKER.size - _GRAIN_MARKER.size:
@@ -939,6 +1102,10 @@ class StreamedVmdkImage(DiskImage):
                 raise UnsupportedImage(f"grain for sector {value} is out of order or out of range, so the image "
                                        "cannot be read as a stream", path=src.name, fmt=FMT,
                                        hint="decompress the file first and convert that")
+            grain_number = offset // grain
+            table = grain_number // self.header.gtes_per_gt
+            pair = self._pair(marker_at // SECTOR, grain_number % self.header.gtes_per_gt)
+            self._marker_sums[table] = (self._marker_sums.get(table, 0) + pair) % (1 << 128)
             compressed = marker[_GRAIN_MARKER.size:] + self._read(size - (_MARKER.size - _GRAIN_MARKER.size))
             self._skip(-(_GRAIN_MARKER.size + size) % SECTOR)
             length = min(grain, self.virtual_size - offset)
@@ -948,6 +1115,7 @@ class StreamedVmdkImage(DiskImage):
             self._grain_start = offset
             yield Extent(offset, length, False, None)
             pos = offset + length
+        self._check_tables()
         if pos < self.virtual_size:
             yield Extent(pos, self.virtual_size - pos, True, None)
 

@@ -34,6 +34,9 @@ from diskport.sources.http import HttpOptions, HttpSource
 from diskport.sources.stream import DecompressingStream
 
 MAX_NESTING = 2
+#: Most layers walked in one image: Docker's layer store refuses to stack more than 128 (its ``maxDepth``), so
+#: more is not an image any runtime can run, and each layer costs a request.
+MAX_LAYERS = 128
 
 
 @dataclass
@@ -120,6 +123,9 @@ class _Puller:
         layers = _descriptors(manifest, "layers", f"{self.where}: the manifest")
         if not layers:
             raise RegistryError(f"{self.where}: the image has no layers, so no disk")
+        if len(layers) > MAX_LAYERS:
+            raise RegistryError(f"{self.where}: the image has {len(layers)} layers, more than the {MAX_LAYERS} "
+                                "a container runtime stacks; not a containerDisk image")
         hidden: frozenset[str] = frozenset()
         for scanned, layer in enumerate(reversed(layers), 1):
             if layer.media_type not in LAYER_TYPES and "tar" not in layer.media_type:
@@ -155,9 +161,10 @@ class _Puller:
         scan = scan_layer(reader, hidden)
         if scan.disk is None:
             return scan
-        member = MemberStream(reader, scan.disk.size, f"{self.where}:disk/{scan.disk_name}", label)
+        member = MemberStream(reader, scan.disk.size, f"{self.where}:disk/{scan.disk_name}", label, scan)
 
         def verify() -> None:
+            member.check_rest(hidden)  # the checks the in-place walk made up front
             try:
                 checked.verify()
             except SourceError:

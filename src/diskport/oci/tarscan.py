@@ -11,6 +11,11 @@ PAX headers and long link names are skipped.
 The layers are walked as a container runtime stacks them: top layer first, whiteouts (``disk/.wh.NAME``)
 hiding a lower layer's file and an opaque whiteout (``disk/.wh..wh..opq``) hiding every lower layer's folder.
 The disk is the single regular file directly under ``disk/``.
+
+A compressed layer gets the same checks as an uncompressed one, only later: the walk must stop at the disk's
+first byte to hand the stream over, so :meth:`MemberStream.check_rest` reads the rest of the layer once the disk
+has been read (before the destination is put in place), refusing a disk shorter than its header says, a second
+file under ``disk/`` and a link there, as the in-place walk refuses them up front.
 """
 
 from __future__ import annotations
@@ -165,6 +170,8 @@ def iter_tar(reader: TarReader) -> Iterator[TarEntry]:
                 size = int(pax["size"])
             except ValueError:
                 raise CorruptImage(f"PAX size {pax['size']!r} is not a number", path=name, fmt="tar") from None
+            if size < 0:
+                raise CorruptImage(f"PAX size {pax['size'][:40]!r} of {path!r} is negative", path=name, fmt="tar")
             end = data_offset + -(-size // BLOCK) * BLOCK
         pax, long_name = {}, None
         yield TarEntry(path, kind, size, data_offset)
@@ -191,11 +198,25 @@ class LayerScan:
     opaque: bool = False
 
 
+def _check_entry(entry: TarEntry, disk_name: str, found: LayerScan | None, where: str) -> LayerScan | None:
+    """The checks every entry under ``disk/`` gets (not a whiteout, not hidden): a second file or a link is
+    refused; a regular file is the disk, returned."""
+    if entry.kind in _REGULAR:
+        if found is not None:
+            raise UnsupportedImage(f"the layer holds more than one file under disk/ ({found.disk_name}, "
+                                   f"{disk_name}); a containerDisk has exactly one", path=where)
+        return LayerScan(entry, disk_name)
+    if entry.kind in (b"1", b"2"):
+        raise UnsupportedImage(f"disk/{disk_name} is a link; a containerDisk holds the disk itself", path=where)
+    return found
+
+
 def scan_layer(reader: TarReader, hidden: frozenset[str]) -> LayerScan:
     """Walk a layer until it shows a disk file that ``hidden`` (whiteouts from the layers above) does not hide.
 
     The reader is left at that file's first byte. A layer holding two disk files is refused: a containerDisk
-    has exactly one."""
+    has exactly one. A stream stops at the first one (it cannot come back to it); :meth:`MemberStream.check_rest`
+    does the rest of the checks once the disk is read."""
     whiteouts: set[str] = set()
     opaque = False
     found: LayerScan | None = None
@@ -209,17 +230,13 @@ def scan_layer(reader: TarReader, hidden: frozenset[str]) -> LayerScan:
             whiteouts.add(disk_name[4:])
         elif disk_name in hidden:
             continue
-        elif entry.kind in _REGULAR:
-            if found is not None:
-                raise UnsupportedImage(f"the layer holds more than one file under disk/ ({found.disk_name}, "
-                                       f"{disk_name}); a containerDisk has exactly one", path=reader.name)
-            found = LayerScan(entry, disk_name)
-            if isinstance(reader, StreamTarReader):
-                break  # a stream cannot come back to it: the first file is the disk
-            reader.skip_to(entry.data_offset + entry.size)  # and on, to check there is no second one
-        elif entry.kind in (b"1", b"2"):
-            raise UnsupportedImage(f"disk/{disk_name} is a link; a containerDisk holds the disk itself",
-                                   path=reader.name)
+        else:
+            before = found
+            found = _check_entry(entry, disk_name, found, reader.name)
+            if found is not before:
+                if isinstance(reader, StreamTarReader):
+                    break  # a stream cannot come back to it: the first file is the disk
+                reader.skip_to(entry.data_offset + entry.size)  # and on, to check there is no second one
     if found is not None:
         return found
     return LayerScan(whiteouts=frozenset(whiteouts), opaque=opaque)
@@ -234,13 +251,39 @@ class MemberStream(ReadintoSource):
     sequential = True
     HEAD = 64 * 1024
 
-    def __init__(self, reader: StreamTarReader, size: int, name: str, label: str) -> None:
+    def __init__(self, reader: StreamTarReader, size: int, name: str, label: str,
+                 scan: LayerScan | None = None) -> None:
         self.reader = reader
         self.size = size
         self.name = name
         self.sequential_reason = label
+        self.scan = scan
         self._start = reader.position
         self._head = reader.read(min(self.HEAD, size))
+        if len(self._head) < min(self.HEAD, size):
+            raise self._short(len(self._head))
+
+    def _short(self, got: int) -> CorruptImage:
+        return CorruptImage(f"the layer ends {got} bytes into the disk, whose tar header says {self.size} bytes",
+                            path=self.name, fmt="tar", hint="the layer is truncated")
+
+    def check_rest(self, hidden: frozenset[str] = frozenset()) -> None:
+        """Read through what is left of the disk and of the layer, with the checks an uncompressed layer gets
+        while it is scanned: the disk as long as its header says, no second file and no link under ``disk/``."""
+        end = self._start + self.size
+        scratch = memoryview(bytearray(1 << 20))
+        while self.reader.position < end:
+            got = self.reader.stream.readinto(scratch[: end - self.reader.position])
+            if not got:
+                raise self._short(self.reader.position - self._start)
+            self.reader.position += got
+        self.reader.skip_to(end + -self.size % BLOCK)
+        found: LayerScan | None = self.scan or LayerScan(None, self.name.rsplit("/", 1)[-1])
+        for entry in iter_tar(self.reader):
+            disk_name = _disk_name(entry.name)
+            if disk_name is None or disk_name.startswith(".wh.") or disk_name in hidden:
+                continue
+            found = _check_entry(entry, disk_name, found, self.reader.name)
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         n = min(len(buf), self.size - offset)
@@ -253,6 +296,8 @@ class MemberStream(ReadintoSource):
         if self._start + offset != self.reader.position:
             raise CorruptImage(f"a layer stream can only be read in order (asked for {offset:#x})", path=self.name)
         got = self.reader.stream.readinto(buf[:n])
+        if not got:
+            raise self._short(offset)
         self.reader.position += got
         return got
 

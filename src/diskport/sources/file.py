@@ -125,7 +125,21 @@ class FileSource(Source):
                               path=self.name)
         if not os.path.exists(real):
             raise SourceError(f"{what} '{name}' is missing (looked in {folder})", path=self.name)
-        return FileSource(real)
+        # Only a regular file: a named pipe (which an unpacked tar can leave beside the image) would block open()
+        # forever, and a device node there is not part of the image. O_NONBLOCK keeps even that open from waiting.
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            raise SourceError(f"cannot open {what} '{name}': {e.strerror}", path=self.name) from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
+                    else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+            raise UnsafeImage(f"names {what} '{name}', which is {kind}; only regular files beside the image are read",
+                              path=self.name)
+        os.set_blocking(fd, True)
+        return FileSource(real, fd=fd)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -15,6 +15,11 @@ Zero clusters stay unallocated (the image has no backing file, so they read as z
 (zlib and zstandard release the GIL) and packed byte by byte as qemu does; a cluster that does not shrink is
 stored uncompressed. Refcounts are kept as one 16-bit counter per host cluster: 32 KiB per GiB of output at
 64 KiB clusters.
+
+The L1 table is never sized from a declared virtual size up front: it grows as L2 tables are written, so memory
+follows the data actually written. The virtual size itself is checked before anything is written
+(:func:`check_virtual_size`): an L1 table larger than qemu's 32 MiB limit (2 PiB at 64 KiB clusters) would make an
+image qemu refuses to open, so such a size is refused with the limit named rather than written.
 """
 
 from __future__ import annotations
@@ -38,6 +43,22 @@ OFLAG_COMPRESSED = 1 << 62
 INCOMPAT_COMPRESSION = 1 << 3
 HEADER_LENGTH = 112
 COMPRESSION_TYPES = {"zlib": 0, "deflate": 0, "zstd": 1}
+MAX_L1_BYTES = 32 * 1024 * 1024  # qemu's QCOW_MAX_L1_SIZE: qemu opens no image with a larger L1 table
+
+
+def max_virtual_size(cluster_size: int) -> int:
+    """The largest virtual size whose L1 table qemu accepts, at ``cluster_size``."""
+    return MAX_L1_BYTES // 8 * (cluster_size // 8) * cluster_size
+
+
+def check_virtual_size(virtual_size: int, cluster_size: int, name: str) -> None:
+    """Refuse, before anything is written, a virtual size no qcow2 at this cluster size can hold."""
+    limit = max_virtual_size(cluster_size)
+    if virtual_size > limit:
+        raise DestinationError(f"a virtual size of {virtual_size} bytes needs an L1 table larger than qemu's "
+                               f"{MAX_L1_BYTES // (1024 * 1024)} MiB limit (at most {limit} bytes with "
+                               f"{cluster_size}-byte clusters)", path=name, fmt="qcow2",
+                               hint="the source's declared size is implausible; check it with 'diskport inspect'")
 
 
 def _deflate(data: memoryview) -> bytes:
@@ -77,7 +98,9 @@ class Qcow2Writer(Writer):
         self.compression = compression
         self.l2_entries = cluster_size // 8
         self.l2_span = self.l2_entries * cluster_size
-        self.l1 = np.zeros(-(-(virtual_size or 0) // self.l2_span), dtype=np.uint64)
+        if virtual_size is not None:
+            check_virtual_size(virtual_size, cluster_size, name)
+        self.l1 = np.zeros(0, dtype=np.uint64)  # grows with the L2 tables written (never from a declared size)
         self.next_cluster = 1  # first free host cluster; cluster 0 holds the header
         self.comp_pos: int | None = None     # byte offset for the next compressed cluster, if one is open
         self.refcounts = np.zeros(1024, dtype=np.uint16)
@@ -130,8 +153,11 @@ class Qcow2Writer(Writer):
         host = self._alloc_clusters(1) * self.cs
         self._pwrite(self.l2.astype(">u8").tobytes(), host)
         if self.l2_index >= len(self.l1):
-            self.l1 = np.concatenate([self.l1, np.zeros(max(self.l2_index + 1 - len(self.l1), len(self.l1)),
-                                                        dtype=np.uint64)])
+            if (self.l2_index + 1) * 8 > MAX_L1_BYTES:
+                raise DestinationError(f"data at guest offset {self.l2_index * self.l2_span:#x} is beyond what a "
+                                       f"qcow2 L1 table of {MAX_L1_BYTES} bytes maps", path=self.name, fmt="qcow2")
+            grow = min(max(self.l2_index + 1 - len(self.l1), len(self.l1)), MAX_L1_BYTES // 8 - len(self.l1))
+            self.l1 = np.concatenate([self.l1, np.zeros(grow, dtype=np.uint64)])
         self.l1[self.l2_index] = np.uint64(host | OFLAG_COPIED)
         self.l2 = None
         self.l2_index = -1
@@ -229,6 +255,7 @@ class Qcow2Writer(Writer):
     def _finish(self, virtual_size: int) -> None:
         cs = self.cs
         self.size = virtual_size
+        check_virtual_size(virtual_size, cs, self.name)
         self._flush_pending()
         self._flush_l2()
         l1_size = -(-virtual_size // self.l2_span)
