@@ -200,3 +200,14 @@ def test_bare_volume_and_garbage_are_reported_not_refused(tmp_path: Path, testda
     junk.write_bytes(bytes(range(256)) * 8192)
     report = inspect_guest(junk)
     assert report.volumes[0].filesystem is None
+
+
+def test_names_from_the_image_cannot_forge_lines(tmp_path: Path) -> None:
+    """The ext4 label (s_volume_name, 16 bytes at 0x78 of the superblock) set to an OSC sequence and a newline."""
+    disk = mbr_linux_disk(tmp_path)
+    patch(disk, 2048 * SECTOR + 1024 + 0x78, b"\x1b]0;t\x07\nFAKE: ok\r")
+    out = run_cli("inspect", "--guest", disk)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\r" not in out.stdout
+    assert not any(line.startswith("FAKE") for line in out.stdout.splitlines())
+    assert "FAKE: ok" in out.stdout  # shown, escaped, on the partition's own line

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from diskport.errors import safe_text
 from diskport.guest.facts import GuestReport
 from diskport.units import human_size
 
 
-def _shown(text: str) -> str:
-    """A name read from the image, with control characters escaped so it cannot forge lines or drive the
-    terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:200]
+def _shown(text: str, limit: int = 200) -> str:
+    """Text holding names read from the image, with control characters escaped so it cannot forge lines or
+    drive the terminal (the same escaping as error messages), cut to ``limit`` characters."""
+    return safe_text(text, limit)
 
 
 def render_guest(r: GuestReport) -> str:
@@ -57,4 +58,4 @@ def render_guest(r: GuestReport) -> str:
         value = str(a.value).lower() if isinstance(a.value, bool) else a.value
         lines.append(f"  {a.field}: {value}  [{a.rule}: {a.reason}]")
     lines.append(f"read:          {human_size(r.bytes_read)} in {r.reads} reads, {r.seconds:.2f} s")
-    return "\n".join(_shown(line) for line in lines)
+    return "\n".join(_shown(line, 1000) for line in lines)
