@@ -21,7 +21,6 @@ from diskport.destination import refuse_existing
 from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError
 from diskport.formats import open_image
-from diskport.guest.facts import GuestReport
 from diskport.progress import JobProgress
 from diskport.sources import open_source
 from diskport.sources.base import SliceSource, Source
@@ -29,6 +28,7 @@ from diskport.sources.checksum import ChecksumSource, parse_checksum
 from diskport.sources.http import UNKNOWN_SIZE, HttpOptions, HttpSource
 
 if TYPE_CHECKING:
+    from diskport.guest.facts import GuestReport
     from diskport.oci.auth import Credentials
     from diskport.oci.registry import RegistryOptions
 

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskport.engine import convert
 from diskport.errors import DiskportError, SourceError, UnsupportedImage, UsageError
@@ -50,7 +50,6 @@ from diskport.formats import open_image
 from diskport.formats.base import DiskImage
 from diskport.formats.compression import detect_compression
 from diskport.formats.vmdk import VmdkImage
-from diskport.guest.facts import GuestReport
 from diskport.oci import archive as docker_archive_mod
 from diskport.oci import layout as layout_mod
 from diskport.oci.archive import ArchiveResult, write_docker_archive
@@ -65,6 +64,9 @@ from diskport.oci.media import (
     OCI_MANIFEST,
     Descriptor,
 )
+
+if TYPE_CHECKING:
+    from diskport.guest.facts import GuestReport
 
 #: Formats a KubeVirt containerDisk boots as they are.
 BOOTABLE_FORMATS = ("raw", "iso", "qcow2")
