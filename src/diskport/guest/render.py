@@ -27,7 +27,8 @@ def render_guest(r: GuestReport) -> str:
             fs += f" '{_shown(v.label)}'"
         kind = v.type_name or v.type or ""
         lines.append(f"  {v.number:>3}  {human_size(v.start):>9} +{human_size(v.size):>9}  {kind:<22} {fs}"
-                     + ("  active" if v.active else "") + (f"  ({v.error})" if v.error else ""))
+                     + (f"  name '{v.name}'" if v.name else "") + ("  active" if v.active else "")
+                     + (f"  ({v.error})" if v.error else ""))
     fw = r.firmware
     lines.append(f"firmware:      {fw.verdict}")
     lines.extend(f"  {reason}" for reason in fw.reasons)
