@@ -17,7 +17,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from diskport import __version__
 from diskport.engine import convert as convert_image
 from diskport.errors import DiskportError, UsageError, safe_text
 from diskport.formats import format_names
@@ -27,6 +26,7 @@ from diskport.progress import JobProgress
 from diskport.signals import Interrupted, terminate_raises
 from diskport.sources.http import HttpOptions
 from diskport.units import human_size
+from diskport.version import __version__
 from diskport.writers import OUTPUT_FORMATS
 
 P = ParamSpec("P")
