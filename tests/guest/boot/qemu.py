@@ -1,0 +1,138 @@
+"""Boot a disk under qemu (TCG: the KVM device here is a nested one that fails real guests) and read what the
+firmware, GRUB, the kernel and /init say on the serial console.
+
+SeaBIOS writes its messages to the VGA screen and its debug port (0x402); the debug port goes to a second log
+so "No bootable device" and "Booting from Hard Disk" are seen without a screen. OVMF mirrors its console to the
+serial port. qemu runs until /init powers the guest off, a firmware failure text appears, or the timeout; it is
+then killed (by its own pid) and reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tests.conftest import require_tool
+from tests.guest.boot.disks import GRUB_MARK
+from tests.guest.boot.initramfs import ROOT_FOUND, ROOT_MISSING, STARTED
+
+Firmware = Literal["bios", "efi", "efi-secure"]
+Bus = Literal["virtio", "sata"]
+OVMF = Path("/usr/share/OVMF")
+FIRMWARE_FILES = {"efi": ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
+                  "efi-secure": ("OVMF_CODE_4M.ms.fd", "OVMF_VARS_4M.ms.fd")}
+
+#: Failure texts, each ending the run once seen: what -> pattern on the serial console or SeaBIOS's log.
+FAILURES = {
+    "no-bootable-device": re.compile(r"No bootable device|Boot failed: not a bootable disk"),
+    "access-denied": re.compile(r"Access Denied"),
+    "uefi-shell": re.compile(r"UEFI Interactive Shell|Shell> "),
+    "panic": re.compile(r"Kernel panic - not syncing[^\n]*"),
+}
+STAGES = (("grub", GRUB_MARK), ("kernel", STARTED))
+
+
+@dataclass
+class BootResult:
+    firmware: str
+    bus: str
+    #: "root-found", "root-missing", one of FAILURES' keys, or "timeout".
+    outcome: str
+    root_device: str | None = None
+    seconds: float = 0.0
+    serial: str = ""
+    firmware_log: str = ""
+    #: stage -> seconds after qemu started when it was first seen: "grub" (its echo), "kernel" (/init ran)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        tail = "\n".join(self.serial.splitlines()[-25:])
+        return (f"{self.firmware}/{self.bus}: {self.outcome} ({self.root_device}) after {self.seconds:.1f}s, "
+                f"stages {self.stages}\n--- serial (tail) ---\n{tail}\n--- firmware log (tail) ---\n"
+                + "\n".join(self.firmware_log.splitlines()[-8:]))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", "replace").replace("\r", "")
+    except FileNotFoundError:
+        return ""
+
+
+def _outcome(serial: str, fwlog: str) -> tuple[str | None, str | None]:
+    if (m := re.search(rf"{ROOT_FOUND} (\S+)", serial)) is not None:
+        return "root-found", m[1]
+    if ROOT_MISSING in serial:
+        return "root-missing", None
+    for name, pattern in FAILURES.items():
+        if pattern.search(serial) or pattern.search(fwlog):
+            return name, None
+    return None, None
+
+
+def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio",
+         timeout: float = 60.0) -> BootResult:
+    """Boot ``disk`` (raw, opened with snapshot=on: never written, shareable between runs)."""
+    work.mkdir(parents=True, exist_ok=True)
+    serial, fwlog = work / "serial.log", work / "firmware.log"
+    for f in (serial, fwlog):
+        f.unlink(missing_ok=True)
+    args = [require_tool("qemu-system-x86_64"), "-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1",
+            "-nodefaults", "-nographic", "-monitor", "none", "-serial", f"file:{serial}", "-no-reboot", "-nic", "none",
+            "-drive", f"if=none,id=disk0,format=raw,snapshot=on,file={disk}"]
+    args += (["-device", "virtio-blk-pci,drive=disk0,bootindex=1"] if bus == "virtio"
+             else ["-device", "ide-hd,drive=disk0,bus=ide.0,bootindex=1"])
+    if firmware == "bios":
+        args += ["-chardev", f"file,id=seabios,path={fwlog}", "-device", "isa-debugcon,iobase=0x402,chardev=seabios"]
+    else:
+        code, vars_ = FIRMWARE_FILES[firmware]
+        for f in (code, vars_):
+            if not (OVMF / f).exists():
+                raise AssertionError(f"{OVMF / f} is missing: install Debian's ovmf")
+        own_vars = work / vars_
+        shutil.copy(OVMF / vars_, own_vars)
+        args += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF / code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={own_vars}"]
+        if firmware == "efi-secure":  # the Secure Boot build keeps its variables behind SMM
+            args[args.index("q35")] = "q35,smm=on"
+            args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    began = time.monotonic()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    outcome = device = None
+    stages: dict[str, float] = {}
+    try:
+        while time.monotonic() - began < timeout:
+            if proc.poll() is not None:
+                break
+            text = _read(serial)
+            for name, mark in STAGES:
+                if name not in stages and mark in text:
+                    stages[name] = round(time.monotonic() - began, 1)
+            outcome, device = _outcome(text, _read(fwlog))
+            if outcome is not None and outcome != "root-found" and outcome != "root-missing":
+                break  # a firmware failure: nothing more will come
+            time.sleep(0.1)
+        else:
+            outcome = "timeout"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode("utf-8", "replace")
+    seconds = time.monotonic() - began
+    text, log = _read(serial), _read(fwlog)
+    if outcome != "timeout":
+        outcome, device = _outcome(text, log)
+    if outcome is None:
+        raise AssertionError(f"qemu exited ({proc.returncode}) before any outcome: {out}\n{text}\n{log}")
+    for name, mark in STAGES:
+        if name not in stages and mark in text:
+            stages[name] = round(seconds, 1)
+    return BootResult(firmware, bus, outcome, device, seconds, text, log, stages)
