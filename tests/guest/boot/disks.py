@@ -49,7 +49,9 @@ class Kit:
     work: Path
 
     def drivers(self, virtio: bool) -> tuple[str, ...]:
-        return (VIRTIO_DRIVERS if virtio else ("virtio_pci",)) + SATA_DRIVERS
+        """The modules the guest has: without virtio, the block driver alone is left out (the pci transport
+        and virtio_net stay), so only the disk bus changes."""
+        return (VIRTIO_DRIVERS if virtio else ("virtio_pci",)) + SATA_DRIVERS + ("virtio_net",)
 
     def root_image(self, virtio: bool) -> Path:
         """The ext4 root (built once per driver set): os-release, busybox, kernel, initramfs, the modules."""

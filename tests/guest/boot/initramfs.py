@@ -24,6 +24,7 @@ from tests.conftest import require_tool, run
 STARTED = "DISKPORT-INIT-STARTED"
 ROOT_FOUND = "DISKPORT-ROOT-FOUND"
 ROOT_MISSING = "DISKPORT-ROOT-MISSING"
+MODPROBE_FAILED = "DISKPORT-MODPROBE-FAILED"
 ROOT_LABEL = "dproot"
 
 #: The drivers a disk on each bus needs (the pci transport, the block driver, the SCSI disk for sata).
@@ -37,7 +38,7 @@ exec 0</dev/console 1>/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo {started} "$(uname -r)"
-for m in {modules}; do modprobe "$m" || echo "diskport-init: modprobe $m failed"; done
+for m in {modules}; do modprobe "$m" || echo {modprobe_failed} "$m"; done
 i=0
 while [ $i -lt {tries} ]; do
     dev=$(findfs LABEL={label} 2>/dev/null) && break
@@ -104,7 +105,7 @@ def install_modules(target_root: Path, modules: Path, release: str, files: list[
 
 
 def build_initramfs(out: Path, work: Path, modules: Path, release: str, drivers: tuple[str, ...],
-                    root_wait_s: float = 6.0) -> Path:
+                    root_wait_s: float = 5.0) -> Path:
     """A gzip'ed newc cpio archive: busybox, the modules of ``drivers`` with their dependencies, /init."""
     stage = work / "initramfs"
     if stage.exists():
@@ -116,7 +117,8 @@ def build_initramfs(out: Path, work: Path, modules: Path, release: str, drivers:
     install_modules(stage, modules, release, module_closure(modules, drivers, work))
     init = stage / "init"
     init.write_text(INIT.format(started=STARTED, found=ROOT_FOUND, missing=ROOT_MISSING, label=ROOT_LABEL,
-                                modules=" ".join(drivers), tries=int(root_wait_s / 0.25)))
+                                modprobe_failed=MODPROBE_FAILED, modules=" ".join(drivers),
+                                tries=int(root_wait_s / 0.25)))
     init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     names = sorted(os.path.relpath(os.path.join(d, n), stage)
                    for d, dirs, files in os.walk(stage) for n in dirs + files)

@@ -21,7 +21,7 @@ from typing import Literal
 
 from tests.conftest import require_tool
 from tests.guest.boot.disks import GRUB_MARK
-from tests.guest.boot.initramfs import ROOT_FOUND, ROOT_MISSING, STARTED
+from tests.guest.boot.initramfs import MODPROBE_FAILED, ROOT_FOUND, ROOT_MISSING, STARTED
 
 Firmware = Literal["bios", "efi", "efi-secure"]
 Bus = Literal["virtio", "sata"]
@@ -51,6 +51,11 @@ class BootResult:
     firmware_log: str = ""
     #: stage -> seconds after qemu started when it was first seen: "grub" (its echo), "kernel" (/init ran)
     stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed_modules(self) -> list[str]:
+        """Modules /init could not load (a bad modules.dep, a signature refused under lockdown...)."""
+        return re.findall(rf"{MODPROBE_FAILED} (\S+)", self.serial)
 
     def __str__(self) -> str:
         tail = "\n".join(self.serial.splitlines()[-25:])

@@ -58,6 +58,7 @@ def boot_and_check(report: GuestReport, disk: Path, tmp_path: Path, firmware: qe
         f"boot did {got!r}, the report predicts {predicted!r}, this layout must give {expected!r}\n"
         f"report: {report.verdict_line()}; firmware reasons {report.firmware.reasons}; secure boot: "
         f"{report.firmware.secure_boot_reason}\n{result}")
+    assert not result.failed_modules, result  # every module the root's evidence lists loads in the guest
     if got == "root-found":
         assert result.root_device is not None
         assert result.root_device.startswith("/dev/vd" if bus == "virtio" else "/dev/sd"), result
@@ -76,6 +77,7 @@ def test_gpt_with_esp_and_bios_boot_partition_boots_under_bios(
     assert report.firmware.verdict == "bios+efi" and report.firmware.boot_code == "grub"
     assert report.advised("firmware.bootloader") == "efi" and report.advised("bus") == "virtio"
     assert report.driver("virtio_blk").state == "module"  # type: ignore[union-attr]
+    assert report.advised("network") == "virtio"
     assert_linux(report, boot_kit.parts)
     result = boot_and_check(report, gpt_both_disk, tmp_path, "bios", "virtio", "root-found", record_property)
     assert result.root_device == "/dev/vda3"
@@ -109,7 +111,10 @@ def test_microsoft_signed_shim_boots_under_secure_boot(
     assert_linux(report, boot_kit.parts)
     result = qemu.boot(gpt_signed_disk, tmp_path / "qemu", "efi-secure", "virtio", TIMEOUT["efi-secure"])
     record_property("boot_seconds", round(result.seconds, 1))  # type: ignore[operator]
+    record_property("boot_outcome", result.outcome)  # type: ignore[operator]
+    record_property("verdict", report.verdict_line())  # type: ignore[operator]
     assert observed(result) == "root-found", result
+    assert not result.failed_modules, result  # signed modules load under lockdown
     fallback = report.firmware.loaders[0]
     assert (fallback.path, fallback.signed) == ("\\EFI\\BOOT\\BOOTX64.EFI", True)
     assert fallback.signer == MS_UEFI_CA and fallback.digest_ok is True, fallback
