@@ -37,6 +37,8 @@ FAILURES = {
     "panic": re.compile(r"Kernel panic - not syncing[^\n]*"),
 }
 STAGES = (("grub", GRUB_MARK), ("kernel", STARTED))
+SERIAL_LIMIT = 4 * 1024 * 1024
+FIRMWARE_LOG_LIMIT = 256 * 1024
 
 
 @dataclass
@@ -64,11 +66,22 @@ class BootResult:
                 + "\n".join(self.firmware_log.splitlines()[-8:]))
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8", "replace").replace("\r", "")
-    except FileNotFoundError:
-        return ""
+class _Log:
+    """A log qemu appends to, read incrementally and kept up to ``limit`` bytes (SeaBIOS's debug port floods
+    when it runs garbage: zeroed boot code executes as instructions that trap over and over)."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path, self.limit, self.data = path, limit, bytearray()
+
+    def text(self) -> str:
+        if len(self.data) < self.limit:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(len(self.data))
+                    self.data += f.read(self.limit - len(self.data))
+            except FileNotFoundError:
+                pass
+        return self.data.decode("utf-8", "replace").replace("\r", "")
 
 
 def _outcome(serial: str, fwlog: str) -> tuple[str | None, str | None]:
@@ -109,19 +122,21 @@ def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio
             args[args.index("q35")] = "q35,smm=on"
             args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     began = time.monotonic()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    serial_log, firmware_log = _Log(serial, SERIAL_LIMIT), _Log(fwlog, FIRMWARE_LOG_LIMIT)
+    with open(work / "qemu.out", "wb") as qemu_out:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     outcome = device = None
     stages: dict[str, float] = {}
     try:
         while time.monotonic() - began < timeout:
             if proc.poll() is not None:
                 break
-            text = _read(serial)
+            text = serial_log.text()
             for name, mark in STAGES:
                 if name not in stages and mark in text:
                     stages[name] = round(time.monotonic() - began, 1)
-            outcome, device = _outcome(text, _read(fwlog))
+            outcome, device = _outcome(text, firmware_log.text())
             if outcome is not None and outcome != "root-found" and outcome != "root-missing":
                 break  # a firmware failure: nothing more will come
             time.sleep(0.1)
@@ -129,13 +144,14 @@ def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio
             outcome = "timeout"
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0].decode("utf-8", "replace")
+            os.killpg(proc.pid, signal.SIGKILL)  # qemu's own session, started above
+        proc.wait()
     seconds = time.monotonic() - began
-    text, log = _read(serial), _read(fwlog)
+    text, log = serial_log.text(), firmware_log.text()
     if outcome != "timeout":
         outcome, device = _outcome(text, log)
     if outcome is None:
+        out = (work / "qemu.out").read_text(errors="replace")
         raise AssertionError(f"qemu exited ({proc.returncode}) before any outcome: {out}\n{text}\n{log}")
     for name, mark in STAGES:
         if name not in stages and mark in text:

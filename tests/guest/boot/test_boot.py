@@ -11,6 +11,7 @@ The default run boots five times (about 55 s of guest time over two workers); th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tests.guest.boot import qemu
 from tests.guest.boot.debs import BootParts
 from tests.guest.boot.disks import Kit
 
+Record = Callable[[str, object], None]
 MS_UEFI_CA = "Microsoft UEFI CA 2011"
 #: Under SeaBIOS GRUB prints within a second of the MBR running (0.3-0.8 s measured); a disk that shows nothing
 #: for this long after "Booting from Hard Disk..." runs no boot loader.
@@ -48,11 +50,11 @@ def observed(result: qemu.BootResult) -> str:
 
 
 def boot_and_check(report: GuestReport, disk: Path, tmp_path: Path, firmware: qemu.Firmware, bus: qemu.Bus,
-                   expected: str, record: object, timeout: float | None = None) -> qemu.BootResult:
+                   expected: str, record: Record, timeout: float | None = None) -> qemu.BootResult:
     result = qemu.boot(disk, tmp_path / "qemu", firmware, bus, timeout or TIMEOUT[firmware])
-    record("boot_seconds", round(result.seconds, 1))  # type: ignore[operator]
-    record("boot_outcome", result.outcome)  # type: ignore[operator]
-    record("verdict", report.verdict_line())  # type: ignore[operator]
+    record("boot_seconds", round(result.seconds, 1))
+    record("boot_outcome", result.outcome)
+    record("verdict", report.verdict_line())
     got, predicted = observed(result), predict(report, firmware, bus)
     assert (got, predicted) == (expected, expected), (
         f"boot did {got!r}, the report predicts {predicted!r}, this layout must give {expected!r}\n"
@@ -66,17 +68,22 @@ def boot_and_check(report: GuestReport, disk: Path, tmp_path: Path, firmware: qe
     return result
 
 
+def state(report: GuestReport, driver: str) -> str | None:
+    found = report.driver(driver)
+    return None if found is None else found.state
+
+
 def assert_linux(report: GuestReport, parts: BootParts) -> None:
     assert report.os.type == "linux" and report.os.distribution == "debian" and report.os.version == "12"
     assert report.os.kernels == [parts.kernel_release] and report.os.architecture == "x86_64"
 
 
 def test_gpt_with_esp_and_bios_boot_partition_boots_under_bios(
-        gpt_both_disk: Path, boot_kit: Kit, tmp_path: Path, record_property: object) -> None:
+        gpt_both_disk: Path, boot_kit: Kit, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(gpt_both_disk)
     assert report.firmware.verdict == "bios+efi" and report.firmware.boot_code == "grub"
     assert report.advised("firmware.bootloader") == "efi" and report.advised("bus") == "virtio"
-    assert report.driver("virtio_blk").state == "module"  # type: ignore[union-attr]
+    assert state(report, "virtio_blk") == "module"
     assert report.advised("network") == "virtio"
     assert_linux(report, boot_kit.parts)
     result = boot_and_check(report, gpt_both_disk, tmp_path, "bios", "virtio", "root-found", record_property)
@@ -85,14 +92,14 @@ def test_gpt_with_esp_and_bios_boot_partition_boots_under_bios(
 
 @pytest.mark.slow
 def test_gpt_with_esp_and_bios_boot_partition_boots_under_uefi(
-        gpt_both_disk: Path, tmp_path: Path, record_property: object) -> None:
+        gpt_both_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(gpt_both_disk)
     assert report.firmware.verdict == "bios+efi" and report.firmware.efi
     boot_and_check(report, gpt_both_disk, tmp_path, "efi", "virtio", "root-found", record_property)
 
 
 def test_unsigned_loader_is_refused_under_secure_boot(
-        gpt_both_disk: Path, tmp_path: Path, record_property: object) -> None:
+        gpt_both_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(gpt_both_disk)
     fallback = report.firmware.loaders[0]
     assert (fallback.path, fallback.role, fallback.signed) == ("\\EFI\\BOOT\\BOOTX64.EFI", "fallback", False)
@@ -101,7 +108,7 @@ def test_unsigned_loader_is_refused_under_secure_boot(
 
 
 def test_microsoft_signed_shim_boots_under_secure_boot(
-        gpt_signed_disk: Path, boot_kit: Kit, tmp_path: Path, record_property: object) -> None:
+        gpt_signed_disk: Path, boot_kit: Kit, tmp_path: Path, record_property: Record) -> None:
     """Debian's chain: shim (Microsoft UEFI CA 2011) -> grubx64.efi and the kernel (Debian's CA, in shim).
 
     Until the Authenticode check names the signer, the report has secure_boot False and this test fails on the
@@ -110,9 +117,9 @@ def test_microsoft_signed_shim_boots_under_secure_boot(
     assert report.firmware.verdict == "efi" and not report.firmware.bios
     assert_linux(report, boot_kit.parts)
     result = qemu.boot(gpt_signed_disk, tmp_path / "qemu", "efi-secure", "virtio", TIMEOUT["efi-secure"])
-    record_property("boot_seconds", round(result.seconds, 1))  # type: ignore[operator]
-    record_property("boot_outcome", result.outcome)  # type: ignore[operator]
-    record_property("verdict", report.verdict_line())  # type: ignore[operator]
+    record_property("boot_seconds", round(result.seconds, 1))
+    record_property("boot_outcome", result.outcome)
+    record_property("verdict", report.verdict_line())
     assert observed(result) == "root-found", result
     assert not result.failed_modules, result  # signed modules load under lockdown
     fallback = report.firmware.loaders[0]
@@ -124,7 +131,7 @@ def test_microsoft_signed_shim_boots_under_secure_boot(
 
 
 def test_mbr_with_grub_in_the_gap_has_no_uefi_path(
-        mbr_gap_disk: Path, tmp_path: Path, record_property: object) -> None:
+        mbr_gap_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(mbr_gap_disk)
     assert report.scheme == "mbr" and report.firmware.verdict == "bios"
     assert any("gap" in r for r in report.firmware.reasons)
@@ -135,7 +142,7 @@ def test_mbr_with_grub_in_the_gap_has_no_uefi_path(
 
 @pytest.mark.slow
 def test_mbr_with_grub_in_the_gap_boots_under_bios(
-        mbr_gap_disk: Path, tmp_path: Path, record_property: object) -> None:
+        mbr_gap_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(mbr_gap_disk)
     assert report.firmware.verdict == "bios"
     result = boot_and_check(report, mbr_gap_disk, tmp_path, "bios", "virtio", "root-found", record_property)
@@ -143,10 +150,10 @@ def test_mbr_with_grub_in_the_gap_boots_under_bios(
 
 
 def test_kernel_without_virtio_blk_finds_no_root_on_virtio(
-        gpt_novirtio_disk: Path, tmp_path: Path, record_property: object) -> None:
+        gpt_novirtio_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(gpt_novirtio_disk)
-    assert report.driver("virtio_blk").state == "missing"  # type: ignore[union-attr]
-    assert report.driver("ahci").state == "module"  # type: ignore[union-attr]
+    assert state(report, "virtio_blk") == "missing"
+    assert state(report, "ahci") == "module"
     item = next(a for a in report.advice if a.field == "bus")
     assert (item.value, item.rule) == ("sata", "linux-no-virtio-blk")
     result = boot_and_check(report, gpt_novirtio_disk, tmp_path, "bios", "virtio", "root-missing",
@@ -156,7 +163,7 @@ def test_kernel_without_virtio_blk_finds_no_root_on_virtio(
 
 @pytest.mark.slow
 def test_kernel_without_virtio_blk_finds_its_root_on_sata(
-        gpt_novirtio_disk: Path, tmp_path: Path, record_property: object) -> None:
+        gpt_novirtio_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(gpt_novirtio_disk)
     assert report.advised("bus") == "sata"
     result = boot_and_check(report, gpt_novirtio_disk, tmp_path, "bios", "sata", "root-found", record_property)
@@ -165,7 +172,7 @@ def test_kernel_without_virtio_blk_finds_its_root_on_sata(
 
 @pytest.mark.slow
 def test_hybrid_mbr_with_zeroed_code_boots_nothing_under_bios(
-        hybrid_zeroed_disk: Path, tmp_path: Path, record_property: object) -> None:
+        hybrid_zeroed_disk: Path, tmp_path: Path, record_property: Record) -> None:
     """SeaBIOS checks only 0x55AA, so it jumps into the zeroed code (it never says "No bootable device"):
     nothing after "Booting from Hard Disk..." within the window is the proof that no loader ran."""
     report = inspect_guest(hybrid_zeroed_disk)
@@ -178,7 +185,7 @@ def test_hybrid_mbr_with_zeroed_code_boots_nothing_under_bios(
 
 @pytest.mark.slow
 def test_hybrid_mbr_with_zeroed_code_boots_under_uefi(
-        hybrid_zeroed_disk: Path, tmp_path: Path, record_property: object) -> None:
+        hybrid_zeroed_disk: Path, tmp_path: Path, record_property: Record) -> None:
     report = inspect_guest(hybrid_zeroed_disk)
     assert report.firmware.verdict == "efi" and report.advised("firmware.bootloader") == "efi"
     boot_and_check(report, hybrid_zeroed_disk, tmp_path, "efi", "virtio", "root-found", record_property)
