@@ -105,8 +105,12 @@ def install_modules(target_root: Path, modules: Path, release: str, files: list[
 
 
 def build_initramfs(out: Path, work: Path, modules: Path, release: str, drivers: tuple[str, ...],
-                    root_wait_s: float = 5.0) -> Path:
-    """A gzip'ed newc cpio archive: busybox, the modules of ``drivers`` with their dependencies, /init."""
+                    root_wait_s: float = 8.0) -> Path:
+    """A gzip'ed newc cpio archive: busybox, the modules of ``drivers`` with their dependencies, /init.
+
+    /init waits up to ``root_wait_s`` for the root: virtio_blk adds its disk before modprobe returns, but the
+    SCSI scan behind ahci is asynchronous and a loaded host slows the guest; the wait is paid only when the
+    root is missing."""
     stage = work / "initramfs"
     if stage.exists():
         shutil.rmtree(stage)
