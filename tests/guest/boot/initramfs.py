@@ -39,16 +39,23 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo {started} "$(uname -r)"
 for m in {modules}; do modprobe "$m" || echo {modprobe_failed} "$m"; done
+undriven=""
+for d in /sys/bus/virtio/devices/*; do
+    [ -e "$d/device" ] && [ "$(cat "$d/device")" = 0x0002 ] && [ ! -e "$d/driver" ] && undriven="$undriven ${{d##*/}}"
+done
 i=0
 while [ $i -lt {tries} ]; do
     dev=$(findfs LABEL={label} 2>/dev/null) && break
+    [ -n "$undriven" ] && break
     sleep 0.25
     i=$((i + 1))
 done
 if [ -n "$dev" ]; then
     echo {found} "$dev"
+elif [ -n "$undriven" ]; then
+    echo {missing} "virtio block device without a driver:$undriven"
 else
-    echo {missing}
+    echo {missing} "no filesystem labelled {label}"
     cat /proc/partitions
 fi
 poweroff -f
@@ -109,8 +116,9 @@ def build_initramfs(out: Path, work: Path, modules: Path, release: str, drivers:
     """A gzip'ed newc cpio archive: busybox, the modules of ``drivers`` with their dependencies, /init.
 
     /init waits up to ``root_wait_s`` for the root: virtio_blk adds its disk before modprobe returns, but the
-    SCSI scan behind ahci is asynchronous and a loaded host slows the guest; the wait is paid only when the
-    root is missing."""
+    SCSI scan behind ahci is asynchronous and a loaded host slows the guest. A virtio block device (device id
+    2 on the virtio bus) that no driver took after the modprobes ends the wait at once: that disk will never
+    appear, and the console says so."""
     stage = work / "initramfs"
     if stage.exists():
         shutil.rmtree(stage)

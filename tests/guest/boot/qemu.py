@@ -47,12 +47,17 @@ class BootResult:
     bus: str
     #: "root-found", "root-missing", one of FAILURES' keys, or "timeout".
     outcome: str
-    root_device: str | None = None
+    #: The root's device when found; why it was not, when missing.
+    detail: str | None = None
     seconds: float = 0.0
     serial: str = ""
     firmware_log: str = ""
     #: stage -> seconds after qemu started when it was first seen: "grub" (its echo), "kernel" (/init ran)
     stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def root_device(self) -> str | None:
+        return self.detail if self.outcome == "root-found" else None
 
     @property
     def failed_modules(self) -> list[str]:
@@ -61,7 +66,7 @@ class BootResult:
 
     def __str__(self) -> str:
         tail = "\n".join(self.serial.splitlines()[-25:])
-        return (f"{self.firmware}/{self.bus}: {self.outcome} ({self.root_device}) after {self.seconds:.1f}s, "
+        return (f"{self.firmware}/{self.bus}: {self.outcome} ({self.detail}) after {self.seconds:.1f}s, "
                 f"stages {self.stages}\n--- serial (tail) ---\n{tail}\n--- firmware log (tail) ---\n"
                 + "\n".join(self.firmware_log.splitlines()[-8:]))
 
@@ -87,8 +92,8 @@ class _Log:
 def _outcome(serial: str, fwlog: str) -> tuple[str | None, str | None]:
     if (m := re.search(rf"{ROOT_FOUND} (\S+)", serial)) is not None:
         return "root-found", m[1]
-    if ROOT_MISSING in serial:
-        return "root-missing", None
+    if (m := re.search(rf"{ROOT_MISSING} ([^\n]*)", serial)) is not None:
+        return "root-missing", m[1].strip()
     for name, pattern in FAILURES.items():
         if pattern.search(serial) or pattern.search(fwlog):
             return name, None
@@ -126,7 +131,7 @@ def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio
     with open(work / "qemu.out", "wb") as qemu_out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    outcome = device = None
+    outcome = detail = None
     stages: dict[str, float] = {}
     try:
         while time.monotonic() - began < timeout:
@@ -136,7 +141,7 @@ def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio
             for name, mark in STAGES:
                 if name not in stages and mark in text:
                     stages[name] = round(time.monotonic() - began, 1)
-            outcome, device = _outcome(text, firmware_log.text())
+            outcome, detail = _outcome(text, firmware_log.text())
             if outcome is not None and outcome != "root-found" and outcome != "root-missing":
                 break  # a firmware failure: nothing more will come
             time.sleep(0.1)
@@ -149,11 +154,11 @@ def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio
     seconds = time.monotonic() - began
     text, log = serial_log.text(), firmware_log.text()
     if outcome != "timeout":
-        outcome, device = _outcome(text, log)
+        outcome, detail = _outcome(text, log)
     if outcome is None:
         out = (work / "qemu.out").read_text(errors="replace")
         raise AssertionError(f"qemu exited ({proc.returncode}) before any outcome: {out}\n{text}\n{log}")
     for name, mark in STAGES:
         if name not in stages and mark in text:
             stages[name] = round(seconds, 1)
-    return BootResult(firmware, bus, outcome, device, seconds, text, log, stages)
+    return BootResult(firmware, bus, outcome, detail, seconds, text, log, stages)

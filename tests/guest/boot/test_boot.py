@@ -162,6 +162,7 @@ def test_kernel_without_virtio_blk_finds_no_root_on_virtio(
     result = boot_and_check(report, gpt_novirtio_disk, tmp_path, "bios", "virtio", "root-missing",
                             record_property)
     assert list(result.stages) == ["grub", "kernel"], result  # the kernel ran; only the disk was not there
+    assert result.detail is not None and "virtio block device without a driver" in result.detail, result
 
 
 @pytest.mark.slow
