@@ -54,7 +54,7 @@ def kernel_package() -> str:
     names = re.findall(r"Depends:\s*(linux-image-\d\S*-amd64)\b", out)
     if not names:
         pytest.fail(f"apt-cache depends linux-image-amd64 names no kernel image package:\n{out}", pytrace=False)
-    return names[0]
+    return str(names[0])
 
 
 @contextlib.contextmanager

@@ -116,9 +116,9 @@ def boot(disk: Path, work: Path, firmware: Firmware = "bios", bus: Bus = "virtio
         args += ["-chardev", f"file,id=seabios,path={fwlog}", "-device", "isa-debugcon,iobase=0x402,chardev=seabios"]
     else:
         code, vars_ = FIRMWARE_FILES[firmware]
-        for f in (code, vars_):
-            if not (OVMF / f).exists():
-                raise AssertionError(f"{OVMF / f} is missing: install Debian's ovmf")
+        for name in (code, vars_):
+            if not (OVMF / name).exists():
+                raise AssertionError(f"{OVMF / name} is missing: install Debian's ovmf")
         own_vars = work / vars_
         shutil.copy(OVMF / vars_, own_vars)
         args += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF / code}",
