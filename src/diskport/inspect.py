@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from diskport.errors import safe_text
 from diskport.formats import open_image
 from diskport.units import human_size
 
@@ -61,4 +62,5 @@ def render_text(facts: dict[str, Any]) -> str:
         details: list[str] = []
         _flatten("", specific, details)
         lines.extend(f"    {line}" for line in details)
-    return "\n".join(lines)
+    # Names come from the image (extent files, backing names): escaped as error messages are, one line each.
+    return "\n".join(safe_text(line) for line in lines)
