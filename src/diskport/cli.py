@@ -395,11 +395,13 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
 @click.option("--platform", metavar="OS/ARCH", help="--guest, docker:// only: which image of an index.")
 @registry_options
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
-              help="--guest: folder to spool a compressed disk to [default: the system's temporary folder].")
+              help="Folder to spool a compressed disk to [default: the system's temporary folder].")
+@click.option("--size-scan-limit", "scan_limit", metavar="SIZE", default="8G", show_default=True,
+              help="How much of a raw disk in a compressed file to decompress to learn its size.")
 @handle_errors
 def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, ca_bundle: str | None = None,
             insecure: bool = False, platform: str | None = None, tls_verify: bool = True, creds: str | None = None,
-            scratch: str | None = None) -> None:
+            scratch: str | None = None, scan_limit: str = "8G") -> None:
     """Show an image's format, sizes and format-specific facts; with --guest, what is inside it.
 
     IMAGE is a path or an http(s) URL (read with range requests); with --guest also docker://REF (the disk of
@@ -418,7 +420,8 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
                                registry=registry, credentials=credentials)
         click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_guest(report))
         return
-    facts: dict[str, Any] = inspect_image(image, source_format)
+    facts: dict[str, Any] = inspect_image(image, source_format, scratch_dir=scratch,
+                                          size_scan_limit=parse_size(scan_limit))
     click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
 
 
