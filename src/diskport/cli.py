@@ -294,8 +294,14 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
     registry = _registry(creds, tls_verify, ca_bundle, reference, chunk_size) if push_it and reference else None
     # A layout names its image by tag (ref.name), an archive by reference (RepoTags); a push names it by REF.
     tag = reference
-    if reference and not docker_archive and ":" in reference.rsplit("/", 1)[-1]:
-        tag = reference.rsplit(":", 1)[1]
+    if reference:
+        from diskport.oci.reference import parse_reference
+
+        ref = parse_reference(reference)
+        if ref.digest is not None:
+            raise UsageError(f"-t {reference}: a build makes its own digest; -t takes a name and a tag")
+        if not docker_archive and ref.tag:
+            tag = ref.tag
     if push_it:
         tag = None
     with contextlib.ExitStack() as stack, JobProgress("packaging", bar=not quiet) as job:
