@@ -25,7 +25,6 @@ from diskport.oci.build import (
     build_image,
     default_output,
     disk_file_name,
-    parse_platform,
     source_date_epoch,
 )
 from diskport.oci.layer import check_disk_name, layer_header, tar_size, write_layer, write_tar
@@ -43,6 +42,7 @@ from diskport.oci.media import (
     OCI_MANIFEST,
     Descriptor,
 )
+from diskport.oci.platform import parse_platform
 from diskport.writers import RawWriter
 from tests.conftest import MiB, make_image, qemu_img, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
 
