@@ -628,7 +628,7 @@ def test_bad_options(tmp_path: Path) -> None:
     for kwargs, needle in cases:
         with pytest.raises(UsageError, match=needle):
             build_image({"amd64": str(disk)}, output=str(tmp_path / "o"), **kwargs)
-    with pytest.raises(UsageError, match="invalid image reference .UPPER:case.: repository names must be lowercase"):
+    with pytest.raises(UsageError, match="repository names must be lowercase"):
         build_image({"amd64": str(disk)}, docker_archive=str(tmp_path / "a.tar"), tag="UPPER:case")
     assert listing(tmp_path) == ["d.raw"]
 
