@@ -46,9 +46,7 @@ from typing import TYPE_CHECKING, Any
 from diskport.engine import convert
 from diskport.errors import DiskportError, SourceError, UnsupportedImage, UsageError
 from diskport.formats import open_image
-from diskport.formats.base import DiskImage
 from diskport.formats.compression import detect_compression
-from diskport.formats.vmdk import VmdkImage
 from diskport.oci import archive as docker_archive_mod
 from diskport.oci import layout as layout_mod
 from diskport.oci.archive import ArchiveResult, write_docker_archive
@@ -220,18 +218,11 @@ def _inspect(path: str, convert_to: str | None) -> _Disk:
         # The conversion opens (and validates) it; opening it here would decompress it twice.
         return _Disk({}, path, compression, compression)
     with open_image(path) as image:
-        if convert_to is None and _data_elsewhere(image):
+        if convert_to is None and image.data_in_other_files():
             raise UnsupportedImage(f"is a {image.format} descriptor whose data lies in other files; a containerDisk "
                                    "holds a single file", path=path, fmt=image.format,
                                    hint="pass --convert qcow2 to package it as one qcow2 file")
         return _Disk({}, path, image.format, None)
-
-
-def _data_elsewhere(image: DiskImage) -> bool:
-    """A multi-file image (a VMDK descriptor and its extent files): packaging the one file would lose data."""
-    if not isinstance(image, VmdkImage):
-        return False
-    return any(getattr(extent, "source", image.source) is not image.source for extent in image.layout)
 
 
 @contextlib.contextmanager
