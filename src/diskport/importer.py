@@ -25,7 +25,7 @@ from diskport.progress import JobProgress
 from diskport.sources import open_source
 from diskport.sources.base import SliceSource, Source
 from diskport.sources.checksum import ChecksumSource, parse_checksum
-from diskport.sources.http import UNKNOWN_SIZE, HttpOptions, HttpSource
+from diskport.sources.http import HttpOptions, HttpSource
 
 if TYPE_CHECKING:
     from diskport.guest.facts import GuestReport
@@ -104,7 +104,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
         download = pulled.layer.size
     else:
         source = open_source(location, http, on_bytes)
-        download = source.size if isinstance(source, HttpSource) and source.size != UNKNOWN_SIZE else 0
+        download = source.size if isinstance(source, HttpSource) and source.size_known else 0
     if job is not None and download:
         job.download_total = download
     try:

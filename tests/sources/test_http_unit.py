@@ -45,6 +45,7 @@ class FileServer:
     drop_every: int | None = None           # a body breaks off after this many bytes (each answer)
     drops: int = 0
     ignore_if_range: bool = False
+    declare_length: bool = True             # a 200 answer says Content-Length
     swap_after: int | None = None           # after N requests: new bytes and a new ETag
     new_data: bytes = b""
     redirect: Callable[[httpx.Request], str | None] = lambda _: None
@@ -74,8 +75,8 @@ class FileServer:
             return httpx.Response(206, headers={"Content-Range": f"bytes {first}-{last}/{size}",
                                                 "Content-Length": str(last - first + 1), **validators},
                                   stream=self._body(self.data[first:last + 1], request))
-        return httpx.Response(200, headers={"Content-Length": str(size), **validators},
-                              stream=self._body(self.data, request))
+        length = {"Content-Length": str(size)} if self.declare_length else {}
+        return httpx.Response(200, headers={**length, **validators}, stream=self._body(self.data, request))
 
     def _body(self, data: bytes, request: httpx.Request) -> httpx.SyncByteStream:
         server = self
@@ -289,3 +290,20 @@ def test_too_many_redirects() -> None:
     server = FileServer(b"x", redirect=lambda r: f"https://files.example/loop{len(r.url.path)}")
     with pytest.raises(SourceError, match="more than 10 redirects"):
         open_source(server)
+
+
+def test_a_body_of_undeclared_length_is_read_to_its_end() -> None:
+    """No ranges and no Content-Length: the source says its size is not known and the stream ends where the
+    body does (the Source contract: ``size`` is then an upper bound)."""
+    from diskport.formats import open_image
+
+    data = pattern(2 * MiB + 77)
+    with open_source(FileServer(data, ranges=False, declare_length=False)) as source:
+        assert source.sequential and not source.size_known and source.size > len(data)
+        with open_image(source) as image:
+            got = bytearray()
+            for extent in image.extents():  # a stream is read once, in order, extent by extent
+                buf = bytearray(extent.length)
+                image.read_mapped(extent, memoryview(buf))
+                got += buf
+            assert bytes(got) == data and image.virtual_size == len(data)

@@ -19,6 +19,9 @@ class Source(ABC):
 
     name: str
     size: int
+    #: False for a sequential source whose length nobody declared (an HTTP body without Content-Length):
+    #: ``size`` is then only an upper bound, and reads end early where the data ends.
+    size_known: bool = True
     #: True for a source that can only be read front to back (an HTTP server without ranges), and why.
     sequential: bool = False
     sequential_reason: str = ""

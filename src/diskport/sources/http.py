@@ -191,7 +191,8 @@ class HttpSource(ReadintoSource):
         self.sequential = True
         self.sequential_reason = "the download (the server does not answer range requests)"
         length = response.headers.get("content-length")
-        self.size = int(length) if length and length.isdigit() else UNKNOWN_SIZE
+        self.size_known = bool(length and length.isdigit())
+        self.size = int(length) if self.size_known else UNDECLARED_SIZE
         self._remember_validators(response)
         self._cursor = _Cursor(self, response, 0)
         # Keep the first bytes: the format probe reads them, then the stream reads them again from 0.
@@ -398,7 +399,8 @@ class HttpSource(ReadintoSource):
 
 
 #: ``size`` of a sequential source whose server sent no Content-Length.
-UNKNOWN_SIZE = 1 << 62
+#: ``size`` of a body whose length was not declared (``size_known`` is False): an upper bound no read reaches.
+UNDECLARED_SIZE = 1 << 62
 
 
 class _Cursor:
@@ -481,7 +483,7 @@ class _Cursor:
                 self._broken(e)
                 continue
             if raw is None:
-                if self.source.sequential and self.source.size == UNKNOWN_SIZE:
+                if not self.source.size_known:
                     return None  # the body ended, and nobody said how long it would be
                 expected_end = self.source.size if self.end is None else self.end + 1
                 if self.position < expected_end:
