@@ -35,15 +35,16 @@ import numpy as np
 import zstandard
 
 from diskport.errors import DestinationError, UsageError
+from diskport.formats.qcow2_spec import (
+    COMPRESSION_TYPES,
+    HEADER_LENGTH,
+    INCOMPAT_COMPRESSION,
+    MAGIC,
+    MAX_L1_BYTES,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+)
 from diskport.writers.base import Writer
-
-MAGIC = b"QFI\xfb"
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-INCOMPAT_COMPRESSION = 1 << 3
-HEADER_LENGTH = 112
-COMPRESSION_TYPES = {"zlib": 0, "deflate": 0, "zstd": 1}
-MAX_L1_BYTES = 32 * 1024 * 1024  # qemu's QCOW_MAX_L1_SIZE: qemu opens no image with a larger L1 table
 
 
 def max_virtual_size(cluster_size: int) -> int:
