@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from diskport.destination import Destination, refuse_existing
-from diskport.errors import DestinationError, DiskportError, UsageError
+from diskport.errors import DestinationError, UsageError, located
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage, Extent
 from diskport.writers import OUTPUT_FORMATS, Qcow2Writer, RawWriter, Writer
@@ -259,13 +259,9 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
         raise UsageError("source and destination are the same file", path=dst)
     scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
     with open_image(src, source_format, scratch_dir=scratch, size_limit=size_limit) as image:
-        try:
+        with located(src, image.format):
             stats, written = write_image(image, dst, output_format=output_format, compression=compression,
                                          cluster_size=cluster_size, force=force, sync=sync, progress=progress)
-        except (DestinationError, UsageError):
-            raise
-        except DiskportError as e:
-            raise e.locate(src, image.format) from None
         return ConvertResult(source=src, destination=dst, source_format=image.format,
                              output_format=output_format, virtual_size=image.virtual_size,
                              data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,

@@ -14,7 +14,9 @@ visible escapes (``\\n``, ``\\x1b``, ``\\udcXX`` as ``\\xXX``) and each message 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 #: Longest message shown; a longer one (a hostile name of thousands of characters) is cut with that said.
 MAX_MESSAGE = 1000
@@ -107,3 +109,18 @@ class DestinationError(DiskportError):
 
 class RegistryError(DiskportError):
     """A registry refused a request or answered something diskport cannot use (auth, missing manifest)."""
+
+
+@contextlib.contextmanager
+def located(path: str | None, fmt: str | None) -> Iterator[None]:
+    """Errors about the image raised inside name ``path`` and ``fmt`` where their raiser did not know them.
+
+    Errors about the destination or the command line (:class:`DestinationError`, :class:`UsageError`) pass
+    unchanged: the image's name would mislead there.
+    """
+    try:
+        yield
+    except (DestinationError, UsageError):
+        raise
+    except DiskportError as e:
+        raise e.locate(path, fmt) from None

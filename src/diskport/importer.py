@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from diskport.destination import refuse_existing
 from diskport.engine import write_image
-from diskport.errors import DestinationError, DiskportError, UsageError
+from diskport.errors import DestinationError, DiskportError, UsageError, located
 from diskport.formats import open_image
 from diskport.progress import JobProgress
 from diskport.sources import open_source
@@ -124,14 +124,10 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
         if size is not None and image.size_known and image.virtual_size > size:
             raise DestinationError(f"the disk is {image.virtual_size} bytes, larger than --size {size}",
                                    path=dst, hint="pass a larger --size")
-        try:
+        with located(location, image.format):
             stats, _ = write_image(image, dst, output_format=output_format, force=force, sync=sync,
                                    progress=job, grow_to=size,
                                    before_commit=(lambda: _verify(checks, job)) if checks else None)
-        except (DestinationError, UsageError):
-            raise
-        except DiskportError as e:
-            raise e.locate(location, image.format) from None
         downloaded = http_source.downloaded if isinstance(http_source, HttpSource) else source.size
         if job is not None:
             job(stats.virtual_size, stats.virtual_size)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from diskport.errors import CorruptImage
+from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.sources.base import Source
 
 
@@ -141,6 +141,14 @@ class DiskImage:
 
     def allocated_size(self) -> int | None:
         return (self.outer or self.source).allocated_bytes()
+
+    def corrupt(self, message: str, offset: int | None = None, hint: str | None = None) -> CorruptImage:
+        """The error for bad structure in this image, naming its file and format: ``raise self.corrupt(...)``."""
+        return CorruptImage(message, path=self.source.name, fmt=self.format, offset=offset, hint=hint)
+
+    def unsupported(self, message: str, offset: int | None = None, hint: str | None = None) -> UnsupportedImage:
+        """The error for a valid feature this reader does not take, naming the file and format."""
+        return UnsupportedImage(message, path=self.source.name, fmt=self.format, offset=offset, hint=hint)
 
     def data_in_other_files(self) -> bool:
         """Whether some of the disk's data lies in files beside this one (a VMDK descriptor's extents), so that

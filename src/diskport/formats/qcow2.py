@@ -87,24 +87,22 @@ class Qcow2Image(DiskImage):
         self._l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # -- header -----------------------------------------------------------------------------------------
-    def _fail(self, msg: str, offset: int | None = None) -> CorruptImage:
-        return CorruptImage(msg, path=self.source.name, fmt=FMT, offset=offset)
 
     def _parse_header(self) -> None:
         src = self.source
         if src.size < 72:
-            raise self._fail(f"file is {src.size} bytes, too short for a qcow2 header")
+            raise self.corrupt(f"file is {src.size} bytes, too short for a qcow2 header")
         head = src.read_exact(0, min(src.size, 4096), "header", FMT)
         (magic, version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off,
          _rc_off, _rc_clusters, nb_snapshots, _snap_off) = struct.unpack_from(">4sIQIIQIIQQIIQ", head, 0)
         if magic != MAGIC:
-            raise self._fail("bad magic")
+            raise self.corrupt("bad magic")
         if version not in (2, 3):
             raise UnsupportedImage(f"qcow2 version {version} is not supported (only 2 and 3)",
                                    path=src.name, fmt=FMT)
         self.version = version
         if not 9 <= cluster_bits <= 21:
-            raise self._fail(f"cluster_bits {cluster_bits} outside 9..21", 20)
+            raise self.corrupt(f"cluster_bits {cluster_bits} outside 9..21", 20)
         self.cluster_bits = cluster_bits
         self.cluster_size = self.cs = cs = 1 << cluster_bits
         incompat = compat = autoclear = 0
@@ -113,10 +111,10 @@ class Qcow2Image(DiskImage):
         compression_type = 0
         if version == 3:
             if len(head) < 104:
-                raise self._fail("version 3 header is truncated")
+                raise self.corrupt("version 3 header is truncated")
             incompat, compat, autoclear, refcount_order, header_length = struct.unpack_from(">QQQII", head, 72)
             if header_length < 104 or header_length > cs or header_length > len(head):
-                raise self._fail(f"header_length {header_length} out of range", 100)
+                raise self.corrupt(f"header_length {header_length} out of range", 100)
             if header_length > 104:
                 compression_type = head[104]
         self.incompatible = incompat
@@ -136,7 +134,7 @@ class Qcow2Image(DiskImage):
             raise UnsupportedImage(f"unknown incompatible features {names}", path=src.name, fmt=FMT)
         if backing_off:
             if backing_len > 1023 or backing_off + backing_len > src.size:
-                raise self._fail("backing file name out of range", 8)
+                raise self.corrupt("backing file name out of range", 8)
             name = src.read_exact(backing_off, backing_len, "backing file name", FMT).decode("utf-8", "replace")
             raise UnsafeImage(f"has a backing file '{name}'; diskport does not follow external references",
                               path=src.name, fmt=FMT,
@@ -151,27 +149,27 @@ class Qcow2Image(DiskImage):
         if compression_type not in COMPRESSION_NAMES:
             raise UnsupportedImage(f"unknown compression type {compression_type}", path=src.name, fmt=FMT)
         if compression_type and not incompat & INCOMPAT_COMPRESSION:
-            raise self._fail("compression type set without its incompatible feature bit", 104)
+            raise self.corrupt("compression type set without its incompatible feature bit", 104)
         self.compression_type = compression_type
 
         if size > MAX_VIRTUAL_SIZE:
-            raise self._fail(f"virtual size {size} is implausibly large", 24)
+            raise self.corrupt(f"virtual size {size} is implausibly large", 24)
         self.virtual_size = size
         self.extended_l2 = bool(incompat & INCOMPAT_EXTL2)
         if self.extended_l2 and cluster_bits < 14:
-            raise self._fail("extended L2 entries need clusters of at least 16 KiB", 20)
+            raise self.corrupt("extended L2 entries need clusters of at least 16 KiB", 20)
         self.l2_entry_size = 16 if self.extended_l2 else 8
         self.l2_entries = cs // self.l2_entry_size
         self.l2_span = self.l2_entries * cs
         self.subcluster_size = cs // 32 if self.extended_l2 else cs
         needed = -(-size // self.l2_span)
         if l1_size < needed:
-            raise self._fail(f"L1 table has {l1_size} entries, the virtual size needs {needed}", 36)
+            raise self.corrupt(f"L1 table has {l1_size} entries, the virtual size needs {needed}", 36)
         if needed * 8 > MAX_L1_BYTES:
             raise UnsupportedImage(f"L1 table of {needed * 8} bytes exceeds the {MAX_L1_BYTES} byte limit",
                                    path=src.name, fmt=FMT)
         if needed and (l1_off % cs or l1_off == 0):
-            raise self._fail(f"L1 table offset {l1_off:#x} is not cluster aligned", 40)
+            raise self.corrupt(f"L1 table offset {l1_off:#x} is not cluster aligned", 40)
         self.l1_offset = l1_off
         self.l1: np.ndarray = (np.frombuffer(src.read_exact(l1_off, needed * 8, "L1 table", FMT), dtype=">u8")
                                .astype(np.uint64) if needed else np.zeros(0, dtype=np.uint64))
@@ -180,7 +178,7 @@ class Qcow2Image(DiskImage):
                                                    | (l2_offsets + np.uint64(cs) > np.uint64(src.size))))
         if bad.size:
             i = int(bad[0])
-            raise self._fail(f"L1 entry {i} points to an L2 table at {int(l2_offsets[i]):#x} that is unaligned "
+            raise self.corrupt(f"L1 entry {i} points to an L2 table at {int(l2_offsets[i]):#x} that is unaligned "
                              f"or past the end of the file", l1_off + 8 * i)
         # One bit per host cluster of the file: set once a cluster is known to hold metadata or one guest cluster.
         self._host_clusters = -(-src.size // cs)
@@ -190,7 +188,7 @@ class Qcow2Image(DiskImage):
         unique, counts = np.unique(tables, return_counts=True)
         if np.any(counts > 1):
             shared = int(unique[np.flatnonzero(counts > 1)[0]]) * cs
-            raise self._fail(f"two L1 entries name the same L2 table at {shared:#x}; an L2 table belongs to one "
+            raise self.corrupt(f"two L1 entries name the same L2 table at {shared:#x}; an L2 table belongs to one "
                              "L1 entry", l1_off)
         self._claim(np.concatenate([np.zeros(1, dtype=np.uint64), unique]), "metadata")
 
@@ -204,7 +202,7 @@ class Qcow2Image(DiskImage):
             if etype == EXT_END:
                 break
             if pos + 8 + elen > limit:
-                raise self._fail(f"header extension {etype:#x} runs past the header cluster", pos)
+                raise self.corrupt(f"header extension {etype:#x} runs past the header cluster", pos)
             exts[etype] = head[pos + 8: pos + 8 + elen]
             pos += 8 + ((elen + 7) & ~7)
         return exts
@@ -249,7 +247,7 @@ class Qcow2Image(DiskImage):
         taken = np.flatnonzero(self._claimed[byte] & bit)
         if taken.size:
             at = int(clusters[taken[0]]) * self.cs
-            raise self._fail(f"{what} names host cluster {at:#x}, which another guest cluster or an L2 table "
+            raise self.corrupt(f"{what} names host cluster {at:#x}, which another guest cluster or an L2 table "
                              "already uses; qcow2 never shares a cluster within one image's mapping")
         np.bitwise_or.at(self._claimed, byte, bit)
 
@@ -269,12 +267,12 @@ class Qcow2Image(DiskImage):
         clusters, counts = np.unique(hosts[data] // np.uint64(self.cs), return_counts=True)
         if np.any(counts > 1):
             at = int(clusters[np.flatnonzero(counts > 1)[0]]) * self.cs
-            raise self._fail(f"{where} maps host cluster {at:#x} for more than one guest cluster; qcow2 never "
+            raise self.corrupt(f"{where} maps host cluster {at:#x} for more than one guest cluster; qcow2 never "
                              "shares a cluster within one image's mapping")
         self._claim(clusters, where)
         descriptors = entries[compressed]
         if descriptors.size and np.unique(descriptors).size != descriptors.size:
-            raise self._fail(f"{where} names the same compressed cluster for more than one guest cluster")
+            raise self.corrupt(f"{where} names the same compressed cluster for more than one guest cluster")
 
     def _runs(self, l1_index: int, first: int, last: int) -> Iterator[tuple[int, int, int, int]]:
         """(kind, first_unit, unit_count, host) runs over units [first, last) of one L2 table.
@@ -304,7 +302,7 @@ class Qcow2Image(DiskImage):
             plain = ~compressed
             if np.any(alloc & zero):
                 i = int(np.flatnonzero((alloc & zero).any(axis=1))[0])
-                raise self._fail(f"L2 entry {c0 + i} of table {l1_index} marks a subcluster both allocated "
+                raise self.corrupt(f"L2 entry {c0 + i} of table {l1_index} marks a subcluster both allocated "
                                  "and zero")
             kind = np.where(alloc, _DATA, _ZERO).astype(np.int8)
             kind[compressed] = _COMPRESSED
@@ -355,7 +353,7 @@ class Qcow2Image(DiskImage):
             bad |= hosts >= np.uint64(self.source.size)
         if np.any(bad):
             i = int(np.flatnonzero(bad)[0])
-            raise self._fail(f"L2 table {l1_index} maps data to {int(hosts[i]):#x}, which is unaligned or "
+            raise self.corrupt(f"L2 table {l1_index} maps data to {int(hosts[i]):#x}, which is unaligned or "
                              f"past the end of the file ({self.source.size} bytes); the file may be truncated")
 
     def read_extent(self, ext: Extent, buf: memoryview) -> None:
@@ -400,7 +398,7 @@ class Qcow2Image(DiskImage):
         sectors = ((desc >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
         csize = sectors * 512 - (offset & 511)
         if offset >= self.source.size:
-            raise self._fail(f"compressed cluster at {offset:#x} lies past the end of the file")
+            raise self.corrupt(f"compressed cluster at {offset:#x} lies past the end of the file")
         data = self.source.pread(offset, min(csize, self.source.size - offset))
         try:
             if self.compression_type == 0:
@@ -409,9 +407,9 @@ class Qcow2Image(DiskImage):
                 reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
                 out = reader.read(cs)
         except (zlib.error, zstandard.ZstdError) as e:
-            raise self._fail(f"compressed cluster does not decompress: {e}", offset) from None
+            raise self.corrupt(f"compressed cluster does not decompress: {e}", offset) from None
         if len(out) != cs:
-            raise self._fail(f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset)
+            raise self.corrupt(f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset)
         return out
 
     def read_mapped(self, ext: Extent, buf: memoryview) -> None:

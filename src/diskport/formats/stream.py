@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from diskport.errors import DiskportError, UnsafeImage, UnsupportedImage
+from diskport.errors import UnsafeImage, UnsupportedImage, located
 from diskport.formats.base import DiskImage, Extent
 from diskport.sources.stream import DecompressingStream
 
@@ -69,10 +69,8 @@ class StreamedRawImage(DiskImage):
             have = self._fill(buf, TRAILER)
         data = have
         if have >= TRAILER and self._footer_check is not None:
-            try:
+            with located(self.source.name, "vpc"):
                 size = self._footer_check(bytes(buf[have - TRAILER: have]), pos + have - TRAILER)
-            except DiskportError as e:
-                raise e.locate(self.source.name, "vpc") from None
             if size is not None:
                 self.format = "vpc"
                 data = size - pos

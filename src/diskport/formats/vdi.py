@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
+from diskport.errors import UnsafeImage
 from diskport.formats.base import DiskImage, Extent
 from diskport.sources.base import Source
 
@@ -106,26 +106,22 @@ class VdiImage(DiskImage):
         super().__init__(source)
         self._parse_header()
 
-    def _fail(self, msg: str, offset: int | None = None) -> CorruptImage:
-        return CorruptImage(msg, path=self.source.name, fmt=FMT, offset=offset)
 
-    def _unsupported(self, msg: str) -> UnsupportedImage:
-        return UnsupportedImage(msg, path=self.source.name, fmt=FMT)
 
     def _parse_header(self) -> None:
         src = self.source
         if src.size < HEADER_READ:
-            raise self._fail(f"file is {src.size} bytes, too short for a VDI header")
+            raise self.corrupt(f"file is {src.size} bytes, too short for a VDI header")
         head = src.read_exact(0, HEADER_READ, "header", FMT)
         signature, version, header_size, image_type, flags = _HEADER_TYPE.unpack_from(head, 0x40)
         if signature != SIGNATURE:
-            raise self._fail(f"bad signature {signature:#010x} (expected {SIGNATURE:#010x})", 0x40)
+            raise self.corrupt(f"bad signature {signature:#010x} (expected {SIGNATURE:#010x})", 0x40)
         if version != VERSION_1_1:
-            raise self._unsupported(f"VDI header version {version >> 16}.{version & 0xFFFF} is not supported "
+            raise self.unsupported(f"VDI header version {version >> 16}.{version & 0xFFFF} is not supported "
                                     "(only 1.1, which every VirtualBox since 1.x writes)")
         self.version = version
         if header_size < HEADER_V1_MIN_SIZE:
-            raise self._fail(f"header size {header_size} is smaller than a version 1.1 header "
+            raise self.corrupt(f"header size {header_size} is smaller than a version 1.1 header "
                              f"({HEADER_V1_MIN_SIZE})", _AT_HEADER_SIZE)
         (block_map_at, data_at, _cylinders, _heads, _sectors, sector_size, _unused, disk_size, block_size,
          block_extra, blocks, blocks_allocated, image_id, modify_id, parent_id,
@@ -143,39 +139,39 @@ class VdiImage(DiskImage):
                               hint="merge it into its parent with VirtualBox (VBoxManage clonemedium of the "
                                    "snapshot) and convert the result")
         if image_type not in (IMAGE_NORMAL, IMAGE_FIXED):
-            raise self._unsupported(f"image type {image_type} is not supported (only 1 = dynamic, 2 = static)")
+            raise self.unsupported(f"image type {image_type} is not supported (only 1 = dynamic, 2 = static)")
         if parent_id != bytes(16) or parent_modify_id != bytes(16):
             raise UnsafeImage(f"is a {IMAGE_TYPE_NAMES[image_type]} image that names a parent image "
                               f"{parent}; diskport does not follow external references",
                               path=src.name, fmt=FMT)
         if sector_size != SECTOR:
-            raise self._unsupported(f"sector size {sector_size} is not supported (only 512)")
+            raise self.unsupported(f"sector size {sector_size} is not supported (only 512)")
         if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
-            raise self._fail(f"block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} bytes to "
+            raise self.corrupt(f"block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} bytes to "
                              f"{MAX_BLOCK_SIZE >> 20} MiB", _AT_BLOCK_SIZE)
         if block_extra:
-            raise self._unsupported(f"blocks carry {block_extra} bytes of extra data each, which diskport "
+            raise self.unsupported(f"blocks carry {block_extra} bytes of extra data each, which diskport "
                                     "does not read (only 0 is supported)")
         self.block_size = self.cluster_size = block_size
         self.virtual_size = ceil_div(disk_size, SECTOR) * SECTOR
         needed = ceil_div(self.virtual_size, block_size)
         if blocks != needed:
             relation = "fewer" if blocks < needed else "more"
-            raise self._fail(f"block map has {blocks} entries, {relation} than the {needed} a disk of "
+            raise self.corrupt(f"block map has {blocks} entries, {relation} than the {needed} a disk of "
                              f"{disk_size} bytes needs", _AT_BLOCKS)
         if needed * 4 > MAX_BLOCK_MAP_BYTES:
-            raise self._unsupported(f"block map of {needed * 4} bytes exceeds the {MAX_BLOCK_MAP_BYTES} byte "
+            raise self.unsupported(f"block map of {needed * 4} bytes exceeds the {MAX_BLOCK_MAP_BYTES} byte "
                                     "limit")
         if blocks_allocated > blocks:
-            raise self._fail(f"{blocks_allocated} blocks are allocated but the disk has only {blocks}",
+            raise self.corrupt(f"{blocks_allocated} blocks are allocated but the disk has only {blocks}",
                              _AT_BLOCKS_ALLOCATED)
         self.blocks_allocated = blocks_allocated
         header_end = PRE_HEADER_SIZE + header_size
         if block_map_at % SECTOR or block_map_at < header_end:
-            raise self._fail(f"block map offset {block_map_at:#x} is not sector aligned or overlaps the "
+            raise self.corrupt(f"block map offset {block_map_at:#x} is not sector aligned or overlaps the "
                              "header", _AT_BLOCK_MAP_OFFSET)
         if data_at % SECTOR or data_at < block_map_at + needed * 4:
-            raise self._fail(f"data offset {data_at:#x} is not sector aligned or overlaps the block map",
+            raise self.corrupt(f"data offset {data_at:#x} is not sector aligned or overlaps the block map",
                              _AT_DATA_OFFSET)
         self.data_offset = data_at
         raw = src.read_exact(block_map_at, needed * 4, "block map", FMT)
@@ -188,7 +184,7 @@ class VdiImage(DiskImage):
         out_of_range = np.flatnonzero(allocated & (block_map >= np.uint32(self.blocks_allocated)))
         if out_of_range.size:
             i = int(out_of_range[0])
-            raise self._fail(f"block map entry {i} points to data block {int(block_map[i])}, but only "
+            raise self.corrupt(f"block map entry {i} points to data block {int(block_map[i])}, but only "
                              f"{self.blocks_allocated} blocks are allocated", block_map_at + 4 * i)
         bs = self.block_size
         used = np.full(block_map.size, bs, dtype=np.int64)
@@ -198,7 +194,7 @@ class VdiImage(DiskImage):
         past_end = np.flatnonzero(allocated & (ends > self.source.size))
         if past_end.size:
             i = int(past_end[0])
-            raise self._fail(f"block {i} lies at {int(ends[i] - used[i]):#x}, past the end of the file "
+            raise self.corrupt(f"block {i} lies at {int(ends[i] - used[i]):#x}, past the end of the file "
                              f"({self.source.size} bytes): the image is truncated", block_map_at + 4 * i)
 
     # -- mapping ----------------------------------------------------------------------------------------

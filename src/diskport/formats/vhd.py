@@ -226,15 +226,13 @@ class VhdImage(DiskImage):
         else:
             self._open_dynamic()
 
-    def _fail(self, msg: str, offset: int | None = None) -> CorruptImage:
-        return CorruptImage(msg, path=self.source.name, fmt=FMT, offset=offset)
 
     # -- footer -----------------------------------------------------------------------------------------
     def _find_footer(self) -> tuple[Footer, str]:
         """The footer to trust and where it was found (spec "Hard Disk Footer Format")."""
         src = self.source
         if src.size < FOOTER_SIZE:
-            raise self._fail(f"file is {src.size} bytes, too short for a VHD footer")
+            raise self.corrupt(f"file is {src.size} bytes, too short for a VHD footer")
         end_at = src.size - FOOTER_SIZE
         end = Footer.parse(src.pread(end_at, FOOTER_SIZE))
         copy = Footer.parse(src.pread(0, FOOTER_SIZE)) if end_at > 0 else None
@@ -247,7 +245,7 @@ class VhdImage(DiskImage):
             if not copy.checksum_ok:
                 return end, "end (the copy at offset 0 has a bad checksum)"
             if copy.layout() != end.layout():
-                raise self._fail("the footer at the end and its copy at offset 0 disagree about the disk "
+                raise self.corrupt("the footer at the end and its copy at offset 0 disagree about the disk "
                                  "layout (type, size, geometry, creator or header offset)")
             return end, "end"
         if copy is not None and copy.checksum_ok and copy.disk_type != DISK_FIXED:
@@ -255,16 +253,16 @@ class VhdImage(DiskImage):
             damage = "is missing" if end is None else "has a bad checksum"
             return copy, f"copy at offset 0 (the footer at the end {damage})"
         if end is not None:
-            raise self._fail(f"footer checksum mismatch (stored {end.stored_checksum:#010x}, computed "
+            raise self.corrupt(f"footer checksum mismatch (stored {end.stored_checksum:#010x}, computed "
                              f"{end.computed_checksum:#010x})", end_at + FOOTER_CHECKSUM_AT)
         if copy is not None and not copy.checksum_ok:
-            raise self._fail(f"footer copy checksum mismatch (stored {copy.stored_checksum:#010x}, computed "
+            raise self.corrupt(f"footer copy checksum mismatch (stored {copy.stored_checksum:#010x}, computed "
                              f"{copy.computed_checksum:#010x}) and there is no footer at the end",
                              FOOTER_CHECKSUM_AT)
         if copy is not None:
-            raise self._fail("the footer copy at offset 0 describes a fixed disk, which has no copy, and "
+            raise self.corrupt("the footer copy at offset 0 describes a fixed disk, which has no copy, and "
                              "there is no footer at the end")
-        raise self._fail("no VHD footer (cookie 'conectix') at the end of the file")
+        raise self.corrupt("no VHD footer (cookie 'conectix') at the end of the file")
 
     def _check_footer(self, footer: Footer) -> None:
         if footer.format_version >> 16 != 1:
@@ -279,7 +277,7 @@ class VhdImage(DiskImage):
     def _check_fixed(self) -> None:
         data_end = self.source.size - FOOTER_SIZE
         if self.virtual_size > data_end:
-            raise self._fail(f"fixed disk of {self.virtual_size} bytes ({self.size_rule}) holds only "
+            raise self.corrupt(f"fixed disk of {self.virtual_size} bytes ({self.size_rule}) holds only "
                              f"{data_end} bytes of data before its footer: the file is truncated")
 
     # -- dynamic header and BAT -------------------------------------------------------------------------
@@ -287,16 +285,16 @@ class VhdImage(DiskImage):
         src = self.source
         at = self.footer.data_offset
         if at + DYNAMIC_HEADER_SIZE > src.size:
-            raise self._fail(f"dynamic disk header offset {at:#x} lies beyond the end of the file "
+            raise self.corrupt(f"dynamic disk header offset {at:#x} lies beyond the end of the file "
                              f"({src.size} bytes)", 16)
         raw = src.read_exact(at, DYNAMIC_HEADER_SIZE, "dynamic disk header", FMT)
         (cookie, _next, table_offset, header_version, max_entries, block_size, checksum, parent_id,
          _parent_time, _reserved, parent_name_raw) = _DYNAMIC_STRUCT.unpack_from(raw, 0)
         if cookie != DYNAMIC_COOKIE:
-            raise self._fail(f"no dynamic disk header (cookie 'cxsparse') at {at:#x}", at)
+            raise self.corrupt(f"no dynamic disk header (cookie 'cxsparse') at {at:#x}", at)
         computed = vhd_checksum(raw, DYNAMIC_CHECKSUM_AT)
         if checksum != computed:
-            raise self._fail(f"dynamic disk header checksum mismatch (stored {checksum:#010x}, computed "
+            raise self.corrupt(f"dynamic disk header checksum mismatch (stored {checksum:#010x}, computed "
                              f"{computed:#010x})", at + DYNAMIC_CHECKSUM_AT)
         if header_version >> 16 != 1:
             raise UnsupportedImage(f"dynamic disk header version {header_version >> 16}."
@@ -317,7 +315,7 @@ class VhdImage(DiskImage):
                               hint="merge it into its parent with the tool that made it and convert the result")
         bs = header.block_size
         if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
-            raise self._fail(f"block size {bs} is not a power of two from {MIN_BLOCK_SIZE} bytes to "
+            raise self.corrupt(f"block size {bs} is not a power of two from {MIN_BLOCK_SIZE} bytes to "
                              f"{MAX_BLOCK_SIZE >> 20} MiB", self.footer.data_offset + 32)
         self.block_size = self.cluster_size = bs
         sectors_per_block = bs // SECTOR
@@ -328,17 +326,17 @@ class VhdImage(DiskImage):
         allowed = round_up(ceil_div(declared_size, bs), _BAT_ENTRIES_PER_SECTOR)
         entries = header.max_table_entries
         if entries < needed:
-            raise self._fail(f"Block Allocation Table has {entries} entries; the virtual size "
+            raise self.corrupt(f"Block Allocation Table has {entries} entries; the virtual size "
                              f"{self.virtual_size} needs {needed}", self.footer.data_offset + 28)
         if entries > allowed:
-            raise self._fail(f"Block Allocation Table has {entries} entries, more than the {allowed} that "
+            raise self.corrupt(f"Block Allocation Table has {entries} entries, more than the {allowed} that "
                              f"a disk of {declared_size} bytes can use", self.footer.data_offset + 28)
         if needed * 4 > MAX_BAT_BYTES:
             raise UnsupportedImage(f"Block Allocation Table of {needed * 4} bytes exceeds the {MAX_BAT_BYTES} "
                                    "byte limit", path=src.name, fmt=FMT)
         table_at = header.table_offset
         if table_at + entries * 4 > src.size:
-            raise self._fail(f"Block Allocation Table at {table_at:#x} ({entries} entries) runs past the end "
+            raise self.corrupt(f"Block Allocation Table at {table_at:#x} ({entries} entries) runs past the end "
                              f"of the file ({src.size} bytes)", self.footer.data_offset + 16)
         raw = src.read_exact(table_at, needed * 4, "Block Allocation Table", FMT)
         bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
@@ -347,7 +345,7 @@ class VhdImage(DiskImage):
         bad = np.flatnonzero(allocated & (block_ends > src.size))
         if bad.size:
             i = int(bad[0])
-            raise self._fail(f"BAT entry {i} puts block {i} at {int(bat[i]) * SECTOR:#x}, and its "
+            raise self.corrupt(f"BAT entry {i} puts block {i} at {int(bat[i]) * SECTOR:#x}, and its "
                              f"{self.bitmap_size + bs} bytes (bitmap and data) run past the end of the file "
                              f"({src.size} bytes)", table_at + 4 * i)
         self._bat = bat

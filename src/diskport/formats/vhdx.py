@@ -325,10 +325,10 @@ class VhdxImage(DiskImage):
         self.log_entries_replayed = 0
         self._bat_cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         if source.size < HEADER_SECTION_SIZE:
-            raise self._fail(f"file is {source.size} bytes, too short for the 1 MiB VHDX header section")
+            raise self.corrupt(f"file is {source.size} bytes, too short for the 1 MiB VHDX header section")
         ident = source.read_exact(0, CREATOR_OFFSET + CREATOR_SIZE, "file type identifier", FMT)
         if ident[:8] != SIGNATURE:
-            raise self._fail("file type identifier signature 'vhdxfile' is missing", 0)
+            raise self.corrupt("file type identifier signature 'vhdxfile' is missing", 0)
         self.creator = ident[CREATOR_OFFSET:].decode("utf-16-le", "replace").split("\0")[0]
         header = self._current_header()
         self.log_region = self._replay_log(header)
@@ -338,17 +338,13 @@ class VhdxImage(DiskImage):
         self._read_metadata()
         self._prepare_bat()
 
-    def _fail(self, msg: str, offset: int | None = None) -> CorruptImage:
-        return CorruptImage(msg, path=self.source.name, fmt=FMT, offset=offset)
 
-    def _unsupported(self, msg: str, offset: int | None = None, hint: str | None = None) -> UnsupportedImage:
-        return UnsupportedImage(msg, path=self.source.name, fmt=FMT, offset=offset, hint=hint)
 
     # -- reading the file (through the replayed log) ----------------------------------------------------
     def _read_file(self, offset: int, length: int, what: str) -> bytes:
         """``length`` bytes of the file at ``offset`` as the replayed log left them."""
         if offset < 0 or length < 0 or offset + length > self.file_size:
-            raise self._fail(f"{what} at {offset:#x}+{length:#x} lies beyond the end of the file "
+            raise self.corrupt(f"{what} at {offset:#x}+{length:#x} lies beyond the end of the file "
                              f"({self.file_size} bytes)")
         if self._overlay is None:
             return self.source.read_exact(offset, length, what, FMT)
@@ -357,7 +353,7 @@ class VhdxImage(DiskImage):
         if present:
             got = self.source.readinto(offset, memoryview(buf)[:present])
             if got != present:
-                raise self._fail(f"{what} is truncated ({got} of {present} bytes)", offset)
+                raise self.corrupt(f"{what} is truncated ({got} of {present} bytes)", offset)
         self._overlay.apply(offset, buf)
         return bytes(buf)
 
@@ -372,14 +368,14 @@ class VhdxImage(DiskImage):
                 continue
             valid.append(_Header(sequence, log_guid, log_version, log_length, log_offset, raw[:HEADER.size]))
         if not valid:
-            raise self._fail("neither of the two headers is valid (bad signature, version or CRC-32C)",
+            raise self.corrupt("neither of the two headers is valid (bad signature, version or CRC-32C)",
                              HEADER_OFFSETS[0])
         if len(valid) == 2 and valid[0].sequence == valid[1].sequence and valid[0].raw != valid[1].raw:
-            raise self._fail(f"both headers carry sequence number {valid[0].sequence} but differ; the "
+            raise self.corrupt(f"both headers carry sequence number {valid[0].sequence} but differ; the "
                              "current one cannot be chosen", HEADER_OFFSETS[0])
         header = max(valid, key=lambda h: h.sequence)  # the first one wins a tie of identical headers
         if header.log_version != 0:
-            raise self._unsupported(f"log version {header.log_version} is not supported (only 0)")
+            raise self.unsupported(f"log version {header.log_version} is not supported (only 0)")
         return header
 
     # -- log replay (2.3) ------------------------------------------------------------------------------
@@ -387,20 +383,20 @@ class VhdxImage(DiskImage):
         """Replay the active log sequence into the overlay; returns the log region, if the file has one."""
         if header.log_length == 0:
             if header.log_guid != ZERO_GUID:
-                raise self._fail("header names a log (non-zero LogGuid) but the log length is 0")
+                raise self.corrupt("header names a log (non-zero LogGuid) but the log length is 0")
             return None
         log = _Region(header.log_offset, header.log_length)
         if log.offset % STRUCTURE_ALIGNMENT or log.offset < HEADER_SECTION_SIZE:
-            raise self._fail(f"log offset {log.offset:#x} is not a multiple of 1 MiB past the header section")
+            raise self.corrupt(f"log offset {log.offset:#x} is not a multiple of 1 MiB past the header section")
         if log.length % STRUCTURE_ALIGNMENT:
-            raise self._fail(f"log length {log.length} is not a multiple of 1 MiB")
+            raise self.corrupt(f"log length {log.length} is not a multiple of 1 MiB")
         if log.end > self.source.size:
-            raise self._fail(f"log at {log.offset:#x}+{log.length:#x} lies beyond the end of the file "
+            raise self.corrupt(f"log at {log.offset:#x}+{log.length:#x} lies beyond the end of the file "
                              f"({self.source.size} bytes)")
         if header.log_guid == ZERO_GUID:
             return log
         if log.length > MAX_LOG_LENGTH:
-            raise self._unsupported(f"log of {log.length} bytes exceeds the {MAX_LOG_LENGTH} byte limit",
+            raise self.unsupported(f"log of {log.length} bytes exceeds the {MAX_LOG_LENGTH} byte limit",
                                     hint="replay the log with Hyper-V or 'qemu-img check -r all' first")
         reader = _LogReader(self, log, header.log_guid)
         sequence = reader.active_sequence()
@@ -408,14 +404,14 @@ class VhdxImage(DiskImage):
             return log
         flushed = sequence[-1].flushed_file_offset
         if flushed > self.source.size:
-            raise self._fail(f"the log says the file was at least {flushed} bytes long but it is "
+            raise self.corrupt(f"the log says the file was at least {flushed} bytes long but it is "
                              f"{self.source.size}: the file was truncated")
         overlay = _Overlay()
         file_end = max(self.source.size, sequence[-1].last_file_offset)
         for entry in sequence:
             file_end = max(file_end, reader.replay(entry, overlay))
         if file_end > MAX_FILE_OFFSET:
-            raise self._fail(f"the log extends the file to {file_end} bytes, which is implausible")
+            raise self.corrupt(f"the log extends the file to {file_end} bytes, which is implausible")
         self._overlay = overlay
         self.file_size = file_end
         self.log_entries_replayed = len(sequence)
@@ -431,10 +427,10 @@ class VhdxImage(DiskImage):
                 table = raw
                 break
         if table is None:
-            raise self._fail("neither copy of the region table is valid (bad signature or CRC-32C)",
+            raise self.corrupt("neither copy of the region table is valid (bad signature or CRC-32C)",
                              REGION_TABLE_OFFSETS[0])
         if count > MAX_TABLE_ENTRIES:
-            raise self._fail(f"region table has {count} entries, more than {MAX_TABLE_ENTRIES}")
+            raise self.corrupt(f"region table has {count} entries, more than {MAX_TABLE_ENTRIES}")
         regions: dict[bytes, _Region] = {}
         placed: list[tuple[str, _Region]] = []
         if self.log_region is not None:
@@ -445,37 +441,37 @@ class VhdxImage(DiskImage):
             known = {BAT_REGION: "BAT", METADATA_REGION: "metadata"}.get(guid)
             if known is None:
                 if flags & REGION_REQUIRED:
-                    raise self._unsupported(f"region {_guid_text(guid)} is marked required but is unknown")
+                    raise self.unsupported(f"region {_guid_text(guid)} is marked required but is unknown")
                 continue
             if guid in regions:
-                raise self._fail(f"region table lists the {known} region twice")
+                raise self.corrupt(f"region table lists the {known} region twice")
             region = _Region(offset, length)
             if offset % STRUCTURE_ALIGNMENT or offset < HEADER_SECTION_SIZE or length == 0:
-                raise self._fail(f"{known} region {offset:#x}+{length:#x} is empty, unaligned or inside the "
+                raise self.corrupt(f"{known} region {offset:#x}+{length:#x} is empty, unaligned or inside the "
                                  "header section")
             if region.end > MAX_FILE_OFFSET:
-                raise self._fail(f"{known} region {offset:#x}+{length:#x} is implausibly far")
+                raise self.corrupt(f"{known} region {offset:#x}+{length:#x} is implausibly far")
             for name, other in placed:
                 if region.offset < other.end and other.offset < region.end:
-                    raise self._fail(f"{known} region overlaps the {name} region")
+                    raise self.corrupt(f"{known} region overlaps the {name} region")
             placed.append((known, region))
             regions[guid] = region
         for guid, name in ((BAT_REGION, "BAT"), (METADATA_REGION, "metadata")):
             if guid not in regions:
-                raise self._fail(f"region table has no {name} region")
+                raise self.corrupt(f"region table has no {name} region")
         return regions[BAT_REGION], regions[METADATA_REGION]
 
     # -- metadata (2.6) --------------------------------------------------------------------------------
     def _read_metadata(self) -> None:
         region = self.metadata_region
         if region.length < METADATA_TABLE_SIZE:
-            raise self._fail(f"metadata region of {region.length} bytes cannot hold its 64 KiB table")
+            raise self.corrupt(f"metadata region of {region.length} bytes cannot hold its 64 KiB table")
         table = self._read_file(region.offset, METADATA_TABLE_SIZE, "metadata table")
         signature, _, count = METADATA_TABLE_HEADER.unpack_from(table)
         if signature != METADATA_SIGNATURE:
-            raise self._fail("metadata table signature is missing", region.offset)
+            raise self.corrupt("metadata table signature is missing", region.offset)
         if count > MAX_TABLE_ENTRIES:
-            raise self._fail(f"metadata table has {count} entries, more than {MAX_TABLE_ENTRIES}",
+            raise self.corrupt(f"metadata table has {count} entries, more than {MAX_TABLE_ENTRIES}",
                              region.offset)
         items: dict[bytes, bytes] = {}
         for i in range(count):
@@ -484,21 +480,21 @@ class VhdxImage(DiskImage):
             name = METADATA_ITEM_NAMES.get(item_id)
             if name is None:
                 if flags & METADATA_IS_REQUIRED:
-                    raise self._unsupported(f"metadata item {_guid_text(item_id)} is marked required but is "
+                    raise self.unsupported(f"metadata item {_guid_text(item_id)} is marked required but is "
                                             "unknown")
                 continue
             if item_id in items:
-                raise self._fail(f"metadata table lists the {name} item twice")
+                raise self.corrupt(f"metadata table lists the {name} item twice")
             if length > MAX_METADATA_ITEM or (length and (offset < METADATA_TABLE_SIZE
                                                           or offset + length > region.length)):
-                raise self._fail(f"{name} metadata item {offset:#x}+{length:#x} lies outside the metadata "
+                raise self.corrupt(f"{name} metadata item {offset:#x}+{length:#x} lies outside the metadata "
                                  f"region or exceeds {MAX_METADATA_ITEM} bytes")
             if length < METADATA_ITEM_MIN_LENGTH.get(item_id, 0):
-                raise self._fail(f"{name} metadata item is {length} bytes, too short")
+                raise self.corrupt(f"{name} metadata item is {length} bytes, too short")
             items[item_id] = self._read_file(region.offset + offset, length, f"{name} metadata item")
         for item_id in METADATA_ITEM_MIN_LENGTH:
             if item_id not in items:
-                raise self._fail(f"the required {METADATA_ITEM_NAMES[item_id]} metadata item is missing")
+                raise self.corrupt(f"the required {METADATA_ITEM_NAMES[item_id]} metadata item is missing")
 
         block_size, param_bits = struct.unpack_from("<II", items[FILE_PARAMETERS])
         self.leave_blocks_allocated = bool(param_bits & PARAMS_LEAVE_BLOCKS_ALLOCATED)
@@ -513,15 +509,15 @@ class VhdxImage(DiskImage):
         self.virtual_disk_id = _guid_text(items[VIRTUAL_DISK_ID][:16])
         if (block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE
                 or block_size & (block_size - 1)):
-            raise self._fail(f"block size {block_size} is not a power of two from 1 MiB to 256 MiB")
+            raise self.corrupt(f"block size {block_size} is not a power of two from 1 MiB to 256 MiB")
         if self.logical_sector_size not in SECTOR_SIZES:
-            raise self._fail(f"logical sector size {self.logical_sector_size} is neither 512 nor 4096")
+            raise self.corrupt(f"logical sector size {self.logical_sector_size} is neither 512 nor 4096")
         if self.physical_sector_size not in SECTOR_SIZES:
-            raise self._fail(f"physical sector size {self.physical_sector_size} is neither 512 nor 4096")
+            raise self.corrupt(f"physical sector size {self.physical_sector_size} is neither 512 nor 4096")
         if virtual_size > MAX_VIRTUAL_SIZE:
-            raise self._fail(f"virtual disk size {virtual_size} exceeds the 64 TiB maximum")
+            raise self.corrupt(f"virtual disk size {virtual_size} exceeds the 64 TiB maximum")
         if virtual_size % self.logical_sector_size:
-            raise self._fail(f"virtual disk size {virtual_size} is not a multiple of the logical sector size "
+            raise self.corrupt(f"virtual disk size {virtual_size} is not a multiple of the logical sector size "
                              f"{self.logical_sector_size}")
         self.block_size = block_size
         self.cluster_size = block_size
@@ -553,10 +549,10 @@ class VhdxImage(DiskImage):
         self.bat_entries = (self.payload_blocks + (self.payload_blocks - 1) // self.chunk_ratio
                             if self.payload_blocks else 0)
         if self.bat_entries * 8 > self.bat_region.length:
-            raise self._fail(f"BAT region of {self.bat_region.length} bytes cannot hold the "
+            raise self.corrupt(f"BAT region of {self.bat_region.length} bytes cannot hold the "
                              f"{self.bat_entries} entries the virtual size needs")
         if self.bat_region.offset + self.bat_entries * 8 > self.file_size:
-            raise self._fail(f"BAT at {self.bat_region.offset:#x} ({self.bat_entries} entries) lies beyond the "
+            raise self.corrupt(f"BAT at {self.bat_region.offset:#x} ({self.bat_entries} entries) lies beyond the "
                              f"end of the file ({self.file_size} bytes)")
         # File ranges a payload block must not overlap; the header section is excluded by the 1 MiB minimum.
         self._reserved = [(name, r) for name, r in (("log", self.log_region), ("BAT", self.bat_region),
@@ -580,7 +576,7 @@ class VhdxImage(DiskImage):
             in_file = in_file[hosts[in_file] != 0]
             placed_count += len(in_file)
             if placed_count > max_blocks:
-                raise self._fail(f"BAT maps more payload blocks than the {self.file_size} byte file can hold "
+                raise self.corrupt(f"BAT maps more payload blocks than the {self.file_size} byte file can hold "
                                  "without overlapping")
             placed.append(np.stack([hosts[in_file], self._used_lengths(first, len(kinds))[in_file],
                                     in_file + first]))
@@ -590,7 +586,7 @@ class VhdxImage(DiskImage):
             overlap = np.flatnonzero(table[0, 1:] < table[0, :-1] + table[1, :-1])
             if overlap.size:
                 k = int(overlap[0])
-                raise self._fail(f"payload blocks {int(table[2, k])} and {int(table[2, k + 1])} overlap in the "
+                raise self.corrupt(f"payload blocks {int(table[2, k])} and {int(table[2, k + 1])} overlap in the "
                                  f"file at {int(table[0, k + 1]):#x}")
 
     def _bat_window(self, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -619,9 +615,9 @@ class VhdxImage(DiskImage):
             state = int(states[i])
             at = self.bat_region.offset + 8 * (first + i + (first + i) // self.chunk_ratio)
             if state == PAYLOAD_PARTIALLY_PRESENT:
-                raise self._fail(f"payload block {first + i} is PARTIALLY_PRESENT, a state only differencing "
+                raise self.corrupt(f"payload block {first + i} is PARTIALLY_PRESENT, a state only differencing "
                                  "images may use", at)
-            raise self._fail(f"payload block {first + i} has the reserved state {state}", at)
+            raise self.corrupt(f"payload block {first + i} has the reserved state {state}", at)
         if np.any(present):
             self._check_block_hosts(first, count, host_mb, present)
         hosts = np.where(present, host_mb, 0) << BAT_OFFSET_SHIFT  # checked above: no overflow
@@ -672,7 +668,7 @@ class VhdxImage(DiskImage):
             if np.any(bad):
                 i = int(np.flatnonzero(bad)[0])
                 at = self.bat_region.offset + 8 * (first + i + (first + i) // self.chunk_ratio)
-                raise self._fail(f"BAT maps payload block {first + i} to {int(host_mb[i]) * MiB:#x}, "
+                raise self.corrupt(f"BAT maps payload block {first + i} to {int(host_mb[i]) * MiB:#x}, "
                                  f"{reason}", at)
 
     # -- mapping ----------------------------------------------------------------------------------------
