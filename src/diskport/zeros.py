@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from diskport.formats.runs import split_runs
+
 ZERO_RUN, DATA_RUN = True, False
 
 
@@ -23,10 +25,7 @@ def zero_runs(view: memoryview, offset: int, granularity: int) -> list[tuple[int
     runs: list[tuple[int, int, bool]] = []
     if head:
         runs.append((0, head, DATA_RUN))
-    change = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
-    starts = [0, *change.tolist()]
-    ends = [*change.tolist(), len(nonzero)]
-    for s, e in zip(starts, ends, strict=True):
+    for s, e in split_runs(nonzero):
         run = (head + s * granularity, head + e * granularity, not bool(nonzero[s]))
         if runs and runs[-1][2] == run[2]:
             runs[-1] = (runs[-1][0], run[1], run[2])

@@ -57,13 +57,13 @@ from diskport.formats.qcow2_spec import (
     OFLAG_COMPRESSED,
     OFLAG_ZERO,
 )
+from diskport.formats.runs import RunKind, split_runs
 from diskport.sources.base import Source
 
 MAX_VIRTUAL_SIZE = 1 << 62
 _L2_CACHE = 16
 
-# Run kinds used while decoding an L2 table.
-_ZERO, _DATA, _COMPRESSED = 0, 1, 2
+_ZERO, _DATA, _COMPRESSED = RunKind.ZERO, RunKind.DATA, RunKind.COMPRESSED
 
 
 @functools.cache
@@ -325,15 +325,7 @@ class Qcow2Image(DiskImage):
             self._check_hosts(hosts[data], l1_index, c0)
             unit_host = np.where(compressed, entries, hosts)
             step = np.uint64(cs)
-        n = len(kind)
-        if n == 0:
-            return
-        brk = np.ones(n, dtype=bool)
-        if n > 1:
-            brk[1:] = (kind[1:] != kind[:-1]) | ((kind[1:] == _DATA) & (unit_host[1:] != unit_host[:-1] + step))
-        starts = np.flatnonzero(brk)
-        ends = np.append(starts[1:], n)
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        for s, e in split_runs(kind, unit_host, step):
             yield int(kind[s]), first + s, e - s, int(unit_host[s])
 
     def _check_hosts(self, hosts: np.ndarray, l1_index: int, c0: int, aligned_only: bool | None = None) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 
 from diskport.errors import UnsafeImage
 from diskport.formats.base import DiskImage, Extent
+from diskport.formats.runs import split_runs
 from diskport.sources.base import Source
 
 FMT = "vdi"
@@ -210,12 +211,7 @@ class VdiImage(DiskImage):
             entries = self._block_map[step_first:step_last]
             zero = entries >= np.uint32(BLOCK_ZERO)
             hosts = np.int64(self.data_offset) + entries.astype(np.int64) * step
-            n = entries.size
-            breaks = np.ones(n, dtype=bool)
-            breaks[1:] = (zero[1:] != zero[:-1]) | (~zero[1:] & (hosts[1:] != hosts[:-1] + step))
-            run_starts = np.flatnonzero(breaks).tolist()
-            run_ends = [*run_starts[1:], n]
-            for s, e in zip(run_starts, run_ends, strict=True):
+            for s, e in split_runs(zero, hosts, step, contiguous=~zero):
                 base = (step_first + s) * bs
                 lo, hi = max(base, start), min((step_first + e) * bs, stop)
                 if zero[s]:

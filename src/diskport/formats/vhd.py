@@ -70,6 +70,7 @@ import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
 from diskport.formats.base import DiskImage, Extent, file_runs
+from diskport.formats.runs import split_runs
 from diskport.sources.base import Source
 
 FMT = "vpc"
@@ -391,11 +392,7 @@ class VhdImage(DiskImage):
         last_sector = ceil_div(hi - base, SECTOR)
         present = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8),
                                 count=bs // SECTOR)[first_sector:last_sector].astype(bool)
-        n = present.size
-        changes = np.flatnonzero(present[1:] != present[:-1]) + 1
-        run_starts = [0, *changes.tolist()]
-        run_ends = [*changes.tolist(), n]
-        for s, e in zip(run_starts, run_ends, strict=True):
+        for s, e in split_runs(present):
             g0 = max(base + (first_sector + s) * SECTOR, lo)
             g1 = min(base + (first_sector + e) * SECTOR, hi)
             if present[s]:

@@ -57,6 +57,7 @@ import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
 from diskport.formats.base import DiskImage, Extent
+from diskport.formats.runs import RunKind, split_runs
 from diskport.sources.base import Source
 
 FMT = "vhdx"
@@ -162,7 +163,7 @@ MAX_FILE_OFFSET = 1 << 52
 _LOG_READ_CHUNK = 4 * MiB
 
 # Extent kinds while decoding the BAT.
-_ZERO, _DATA, _OVERLAID = 0, 1, 2
+_ZERO, _DATA, _OVERLAID = RunKind.ZERO, RunKind.DATA, RunKind.MAPPED
 
 ZERO_GUID = bytes(16)
 
@@ -720,16 +721,7 @@ class VhdxImage(DiskImage):
 
     def _runs(self, kinds: np.ndarray, hosts: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
         """(kind, first, end, host of first) for runs of blocks of one kind, DATA runs contiguous in the file."""
-        n = len(kinds)
-        if n == 0:
-            return
-        brk = np.ones(n, dtype=bool)
-        if n > 1:
-            brk[1:] = (kinds[1:] != kinds[:-1]) | ((kinds[1:] == _DATA)
-                                                    & (hosts[1:] != hosts[:-1] + self.block_size))
-        starts = np.flatnonzero(brk)
-        ends = np.append(starts[1:], n)
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        for s, e in split_runs(kinds, hosts, self.block_size):
             yield int(kinds[s]), s, e, int(hosts[s])
 
     def read_mapped(self, ext: Extent, buf: memoryview) -> None:
