@@ -18,6 +18,7 @@ from diskport.formats.base import DiskImage
 from diskport.guest.advice import advise
 from diskport.guest.facts import GuestReport, VolumeFacts
 from diskport.guest.filesystems import Filesystem, identify, open_filesystem
+from diskport.guest.filesystems.btrfs import FS_TREE, BtrfsFilesystem
 from diskport.guest.firmware import firmware_facts
 from diskport.guest.linux import is_linux_root, linux_facts
 from diskport.guest.view import GuestView
@@ -132,12 +133,40 @@ def _find_os(report: GuestReport, opened: list[tuple[Partition, Filesystem[Any]]
             if fs.type == "ntfs" and is_windows_volume(fs):
                 report.os, report.drivers = windows_facts(fs, part.number, report.warnings)
                 return
-            if fs.type != "ntfs" and is_linux_root(fs):
-                boot = next((b for p, b in opened if p is not part and _is_boot_volume(b)), None)
-                report.os, report.drivers, report.agents = linux_facts(fs, boot, part.number, report.warnings)
+            if fs.type == "ntfs":
+                continue
+            root, subvolume = _linux_root(fs)
+            if root is not None:
+                boot_part = next(((p, b) for p, b in opened if p is not part and _is_boot_volume(b)), None)
+                boot = boot_part[1] if boot_part else None
+                report.os, report.drivers, report.agents = linux_facts(root, boot, part.number, report.warnings)
+                report.os.root_subvolume = subvolume
+                report.os.boot_partition = boot_part[0].number if boot_part else None
                 return
         except DiskportError as e:
             report.warnings.append(f"partition {part.number}: {e}")
+
+
+#: Subvolumes looked into for a Linux root, when the default one is not it.
+MAX_SUBVOLUME_PROBES = 32
+
+
+def _linux_root(fs: Filesystem[Any]) -> tuple[Filesystem[Any] | None, str | None]:
+    """The filesystem (for btrfs: the subvolume) holding a Linux root, and the subvolume's path."""
+    if not isinstance(fs, BtrfsFilesystem):
+        return (fs, None) if is_linux_root(fs) else (None, None)
+    subvolumes = fs.subvolumes()
+    paths = {s.id: s.path for s in subvolumes}
+    if is_linux_root(fs):
+        return fs, paths.get(fs.tree) if fs.tree != FS_TREE else None
+    # Fedora's root, Ubuntu's and openSUSE's @ first; snapshots last
+    ranked = sorted(subvolumes, key=lambda s: (".snapshots" in s.path or "snapshot" in s.path,
+                                               s.path not in ("root", "@", "@/root", "@rootfs"), s.id))
+    for sub in ranked[:MAX_SUBVOLUME_PROBES]:
+        candidate = fs.at(sub.id)
+        if is_linux_root(candidate):
+            return candidate, sub.path
+    return None, None
 
 
 def _is_boot_volume(fs: Filesystem[Any]) -> bool:
