@@ -293,12 +293,12 @@ def _cpio(reader: _Plain | _Stream, listing: Listing, name: str, want: set[str])
         listing.entries += 1
         if listing.entries > MAX_ENTRIES:
             raise CorruptImage(f"more than {MAX_ENTRIES} entries", path=name, fmt=FMT)
-        module = module_name(entry)
-        if module is not None and (fields[1] & 0o170000) == 0o100000:
-            listing.modules.setdefault(module, entry)
         if reader.skip(filesize + (-filesize) % 4) < filesize:
             raise CorruptImage(f"entry {entry!r} says {filesize} bytes, more than the archive holds", path=name,
                                fmt=FMT)
+        module = module_name(entry)
+        if module is not None and (fields[1] & 0o170000) == 0o100000:
+            listing.modules.setdefault(module, entry)
         if want and want <= listing.modules.keys():
             return True
 
