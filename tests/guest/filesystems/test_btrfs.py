@@ -251,3 +251,56 @@ def test_multi_device_is_identified_not_read(tmp_path: Path) -> None:
         assert info.details["devices"] == 2 and "multi-device" in str(info.details["problem"])
         with pytest.raises(UnsupportedImage, match="multi-device"):
             open_filesystem(view, info)
+
+
+# id -> mkfs.btrfs options: each checksum this reader verifies, small nodes (deeper trees), DUP data, mixed
+# block groups, single metadata, 64 KiB sectors
+VARIANTS = {
+    "sha256": ("--csum", "sha256"),
+    "blake2": ("--csum", "blake2"),
+    "nodesize-4k": ("--nodesize", "4096"),
+    "data-dup": ("-d", "dup"),
+    "mixed": ("--mixed",),
+    "metadata-single": ("-m", "single"),
+    "sectorsize-64k": ("--sectorsize", "65536", "--nodesize", "65536"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mkfs_variants_match_their_tree(flat: tuple[Path, Path], tmp_path: Path, variant: str) -> None:
+    tree = flat[1]
+    if variant == "nodesize-4k":   # enough entries for a three-level FS tree at 4 KiB nodes
+        tree = make_tree(tmp_path / "tree", many=8000, big=64 * 1024)
+    image = mkfs_btrfs(tmp_path / "v.img", 400 * MiB, tree, *VARIANTS[variant])
+    for fs in open_btrfs(image):
+        assert fs_tree(fs) == host_tree(tree)
+        if variant == "nodesize-4k":
+            assert re.search(r"node \d+ level 2 ", dump_tree(image, "-t", "5")), "a three-level FS tree"
+        if variant == "data-dup":
+            assert fs.profiles()["data"] == "dup"
+
+
+def test_pointer_outside_every_chunk_is_refused(flat: tuple[Path, Path], tmp_path: Path) -> None:
+    image = tmp_path / "ptr.img"
+    image.write_bytes(flat[0].read_bytes())
+    m = re.search(r"node (\d+) level 1 items \d+ .*owner FS_TREE", dump_tree(image, "-t", "5"))
+    assert m
+    patch_tree_block(image, int(m[1]), {101 + 33 + 17: struct.pack("<Q", 1 << 50)})
+    expect_error(image, "lies outside every chunk")
+
+
+def test_last_mirror_at_256_gib(tmp_path: Path) -> None:
+    """A sparse 257 GiB volume holds all three copies; with the first two damaged, the third is used."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_text("far\n")
+    image = mkfs_btrfs(tmp_path / "huge.img", 257 * 1024 * MiB, tree)
+    patch(image, 0x10000 + 299, b"x")
+    patch(image, 0x4000000 + 299, b"x")
+    for fs in open_btrfs(image):
+        assert fs.info.details["superblock"] == "mirror at 256 GiB"
+        assert fs.read("/etc/hostname", 10) == b"far\n"
+    patch(image, 0x4000000000 + 299, b"x")
+    with view_of(image) as view:
+        info = identify(view)
+        assert info is not None and not info.readable and "bad checksum" in str(info.details["problem"])
