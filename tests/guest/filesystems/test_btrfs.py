@@ -258,6 +258,7 @@ def test_multi_device_is_identified_not_read(tmp_path: Path) -> None:
 VARIANTS = {
     "sha256": ("--csum", "sha256"),
     "blake2": ("--csum", "blake2"),
+    "xxhash": ("--csum", "xxhash"),
     "nodesize-4k": ("--nodesize", "4096"),
     "data-dup": ("-d", "dup"),
     "mixed": ("--mixed",),

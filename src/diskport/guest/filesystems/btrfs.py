@@ -4,7 +4,7 @@ Layout facts come from the btrfs documentation's on-disk format pages and btrfs-
 ``kernel-shared/uapi/btrfs_tree.h`` (field names and numbers only); everything is little-endian.
 
 * **Superblock**: 4096 bytes at 64 KiB, magic ``_BHRfS_M`` at 64, its checksum over bytes 32..4096 in the first
-  bytes (crc32c, sha256 or blake2b-256; xxhash64 is refused as unsupported). When the primary is missing or its
+  bytes (crc32c, xxhash64, sha256 or blake2b-256). When the primary is missing or its
   checksum is bad, the mirrors at 64 MiB and 256 GiB are tried (each must hold its own offset in ``bytenr``
   and a good checksum) and the report says which copy was used. Fields: ``fsid`` 32, ``bytenr`` 48, ``flags`` 56,
   ``generation`` 72, ``root`` 80, ``chunk_root`` 88, ``total_bytes`` 112, ``num_devices`` 136, ``sectorsize``
@@ -42,6 +42,9 @@ the child, item data must lie inside the block; a logical address outside every 
 outside the device, is refused. Compressed extents are at most 128 KiB each way and must not expand beyond
 their ``ram_bytes``; inline extents at most :data:`MAX_INLINE`. Caches (parsed blocks, inodes, decompressed
 extents) are bounded LRUs; a file is never read whole.
+
+xxhash64 (``mkfs.btrfs --csum xxhash``) is computed by :func:`xxh64`, written here from the xxHash
+specification: one small fixed algorithm did not justify a dependency.
 
 Written here because the Python btrfs readers are AGPL (dissect.btrfs) or need the kernel (python-btrfs's
 ioctls); ``btrfs inspect-internal dump-tree`` and the mounted filesystem are the oracles in the tests.
@@ -169,11 +172,61 @@ def _csum(csum_type: int, data: bytes) -> bytes | None:
     or None for a type this reader does not compute."""
     if csum_type == 0:
         return struct.pack("<I", google_crc32c.value(data))
+    if csum_type == 1:
+        return struct.pack("<Q", xxh64(data))
     if csum_type == 2:
         return hashlib.sha256(data).digest()
     if csum_type == 3:
         return hashlib.blake2b(data, digest_size=32).digest()
     return None
+
+
+_M64 = (1 << 64) - 1
+_P1, _P2, _P3, _P4, _P5 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x85EBCA77C2B2AE63,
+                           0x27D4EB2F165667C5)
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) & _M64
+
+
+def _xround(acc: int, lane: int) -> int:
+    return (_rotl((acc + lane * _P2) & _M64, 31) * _P1) & _M64
+
+
+def xxh64(data: bytes, seed: int = 0) -> int:
+    """XXH64 of ``data`` (the xxHash specification, seed 0 as btrfs uses it)."""
+    n = len(data)
+    at = 0
+    if n >= 32:
+        v = [(seed + _P1 + _P2) & _M64, (seed + _P2) & _M64, seed, (seed - _P1) & _M64]
+        lanes = struct.unpack_from(f"<{(n // 32) * 4}Q", data)
+        for i in range(0, len(lanes), 4):
+            v = [_xround(v[j], lanes[i + j]) for j in range(4)]
+        at = (n // 32) * 32
+        h = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) & _M64
+        for lane in v:
+            h = ((h ^ _xround(0, lane)) * _P1 + _P4) & _M64
+    else:
+        h = (seed + _P5) & _M64
+    h = (h + n) & _M64
+    while at + 8 <= n:
+        h ^= _xround(0, struct.unpack_from("<Q", data, at)[0])
+        h = (_rotl(h, 27) * _P1 + _P4) & _M64
+        at += 8
+    if at + 4 <= n:
+        h ^= (struct.unpack_from("<I", data, at)[0] * _P1) & _M64
+        h = (_rotl(h, 23) * _P2 + _P3) & _M64
+        at += 4
+    while at < n:
+        h ^= (data[at] * _P5) & _M64
+        h = (_rotl(h, 11) * _P1) & _M64
+        at += 1
+    h ^= h >> 33
+    h = (h * _P2) & _M64
+    h ^= h >> 29
+    h = (h * _P3) & _M64
+    return h ^ (h >> 32)
 
 
 def name_hash(name: bytes) -> int:
@@ -281,8 +334,8 @@ def identify(volume: Readable) -> FsInfo | None:
             _INCOMPAT_NAMES.get(1 << b, f"unknown_{1 << b:#x}") for b in range(64) if unknown & (1 << b))
     elif notes["superblock_checksum"] == "bad checksum":
         problem = "every superblock copy has a bad checksum"
-    elif sb.csum_type not in (0, 2, 3):
-        problem = f"{CSUM_TYPES.get(sb.csum_type, sb.csum_type)} checksums are not verified by diskport"
+    elif sb.csum_type not in CSUM_TYPES:
+        problem = f"checksum type {sb.csum_type} is not known to diskport"
     if problem:
         details["problem"] = problem
     return FsInfo(type="btrfs", label=sb.label, uuid=uuid_text(sb.fsid), size=sb.total_bytes,
@@ -387,9 +440,8 @@ class BtrfsFilesystem(Filesystem[BtrfsNode]):
                                    path=volume.name, fmt="btrfs")
         if notes["superblock_checksum"] == "bad checksum":
             self._corrupt("every superblock copy has a bad checksum")
-        if sb.csum_type not in (0, 2, 3):
-            raise UnsupportedImage(f"{CSUM_TYPES.get(sb.csum_type, sb.csum_type)} checksums are not verified",
-                                   path=volume.name, fmt="btrfs")
+        if sb.csum_type not in CSUM_TYPES:
+            raise UnsupportedImage(f"checksum type {sb.csum_type} is not known", path=volume.name, fmt="btrfs")
         if sb.incompat & ~_READ_INCOMPAT:
             raise UnsupportedImage(f"incompatible features {sb.incompat & ~_READ_INCOMPAT:#x} are not read",
                                    path=volume.name, fmt="btrfs")
