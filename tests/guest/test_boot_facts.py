@@ -33,6 +33,7 @@ def test_ubuntu_at_subvolume_is_found(tmp_path: Path) -> None:
     report = inspect_guest(image)   # a bare volume: no partition table
     assert report.os.distribution == "ubuntu" and report.os.root_subvolume == "@"
     assert report.os.root_device == "LABEL=fedora"
+    assert not any("names the root" in w for w in report.warnings)   # the label is the volume's
 
 
 def test_opensuse_default_snapshot_is_the_root(tmp_path: Path) -> None:
@@ -66,6 +67,8 @@ def test_debian_grub_cfg_and_gzip_initramfs(tmp_path: Path) -> None:
                                                          f"/boot/vmlinuz-{KERNEL}")
     assert entry.initrd == [f"/boot/initrd.img-{KERNEL}"] and report.os.kernel_root == "/dev/sda1"
     assert any("root=/dev/sda1" in w for w in report.warnings)
+    assert any(w.startswith("/etc/fstab names the root UUID=1234, but the root was found on partition 1")
+               for w in report.warnings), report.warnings
     assert report.os.selinux_relabel and report.os.boot_partition is None
     kernel = report.os.kernel_details[0]
     assert kernel.initramfs is not None and kernel.initramfs.archives == ["cpio+gzip"]

@@ -108,6 +108,7 @@ def test_fedora_btrfs_disk_end_to_end(tmp_path: Path, fedora_btrfs: Path) -> Non
         f"/initramfs-{VERSION}.img"]
     assert "rootflags=subvol=root" in entry.options
     assert os_.selinux_relabel and any("autorelabel" in w for w in report.warnings)
+    assert not any("names the root" in w for w in report.warnings), report.warnings   # fstab and root= agree
     kernel = os_.kernel_details[0]
     assert kernel.image == f"/vmlinuz-{VERSION}"
     assert kernel.initramfs is not None and kernel.initramfs.archives == ["cpio", "cpio+zstd"]

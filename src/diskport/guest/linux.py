@@ -193,6 +193,17 @@ def _module_file(root: Filesystem[Any], stem: str) -> str | None:
     return None
 
 
+def fstab_mounts(root: Filesystem[Any]) -> dict[str, str]:
+    """Mount point -> source of each /etc/fstab line (the first line for a mount point wins)."""
+    data = root.read("/etc/fstab", SMALL)
+    mounts: dict[str, str] = {}
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2:
+            mounts.setdefault(fields[1], fields[0])
+    return mounts
+
+
 def _cmdline_value(options: str, key: str) -> str | None:
     value = None
     for word in options.split():
