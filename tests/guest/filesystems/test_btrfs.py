@@ -227,6 +227,18 @@ def test_bad_primary_superblock_uses_the_mirror(flat: tuple[Path, Path], tmp_pat
         assert fs_tree(fs) == host_tree(flat[1])
 
 
+def test_wiped_primary_uses_the_mirror_other_bytes_do_not(flat: tuple[Path, Path], tmp_path: Path) -> None:
+    image = tmp_path / "wiped.img"
+    image.write_bytes(flat[0].read_bytes())
+    patch(image, 0x10000, bytes(4096))
+    for fs in open_btrfs(image):
+        assert fs.info.details["superblock"] == "mirror at 64 MiB"
+        assert fs.info.details["primary_superblock"] == "no magic"
+    patch(image, 0x10000, random.Random(1).randbytes(4096))   # as if another filesystem had been made there
+    with view_of(image) as view:
+        assert identify(view) is None
+
+
 def test_compressed_extent_beyond_ram_bytes_is_refused(kernel: tuple[Path, Any, Any], tmp_path: Path) -> None:
     image = tmp_path / "ram.img"
     image.write_bytes(kernel[0].read_bytes())

@@ -6,7 +6,9 @@ Layout facts come from the btrfs documentation's on-disk format pages and btrfs-
 * **Superblock**: 4096 bytes at 64 KiB, magic ``_BHRfS_M`` at 64, its checksum over bytes 32..4096 in the first
   bytes (crc32c, xxhash64, sha256 or blake2b-256). When the primary is missing or its
   checksum is bad, the mirrors at 64 MiB and 256 GiB are tried (each must hold its own offset in ``bytenr``
-  and a good checksum) and the report says which copy was used. Fields: ``fsid`` 32, ``bytenr`` 48, ``flags`` 56,
+  and a good checksum) and the report says which copy was used. A primary without the magic counts as damaged
+  only when its 4 KiB are zeros (wiped): other bytes there belong to another filesystem, which leaves a btrfs
+  that was once on the volume its stale mirrors. Fields: ``fsid`` 32, ``bytenr`` 48, ``flags`` 56,
   ``generation`` 72, ``root`` 80, ``chunk_root`` 88, ``total_bytes`` 112, ``num_devices`` 136, ``sectorsize``
   144, ``nodesize`` 148, ``sys_chunk_array_size`` 160, ``incompat_flags`` 188, ``csum_type`` 196,
   ``root_level`` 198, ``chunk_root_level`` 199, ``dev_item`` 201 (``devid`` first, ``uuid`` at +66), ``label``
@@ -302,6 +304,10 @@ def read_superblock(volume: Readable) -> tuple[Superblock | None, dict[str, obje
     notes: dict[str, object] = {"superblock": "primary", "superblock_checksum": state}
     if primary is not None and state in ("ok", "unverified"):
         return primary, notes
+    if state == "no magic":
+        raw = chunk(volume, SUPER_OFFSET, SUPER_SIZE)
+        if raw is None or any(raw):   # another filesystem's bytes, not a wiped btrfs: its old mirrors are stale
+            return None, notes
     best: Superblock | None = None
     for offset in MIRRORS[1:]:
         copy, copy_state = _superblock_at(volume, offset)
