@@ -34,13 +34,13 @@ def compress(data: bytes, method: str) -> bytes:
     return subprocess.run([require_tool(argv[0]), *argv[1:]], input=data, check=True, capture_output=True).stdout
 
 
-def main_tree(root: Path, version: str, modules: dict[str, str]) -> Path:
+def main_tree(root: Path, version: str, modules: dict[str, str], filler: int = 200_000) -> Path:
     """A dracut-like main archive tree: ``usr/lib/modules/VERSION/kernel/<folder>/<name>.ko.xz`` per module."""
     for rel in ("usr/bin", "etc", "usr/lib/dracut"):
         (root / rel).mkdir(parents=True, exist_ok=True)
     (root / "init").symlink_to("usr/lib/systemd/systemd")
     (root / "etc/initrd-release").write_text("ID=fedora\n")
-    (root / "usr/bin/bash").write_bytes(os.urandom(200_000))   # something large to skip over
+    (root / "usr/bin/bash").write_bytes(os.urandom(filler))   # something large to skip over
     for name, folder in modules.items():
         where = root / "usr/lib/modules" / version / "kernel" / folder
         where.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def main_tree(root: Path, version: str, modules: dict[str, str]) -> Path:
 
 
 def initramfs(work: Path, version: str, modules: dict[str, str], method: str = "zstd",
-              microcode: bool = True) -> bytes:
+              microcode: bool = True, filler: int = 200_000) -> bytes:
     """The bytes of an initramfs: an early-microcode archive (when asked), then the compressed main archive."""
     early = b""
     if microcode:
@@ -57,7 +57,7 @@ def initramfs(work: Path, version: str, modules: dict[str, str], method: str = "
         (ucode / "kernel/x86/microcode").mkdir(parents=True)
         (ucode / "kernel/x86/microcode/GenuineIntel.bin").write_bytes(os.urandom(30_000))
         early = cpio_newc(ucode)
-    main = cpio_newc(main_tree(work / "main", version, modules))
+    main = cpio_newc(main_tree(work / "main", version, modules, filler))
     return early + compress(main, method)
 
 

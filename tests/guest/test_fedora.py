@@ -58,7 +58,7 @@ def fedora_btrfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image
 
 
-def boot_volume(base: Path, *, virtio_in_initramfs: bool, ahci: bool) -> Path:
+def boot_volume(base: Path, *, virtio_in_initramfs: bool, ahci: bool, filler: int = 200_000) -> Path:
     tree = base / "boot"
     (tree / "loader/entries").mkdir(parents=True)
     (tree / "grub2").mkdir()
@@ -69,7 +69,8 @@ def boot_volume(base: Path, *, virtio_in_initramfs: bool, ahci: bool) -> Path:
     modules = {"virtio_net": "drivers/net", "btrfs": "fs/btrfs"}
     if virtio_in_initramfs:
         modules["virtio_blk"] = "drivers/block"
-    (tree / f"initramfs-{VERSION}.img").write_bytes(initramfs(base / "initramfs", VERSION, modules, "zstd"))
+    (tree / f"initramfs-{VERSION}.img").write_bytes(initramfs(base / "initramfs", VERSION, modules, "zstd",
+                                                                         filler=filler))
     (tree / "loader/entries" / f"{MACHINE_ID}-{VERSION}.conf").write_text(
         f"title Fedora Linux (6.5.6-300.fc39.x86_64) 39 (Cloud Edition)\nversion {VERSION}\n"
         f"linux /vmlinuz-{VERSION}\ninitrd /initramfs-{VERSION}.img $tuned_initrd\n"
@@ -80,7 +81,8 @@ def boot_volume(base: Path, *, virtio_in_initramfs: bool, ahci: bool) -> Path:
                     options=("-U", "b007b007-0000-4000-8000-000000000002"))
 
 
-def fedora_disk(base: Path, root: Path, *, virtio_in_initramfs: bool = True, ahci: bool = True) -> Path:
+def fedora_disk(base: Path, root: Path, *, virtio_in_initramfs: bool = True, ahci: bool = True,
+                filler: int = 200_000) -> Path:
     disk = blank(base / "fedora.raw", 500 * MiB)
     sgdisk(disk, "-n", "1:2048:+32M", "-t", "1:EF00", "-c", "1:EFI System Partition", "-n", "2:0:+120M",
            "-t", "2:8300", "-c", "2:boot", "-n", "3:0:+300M", "-t", "3:8300", "-c", "3:root")
@@ -88,7 +90,8 @@ def fedora_disk(base: Path, root: Path, *, virtio_in_initramfs: bool = True, ahc
     mtools("mmd", esp, "::EFI", "::EFI/BOOT", "::EFI/fedora")
     mtools("mcopy", esp, str(efi_loader(base)), "::EFI/BOOT/BOOTX64.EFI")
     put(disk, 2048 * SECTOR, esp)
-    put(disk, (2048 + 65536) * SECTOR, boot_volume(base, virtio_in_initramfs=virtio_in_initramfs, ahci=ahci))
+    put(disk, (2048 + 65536) * SECTOR, boot_volume(base, virtio_in_initramfs=virtio_in_initramfs, ahci=ahci,
+                                                   filler=filler))
     put(disk, (2048 + 65536 + 245760) * SECTOR, root)
     return disk
 
@@ -152,3 +155,18 @@ def test_fedora_over_http_ranges(tmp_path: Path, fedora_btrfs: Path, nginx: obje
     assert report.advised("bus") == "virtio"
     print(f"fedora btrfs over HTTP: {report.bytes_read} bytes in {report.reads} requests")
     assert report.bytes_read < 8 * MiB, report.bytes_read
+
+
+def test_initramfs_read_to_its_end_over_http_costs_few_requests(tmp_path: Path, fedora_btrfs: Path,
+                                                                  nginx: object) -> None:
+    """Without virtio_blk the whole initramfs (here 30 MiB of incompressible data) is read: in 1 MiB reads,
+    not one request per 64 KiB block."""
+    image = convert(fedora_disk(tmp_path, fedora_btrfs, virtio_in_initramfs=False, filler=30 * MiB), "qcow2")
+    url = nginx.put("fedora.qcow2", image.read_bytes())  # type: ignore[attr-defined]
+    report = inspect_guest(url)
+    assert report.advised("bus") == "sata"
+    size = (tmp_path / "boot" / f"initramfs-{VERSION}.img").stat().st_size
+    print(f"fedora, {size} byte initramfs read to its end over HTTP: {report.bytes_read} bytes in "
+          f"{report.reads} requests")
+    assert size < report.bytes_read < size + 8 * MiB
+    assert report.reads < 30 + size // MiB, report.reads

@@ -45,6 +45,7 @@ MAX_NAME = 4096
 HEADER = 110
 CHUNK = 64 * 1024
 LZ4_LEGACY_BLOCK = 8 << 20
+READ_AHEAD = 1 << 20
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 FMT = "initramfs"
 
@@ -87,13 +88,22 @@ class _Budget:
 
 
 class _Raw:
-    """The file's bytes read forward in chunks from ``pos``."""
+    """The file's bytes read forward in chunks from ``pos``, fetched :data:`READ_AHEAD` bytes at a time (one
+    request for many blocks over HTTP)."""
 
     def __init__(self, src: Readable, pos: int) -> None:
         self.src, self.pos = src, pos
+        self._ahead = b""
+        self._ahead_at = pos
 
     def chunk(self, size: int = CHUNK) -> bytes:
-        data = self.src.pread(self.pos, size)
+        within = self.pos - self._ahead_at
+        if not 0 <= within < len(self._ahead):
+            self._ahead_at, self._ahead = self.pos, self.src.pread(self.pos, max(READ_AHEAD, size))
+            within = 0
+        data = self._ahead[within:within + size]
+        if len(data) < size and within + len(data) == len(self._ahead) and len(self._ahead) >= READ_AHEAD:
+            data += self.src.pread(self.pos + len(data), size - len(data))
         self.pos += len(data)
         return data
 
