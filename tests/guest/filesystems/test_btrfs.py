@@ -24,6 +24,7 @@ from tests.guest.filesystems.btrfs_images import (
     mkfs_btrfs,
     mounted,
     patch_tree_block,
+    physical,
     remount,
     reseal_superblock,
 )
@@ -250,6 +251,24 @@ def test_compressed_extent_beyond_ram_bytes_is_refused(kernel: tuple[Path, Any, 
     patch_tree_block(image, leaf, {at + 8: struct.pack("<Q", 4096), at + 45: struct.pack("<Q", 4096)})
     message = expect_error(image, "expands beyond its ram_bytes")
     assert "zstd" not in message or "damaged" not in message
+
+
+def test_damaged_lzo_data_is_refused(kernel: tuple[Path, Any, Any], tmp_path: Path) -> None:
+    """File data has no checksum this reader checks: a damaged lzo segment reaches the decoder, which refuses it."""
+    image = tmp_path / "lzo.img"
+    image.write_bytes(kernel[0].read_bytes())
+    dump = dump_tree(image, "-t", "256")
+    ino = re.search(r"key \((\d+) INODE_REF \d+\)[^\n]*\n[^\n]*name: lzo\.txt\n", dump)
+    assert ino
+    extent = re.search(rf"key \({ino[1]} EXTENT_DATA 0\).*?\n.*?\n\s+extent data disk byte (\d+) nr (\d+)", dump)
+    assert extent and "compression 2 (lzo)" in dump[extent.end():extent.end() + 200]
+    where = physical(image, int(extent[1]))[0]
+    patch(image, where + 8, b"\xff" * 64)          # inside the first segment, after both length words
+    for fs in open_btrfs(image):
+        with pytest.raises(CorruptImage) as caught:
+            fs.read("/root/lzo.txt", 1 << 20)
+        assert "lzo" in str(caught.value) and "\n" not in str(caught.value)
+        assert fs.read("/root/zstd.txt", 100) is not None    # the rest of the filesystem still reads
 
 
 def test_multi_device_is_identified_not_read(tmp_path: Path) -> None:
