@@ -9,6 +9,7 @@ from pathlib import Path
 from diskport.guest import inspect_guest
 from tests.guest.filesystems.btrfs_images import btrfs, mkfs_btrfs, mounted
 from tests.guest.filesystems.images import mkfs_ext
+from tests.guest.filesystems.test_btrfs import open_btrfs
 from tests.guest.initramfs_images import initramfs
 from tests.guest.support import blank, sfdisk
 from tests.guest.test_inspect import KERNEL, linux_tree, put
@@ -44,9 +45,15 @@ def test_opensuse_default_snapshot_is_the_root(tmp_path: Path) -> None:
         btrfs("subvolume", "create", mnt / "@/.snapshots/1/snapshot")
         os_files(mnt / "@/.snapshots/1/snapshot", "opensuse-tumbleweed")
         btrfs("subvolume", "set-default", mnt / "@/.snapshots/1/snapshot")
+        for n in range(2, 10):   # snapper's read-only snapshots beside the default one
+            os.makedirs(mnt / f"@/.snapshots/{n}")
+            btrfs("subvolume", "snapshot", "-r", mnt / "@/.snapshots/1/snapshot", mnt / f"@/.snapshots/{n}/snapshot")
     report = inspect_guest(image)
     assert report.os.distribution == "opensuse-tumbleweed"
     assert report.os.root_subvolume == "@/.snapshots/1/snapshot"
+    for fs in open_btrfs(image):
+        paths = {sub.path for sub in fs.subvolumes()}
+        assert paths == {"@"} | {f"@/.snapshots/{n}/snapshot" for n in range(1, 10)}
 
 
 def test_debian_grub_cfg_and_gzip_initramfs(tmp_path: Path) -> None:

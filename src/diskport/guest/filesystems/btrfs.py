@@ -689,10 +689,13 @@ class BtrfsFilesystem(Filesystem[BtrfsNode]):
             if len(refs) > MAX_SUBVOLUMES:
                 self._corrupt(f"more than {MAX_SUBVOLUMES} subvolumes")
         out = []
+        dir_paths: dict[tuple[int, int], str] = {}   # snapshots share their folders: each is walked once
         for sub, (parent, dirid, name) in refs.items():
             parts = [name.decode("utf-8", "surrogateescape")]
             for _ in range(256):
-                parts.insert(0, self._dir_path(parent, dirid))
+                if (parent, dirid) not in dir_paths:
+                    dir_paths[(parent, dirid)] = self._dir_path(parent, dirid)
+                parts.insert(0, dir_paths[(parent, dirid)])
                 if parent == FS_TREE or parent not in refs:
                     break
                 if parent == sub:
