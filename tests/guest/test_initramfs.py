@@ -31,6 +31,16 @@ def test_microcode_then_compressed_main(tmp_path: Path, method: str) -> None:
     assert {module_name(n) for n in want} - {None} == set(listing.modules)
 
 
+def test_zstd_main_archive_in_two_frames(tmp_path: Path) -> None:
+    """The main archive compressed as two zstd frames (split mid-entry): one stream, as the kernel reads it."""
+    main = cpio_newc(main_tree(tmp_path / "main", VERSION, {"virtio_blk": "drivers/block", "ahci": "drivers/ata"}))
+    half = len(main) // 2 + 3
+    data = compress(main[:half], "zstd") + compress(main[half:], "zstd")
+    listing = list_initramfs(BytesVolume(data))
+    assert listing.problem is None and listing.complete and listing.archives == ["cpio+zstd"]
+    assert {"virtio_blk", "ahci"} <= set(listing.modules)
+
+
 def test_without_virtio_blk_and_early_stop(tmp_path: Path) -> None:
     data = initramfs(tmp_path, VERSION, {"ahci": "drivers/ata"}, "gzip")
     listing = list_initramfs(BytesVolume(data), {"virtio_blk", "ahci"})

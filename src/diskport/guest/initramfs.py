@@ -4,7 +4,8 @@ An initramfs is one or more cpio archives in the "newc" format (magic ``070701``
 checksum), concatenated, each optionally compressed, as the kernel's ``Documentation/driver-api/early-userspace/
 buffer-format.rst`` describes: dracut and initramfs-tools put an uncompressed early-microcode archive first,
 then the main archive compressed with gzip, xz, zstd, lz4 (the legacy frame ``lz4 -l`` writes, or the LZ4
-frame format), bzip2 or lzma. Zero bytes may pad between archives.
+frame format), bzip2 or lzma. Zero bytes may pad between archives; zstd frames that follow one another are one
+stream (the data of one archive may run across them).
 
 A newc header is 110 ASCII bytes: the magic then thirteen 8-digit hex fields (ino, mode, uid, gid, nlink,
 mtime, filesize, devmajor, devminor, rdevmajor, rdevminor, namesize, check); the name (``namesize`` bytes
@@ -186,17 +187,31 @@ class _Stream:
     def _zstd(self, limit: int) -> bytes:
         while True:
             if self._d.eof:
-                return self._finish(self._d.unused_data)
+                unused = self._d.unused_data
+                if len(unused) < 4:
+                    unused += self.raw.chunk(4 - len(unused))
+                if not unused.startswith(b"\x28\xb5\x2f\xfd"):
+                    return self._finish(unused)
+                # another frame continues the same data (pzstd and zstd --rsyncable write several), as the
+                # kernel's decompressor reads them
+                self._d = zstandard.ZstdDecompressor().decompressobj()
+                out = self._decompress_zstd(unused)
+                if out:
+                    return out
+                continue
             data = self.raw.chunk(1024)
             if not data:
                 self.truncated = True
                 return b""
-            try:
-                out = self._d.decompress(data)
-            except zstandard.ZstdError as e:
-                raise self._fail(str(e)) from None
+            out = self._decompress_zstd(data)
             if out:
                 return out
+
+    def _decompress_zstd(self, data: bytes) -> bytes:
+        try:
+            return bytes(self._d.decompress(data))
+        except zstandard.ZstdError as e:
+            raise self._fail(str(e)) from None
 
     def _lz4(self, limit: int) -> bytes:
         if not self._legacy:
