@@ -8,6 +8,7 @@ from typing import Any
 from diskport.errors import DiskportError
 from diskport.formats import open_detected
 from diskport.guest import inspect_guest
+from diskport.guest.initramfs import list_initramfs
 from diskport.guest.windows.regf import Hive
 from diskport.sources.base import Source
 
@@ -51,11 +52,16 @@ def read_hive(data: bytes) -> None:
         stack.extend(key.subkeys())
 
 
+def read_initramfs(data: bytes) -> None:
+    listing = list_initramfs(MemorySource(data, "fuzzed"))
+    assert listing.complete or listing.problem is not None   # a listing either ends or says why not
+
+
 def target(name: str) -> Any:
     if name in FORMAT_TARGETS:
         fmt = None if name == "probe" else name
         return lambda data: read_image(data, fmt)
-    return {"guest": inspect, "regf": read_hive}[name]
+    return {"guest": inspect, "regf": read_hive, "initramfs": read_initramfs}[name]
 
 
 def one_input(run: Any, data: bytes) -> None:

@@ -39,6 +39,8 @@ declare -A NEEDED=(
   [pvcreate]=lvm2
   [mkfs.xfs]=xfsprogs
   [mkfs.btrfs]=btrfs-progs
+  [zstd]=zstd   # initramfs images compressed as dracut and initramfs-tools do
+  [lz4]=lz4
   [sbsign]=sbsigntool
 )
 # file -> Debian package, for packages that ship no command of their own

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REPO, make_image, require_tool
 from tests.guest.filesystems.images import mkfs_fat, mtools
+from tests.guest.initramfs_images import initramfs
 from tests.guest.support import blank, sgdisk
 from tests.guest.windows.hives import build_hive, dword, sz
 
@@ -34,7 +35,7 @@ FORMAT_SEEDS = {
     "vhdx": [("vhdx", "")],
     "vdi": [("vdi", ""), ("vdi", "static=on")],
 }
-TARGETS = [*FORMAT_SEEDS, "probe", "guest", "regf"]
+TARGETS = [*FORMAT_SEEDS, "probe", "guest", "regf", "initramfs"]
 
 
 def seeds(target: str, folder: Path) -> Path:
@@ -57,6 +58,10 @@ def seeds(target: str, folder: Path) -> Path:
         data = bytearray(disk.read_bytes())
         data[2048 * 512:2048 * 512 + esp.stat().st_size] = esp.read_bytes()
         (corpus / "gpt").write_bytes(bytes(data))
+    elif target == "initramfs":
+        for method in ("none", "gzip", "zstd", "xz", "lz4"):
+            data = initramfs(work / method, "6.1.0-99-amd64", {"virtio_blk": "drivers/block"}, method)
+            (corpus / method).write_bytes(data)
     else:
         hive = build_hive(work / "SOFTWARE", "HKEY_LOCAL_MACHINE\\SOFTWARE", {
             "Microsoft": {}, "Microsoft\\Windows NT": {},

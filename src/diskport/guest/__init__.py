@@ -18,8 +18,9 @@ from diskport.formats.base import DiskImage
 from diskport.guest.advice import advise
 from diskport.guest.facts import GuestReport, VolumeFacts
 from diskport.guest.filesystems import Filesystem, identify, open_filesystem
+from diskport.guest.filesystems.btrfs import FS_TREE, BtrfsFilesystem
 from diskport.guest.firmware import firmware_facts
-from diskport.guest.linux import is_linux_root, linux_facts
+from diskport.guest.linux import fstab_mounts, is_linux_root, linux_facts
 from diskport.guest.view import GuestView
 from diskport.guest.volumes import Partition, read_volumes
 from diskport.guest.windows.facts import is_windows_volume, windows_facts
@@ -132,12 +133,88 @@ def _find_os(report: GuestReport, opened: list[tuple[Partition, Filesystem[Any]]
             if fs.type == "ntfs" and is_windows_volume(fs):
                 report.os, report.drivers = windows_facts(fs, part.number, report.warnings)
                 return
-            if fs.type != "ntfs" and is_linux_root(fs):
-                boot = next((b for p, b in opened if p is not part and _is_boot_volume(b)), None)
-                report.os, report.drivers, report.agents = linux_facts(fs, boot, part.number, report.warnings)
+            if fs.type == "ntfs":
+                continue
+            root, subvolume = _linux_root(fs)
+            if root is not None:
+                boot_part = _boot_volume(root, part, opened)
+                boot = boot_part[1] if boot_part else None
+                report.os, report.drivers, report.agents = linux_facts(root, boot, part.number, report.warnings)
+                report.os.root_subvolume = subvolume
+                report.os.boot_partition = boot_part[0].number if boot_part else None
+                _check_root_names(report, part, fs)
                 return
         except DiskportError as e:
             report.warnings.append(f"partition {part.number}: {e}")
+
+
+#: Subvolumes looked into for a Linux root, when the default one is not it.
+MAX_SUBVOLUME_PROBES = 32
+
+
+def _linux_root(fs: Filesystem[Any]) -> tuple[Filesystem[Any] | None, str | None]:
+    """The filesystem (for btrfs: the subvolume) holding a Linux root, and the subvolume's path."""
+    if not isinstance(fs, BtrfsFilesystem):
+        return (fs, None) if is_linux_root(fs) else (None, None)
+    if is_linux_root(fs):
+        if fs.tree == FS_TREE:
+            return fs, None
+        try:
+            return fs, next((s.path for s in fs.subvolumes() if s.id == fs.tree), None)
+        except DiskportError:
+            return fs, None
+    subvolumes = fs.subvolumes()
+    # Fedora's root, Ubuntu's and openSUSE's @ first; snapshots last
+    ranked = sorted(subvolumes, key=lambda s: (".snapshots" in s.path or "snapshot" in s.path,
+                                               s.path not in ("root", "@", "@/root", "@rootfs"), s.id))
+    for sub in ranked[:MAX_SUBVOLUME_PROBES]:
+        candidate = fs.at(sub.id)
+        if is_linux_root(candidate):
+            return candidate, sub.path
+    return None, None
+
+
+def _names(part: Partition, fs: Filesystem[Any]) -> set[str]:
+    """How fstab or a kernel command line may name this volume."""
+    names = set()
+    if fs.info.uuid:
+        names.add(f"UUID={fs.info.uuid.lower()}")
+    if fs.info.label:
+        names.add(f"LABEL={fs.info.label}")
+    if part.uuid:
+        names.add(f"PARTUUID={part.uuid.lower()}")
+    if part.name:
+        names.add(f"PARTLABEL={part.name}")
+    return names
+
+
+def _normal(name: str) -> str:
+    key, sep, value = name.partition("=")
+    value = value.strip("\"'")
+    return f"{key}={value.lower()}" if sep and key in ("UUID", "PARTUUID") else f"{key}={value}" if sep else name
+
+
+def _boot_volume(root: Filesystem[Any], root_part: Partition, opened: list[tuple[Partition, Filesystem[Any]]]
+                 ) -> tuple[Partition, Filesystem[Any]] | None:
+    """The separate /boot: the volume fstab's /boot line names, else one with kernels at its top."""
+    source = fstab_mounts(root).get("/boot")
+    if source is not None:
+        want = _normal(source)
+        for p, b in opened:
+            if p is not root_part and want in _names(p, b):
+                return p, b
+    return next(((p, b) for p, b in opened if p is not root_part and _is_boot_volume(b)), None)
+
+
+def _check_root_names(report: GuestReport, part: Partition, fs: Filesystem[Any]) -> None:
+    """fstab's / and the command line's root= should name the volume the root was found on: a UUID that
+    changed (a cloned or re-made filesystem) leaves the guest at an emergency shell."""
+    names = _names(part, fs)
+    for what, source in (("/etc/fstab", report.os.root_device), ("the kernel command line", report.os.kernel_root)):
+        if source and "=" in source and source.split("=", 1)[0] in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") \
+                and _normal(source) not in names:
+            report.warnings.append(f"{what} names the root {source}, but the root was found on partition "
+                                   f"{part.number} ({', '.join(sorted(names)) or 'no UUID or label'})")
 
 
 def _is_boot_volume(fs: Filesystem[Any]) -> bool:

@@ -58,15 +58,7 @@ def _bus(r: GuestReport) -> AdviceItem:
                           "INACCESSIBLE_BOOT_DEVICE on virtio; slipstream the virtio-win drivers before upload "
                           "to use virtio")
     if r.os.type == "linux":
-        blk = r.driver("virtio_blk")
-        if blk is not None and blk.state in ("builtin", "module"):
-            return AdviceItem("bus", "virtio", "linux-virtio-blk", f"virtio_blk {blk.state}: {blk.evidence}")
-        ahci = r.driver("ahci")
-        if ahci is not None and ahci.state == "missing":
-            return AdviceItem("bus", "virtio", "linux-no-disk-driver",
-                              "the kernel has neither virtio_blk nor ahci; virtio is the platform's default")
-        why = blk.evidence if blk is not None else "no kernel found"
-        return AdviceItem("bus", "sata", "linux-no-virtio-blk", f"virtio_blk not found ({why})")
+        return _linux_bus(r)
     return AdviceItem("bus", "virtio", "bus-default", "no operating system found; the platform's default")
 
 
@@ -84,3 +76,32 @@ def _network(r: GuestReport) -> AdviceItem:
         return AdviceItem("network", "virtio", "linux-virtio-net",
                           net.evidence if net is not None else "the platform's default")
     return AdviceItem("network", "virtio", "network-default", "the platform's default")
+
+
+def _linux_bus(r: GuestReport) -> AdviceItem:
+    """virtio when the kernel can reach a virtio disk before the root is mounted: virtio_blk built in, or a
+    module its initramfs holds; sata when only ahci can; and the reason says which bus would fail."""
+    blk, ahci = r.driver("virtio_blk"), r.driver("ahci")
+    sata_ok = ahci is not None and (ahci.state == "builtin" or (ahci.state == "module" and ahci.initramfs is not False))
+    no_ahci = "" if ahci is None or sata_ok else (
+        "; ahci is missing from the kernel: on the sata bus the disk would not be found either"
+        if ahci.state == "missing" else "; ahci is a module the initramfs lacks: sata would not find the disk either")
+    if blk is not None and blk.state == "builtin":
+        return AdviceItem("bus", "virtio", "linux-virtio-blk", f"virtio_blk builtin: {blk.evidence}")
+    if blk is not None and blk.state == "module" and blk.initramfs is not False:
+        return AdviceItem("bus", "virtio", "linux-virtio-blk", f"virtio_blk module: {blk.evidence}"
+                          + (no_ahci if ahci is not None and ahci.state == "missing" else ""))
+    if blk is not None and blk.state == "module":
+        if sata_ok:
+            return AdviceItem("bus", "sata", "linux-initramfs-no-virtio-blk",
+                              f"boots on sata, not on virtio: virtio_blk is a module its initramfs does not hold "
+                              f"({blk.evidence}); rebuild the initramfs with virtio_blk (dracut --add-drivers "
+                              "virtio_blk, or initramfs-tools' /etc/initramfs-tools/modules) to use virtio")
+        return AdviceItem("bus", "virtio", "linux-initramfs-no-disk-driver",
+                          f"virtio_blk is a module its initramfs does not hold ({blk.evidence}){no_ahci}: rebuild "
+                          "the initramfs with virtio_blk; virtio is the platform's default")
+    if ahci is not None and ahci.state == "missing":
+        return AdviceItem("bus", "virtio", "linux-no-disk-driver",
+                          "the kernel has neither virtio_blk nor ahci; virtio is the platform's default")
+    why = blk.evidence if blk is not None else "no kernel found"
+    return AdviceItem("bus", "sata", "linux-no-virtio-blk", f"virtio_blk not found ({why}){no_ahci}")

@@ -88,9 +88,57 @@ class DriverFacts:
     name: str                      # "virtio_blk", "viostor", "ahci", ...
     state: DriverState
     evidence: str = ""
+    #: For a Linux module: whether the kernel's initramfs holds it (None: not known, or not a module).
+    initramfs: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "state": self.state, "evidence": self.evidence}
+        return {"name": self.name, "state": self.state, "evidence": self.evidence, "in-initramfs": self.initramfs}
+
+
+@dataclass
+class InitramfsFacts:
+    """A kernel's initramfs and what was found in it."""
+
+    path: str
+    archives: list[str] = field(default_factory=list)  # "cpio", "cpio+zstd", ... in file order
+    entries: int = 0
+    modules: list[str] = field(default_factory=list)   # the bus drivers it holds
+    complete: bool = False                             # listed to its end (else stopped once all were found)
+    problem: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "archives": list(self.archives), "entries": self.entries,
+                "modules": list(self.modules), "complete": self.complete, "problem": self.problem}
+
+
+@dataclass
+class KernelFacts:
+    """One installed kernel: its image, its bus drivers and its initramfs."""
+
+    version: str
+    image: str | None = None
+    initramfs: InitramfsFacts | None = None
+    drivers: list[DriverFacts] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "image": self.image,
+                "initramfs": None if self.initramfs is None else self.initramfs.to_json(),
+                "drivers": [d.to_json() for d in self.drivers]}
+
+
+@dataclass
+class BootEntry:
+    """A boot menu entry: a grub.cfg ``linux`` line or a Boot Loader Specification entry."""
+
+    source: str                    # the file it is in
+    kernel: str                    # the kernel image path as written
+    options: str = ""              # the kernel command line
+    initrd: list[str] = field(default_factory=list)
+    title: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "title": self.title, "kernel": self.kernel, "options": self.options,
+                "initrd": list(self.initrd)}
 
 
 @dataclass
@@ -107,12 +155,23 @@ class OsFacts:
     architecture: str | None = None  # "x86_64", "aarch64", ...
     kernels: list[str] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)
+    root_device: str | None = None     # the source of / in /etc/fstab ("UUID=...", "/dev/mapper/...")
+    kernel_root: str | None = None     # root= on the default boot entry's command line
+    root_subvolume: str | None = None  # btrfs: the subvolume holding the root (its path from the top level)
+    boot_partition: int | None = None  # a separate /boot volume
+    selinux_relabel: bool = False      # /.autorelabel: the first boot relabels the filesystem, then reboots
+    boot_entries: list[BootEntry] = field(default_factory=list)
+    kernel_details: list[KernelFacts] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "partition": self.partition, "distribution": self.distribution,
                 "version": self.version, "pretty-name": self.pretty_name, "product-name": self.product_name,
                 "edition": self.edition, "installation-type": self.installation_type, "build": self.build,
-                "architecture": self.architecture, "kernels": list(self.kernels), "evidence": list(self.evidence)}
+                "architecture": self.architecture, "kernels": list(self.kernels), "evidence": list(self.evidence),
+                "root-device": self.root_device, "kernel-root": self.kernel_root,
+                "root-subvolume": self.root_subvolume, "boot-partition": self.boot_partition,
+                "selinux-relabel": self.selinux_relabel, "boot-entries": [b.to_json() for b in self.boot_entries],
+                "kernel-details": [k.to_json() for k in self.kernel_details]}
 
 
 @dataclass

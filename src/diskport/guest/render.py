@@ -48,8 +48,22 @@ def render_guest(r: GuestReport) -> str:
         os_line += f" ({', '.join(extra)})" if extra else ""
     lines.append(f"os:            {os_line}" + (f" on partition {r.os.partition}" if r.os.partition is not None
                                                else ""))
+    where = [x for x in (f"root {r.os.root_device}" if r.os.root_device else None,
+                         f"root= {r.os.kernel_root}" if r.os.kernel_root else None,
+                         f"btrfs subvolume {r.os.root_subvolume}" if r.os.root_subvolume else None,
+                         f"/boot on partition {r.os.boot_partition}" if r.os.boot_partition is not None else None)
+             if x]
+    if where:
+        lines.append(f"  {', '.join(where)}")
+    for k in r.os.kernel_details:
+        if k.initramfs is not None:
+            held = ", ".join(k.initramfs.modules) or "none of the bus drivers"
+            lines.append(f"  kernel {k.version}: initramfs {k.initramfs.path} ({' + '.join(k.initramfs.archives)}"
+                         f", {k.initramfs.entries} entries) holds {held}"
+                         + (f" ({k.initramfs.problem})" if k.initramfs.problem else ""))
     for d in r.drivers:
-        lines.append(f"  driver {d.name}: {d.state} ({d.evidence})")
+        held = {True: ", in the initramfs", False: ", not in the initramfs", None: ""}[d.initramfs]
+        lines.append(f"  driver {d.name}: {d.state}{held} ({d.evidence})")
     for name, present in r.agents.items():
         lines.append(f"  {name}: {'yes' if present else 'no'}")
     for w in r.warnings:

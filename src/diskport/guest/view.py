@@ -8,7 +8,8 @@ volumes are :meth:`GuestView.slice` views of it; a file inside a filesystem is a
 Inspection reads metadata: small reads scattered over the disk. The engine's bulk windows (8 MiB, several in
 flight) would move tens of MB to read one; here every read goes through one bounded LRU of small blocks
 (:data:`BLOCK` bytes, :data:`CACHE_BLOCKS` of them) shared by every slice of the disk, and the view counts what
-it read so the report can say so.
+it read so the report can say so. A read spanning several blocks fetches each run of missing ones with one
+read of the image (at most half the cache at once), so a file streamed in large reads costs few requests.
 """
 
 from __future__ import annotations
@@ -76,6 +77,31 @@ class _BlockCache:
             self.blocks.popitem(last=False)
         return data
 
+    def prefetch(self, first: int, last: int) -> None:
+        """Blocks ``first..last`` cached, each run of missing ones fetched with one read (a long sequential
+        read, such as an initramfs streamed, then costs one request per run rather than one per block)."""
+        last = min(last, first + CACHE_BLOCKS // 2 - 1)
+        index = first
+        while index <= last:
+            if index in self.blocks:
+                index += 1
+                continue
+            stop = index
+            while stop + 1 <= last and stop + 1 not in self.blocks:
+                stop += 1
+            if stop == index:
+                self.block(index)
+            else:
+                start = index * BLOCK
+                data = self.image.read(start, min((stop + 1) * BLOCK, self.image.virtual_size) - start)
+                self.stats.bytes_read += len(data)
+                self.stats.reads += 1
+                for n in range(index, stop + 1):
+                    self.blocks[n] = data[(n - index) * BLOCK:(n - index + 1) * BLOCK]
+                    if len(self.blocks) > CACHE_BLOCKS:
+                        self.blocks.popitem(last=False)
+            index = stop + 1
+
 
 class GuestView:
     """``size`` guest bytes from ``offset`` of a disk image, read-only, through the disk's block cache."""
@@ -103,6 +129,7 @@ class GuestView:
         if first == last:
             at = start - first * BLOCK
             return self._cache.block(first)[at: at + (stop - start)]
+        self._cache.prefetch(first, last)
         parts = []
         for index in range(first, last + 1):
             block = self._cache.block(index)

@@ -53,9 +53,12 @@ class Kit:
         and virtio_net stay), so only the disk bus changes."""
         return (VIRTIO_DRIVERS if virtio else ("virtio_pci",)) + SATA_DRIVERS + ("virtio_net",)
 
-    def root_image(self, virtio: bool) -> Path:
-        """The ext4 root (built once per driver set): os-release, busybox, kernel, initramfs, the modules."""
-        name = "virtio" if virtio else "novirtio"
+    def root_image(self, virtio: bool, initramfs_virtio: bool | None = None) -> Path:
+        """The ext4 root (built once per driver set): os-release, busybox, kernel, initramfs, the modules.
+        ``initramfs_virtio=False`` with ``virtio``: virtio_blk is installed under /lib/modules but left out of
+        the initramfs (a host-only initramfs built on a sata host)."""
+        in_initramfs = virtio if initramfs_virtio is None else initramfs_virtio
+        name = ("virtio" if virtio else "novirtio") + ("" if in_initramfs == virtio else "-initramfs-novirtio")
         image = self.work / f"root-{name}.ext4"
         if image.exists():
             return image
@@ -71,7 +74,7 @@ class Kit:
         shutil.copy(p.config, tree / "boot" / p.config.name)
         drivers = self.drivers(virtio)
         build_initramfs(tree / "boot" / f"initrd.img-{p.kernel_release}", self.work / f"stage-{name}",
-                        p.modules, p.kernel_release, drivers)
+                        p.modules, p.kernel_release, self.drivers(in_initramfs))
         install_modules(tree, p.modules, p.kernel_release, module_closure(p.modules, drivers, self.work))
         return mkfs_ext(image, tree, size=ROOT_SIZE, label=ROOT_LABEL)
 
@@ -128,7 +131,7 @@ def dd(image: Path, disk: Path, lba: int) -> None:
         "status=none")
 
 
-def gpt_both(kit: Kit, out: Path, *, virtio: bool = True) -> Path:
+def gpt_both(kit: Kit, out: Path, *, virtio: bool = True, initramfs_virtio: bool | None = None) -> Path:
     """GPT: 1 ESP with unsigned GRUB as \\EFI\\BOOT\\BOOTX64.EFI, 2 BIOS boot partition holding GRUB's core
     (boot.img in the protective MBR), 3 the ext4 root."""
     esp_lba, bios_lba = 2048, 2048 + ESP_SECTORS
@@ -138,7 +141,7 @@ def gpt_both(kit: Kit, out: Path, *, virtio: bool = True) -> Path:
            "-n", f"2:{bios_lba}:+{BIOS_BOOT_SECTORS}", "-t", "2:EF02", "-c", "2:BIOS boot",
            "-n", f"3:{root_lba}:+{ROOT_SECTORS}", "-t", "3:8304", "-c", "3:root")
     dd(kit.esp("gpt", {"/EFI/BOOT/BOOTX64.EFI": kit.grub_efi_unsigned("(hd0,gpt3)")}), disk, esp_lba)
-    dd(kit.root_image(virtio), disk, root_lba)
+    dd(kit.root_image(virtio, initramfs_virtio), disk, root_lba)
     grub_bios.install(disk, kit.bios_core("(hd0,gpt3)"), bios_lba, BIOS_BOOT_SECTORS)
     return disk
 

@@ -36,5 +36,11 @@ def gpt_novirtio_disk(boot_kit: disks.Kit) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt_initramfs_novirtio_disk(boot_kit: disks.Kit) -> Path:
+    """virtio_blk under /lib/modules, but not in the initramfs."""
+    return disks.gpt_both(boot_kit, boot_kit.work / "gpt-initramfs-novirtio.raw", initramfs_virtio=False)
+
+
+@pytest.fixture(scope="session")
 def hybrid_zeroed_disk(boot_kit: disks.Kit, gpt_both_disk: Path) -> Path:
     return disks.hybrid_zeroed(gpt_both_disk, boot_kit.work / "hybrid-zeroed.raw")

@@ -43,7 +43,9 @@ def predict(report: GuestReport, firmware: qemu.Firmware, bus: qemu.Bus) -> str:
     if firmware == "efi-secure" and not fw.secure_boot:
         return "access-denied"
     driver = report.driver("virtio_blk" if bus == "virtio" else "ahci")
-    return "root-found" if driver is not None and driver.state in ("builtin", "module") else "root-missing"
+    usable = driver is not None and (driver.state == "builtin"
+                                     or (driver.state == "module" and driver.initramfs is not False))
+    return "root-found" if usable else "root-missing"
 
 
 def observed(result: qemu.BootResult) -> str:
@@ -171,6 +173,30 @@ def test_kernel_without_virtio_blk_finds_its_root_on_sata(
     report = inspect_guest(gpt_novirtio_disk)
     assert report.advised("bus") == "sata"
     result = boot_and_check(report, gpt_novirtio_disk, tmp_path, "bios", "sata", "root-found", record_property)
+    assert result.root_device == "/dev/sda3"
+
+
+def test_initramfs_without_virtio_blk_finds_no_root_on_virtio(
+        gpt_initramfs_novirtio_disk: Path, tmp_path: Path, record_property: Record) -> None:
+    """virtio_blk is a module of the kernel but the initramfs lacks it: "boots on sata, not on virtio"."""
+    report = inspect_guest(gpt_initramfs_novirtio_disk)
+    blk = report.driver("virtio_blk")
+    assert blk is not None and (blk.state, blk.initramfs) == ("module", False), blk
+    item = next(a for a in report.advice if a.field == "bus")
+    assert (item.value, item.rule) == ("sata", "linux-initramfs-no-virtio-blk")
+    assert "boots on sata, not on virtio" in item.reason
+    result = boot_and_check(report, gpt_initramfs_novirtio_disk, tmp_path, "bios", "virtio", "root-missing",
+                            record_property)
+    assert result.detail is not None and "virtio block device without a driver" in result.detail, result
+
+
+@pytest.mark.slow
+def test_initramfs_without_virtio_blk_finds_its_root_on_sata(
+        gpt_initramfs_novirtio_disk: Path, tmp_path: Path, record_property: Record) -> None:
+    report = inspect_guest(gpt_initramfs_novirtio_disk)
+    assert report.advised("bus") == "sata"
+    result = boot_and_check(report, gpt_initramfs_novirtio_disk, tmp_path, "bios", "sata", "root-found",
+                            record_property)
     assert result.root_device == "/dev/sda3"
 
 
