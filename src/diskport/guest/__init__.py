@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from diskport.errors import DiskportError
@@ -20,8 +21,9 @@ from diskport.guest.facts import GuestReport, VolumeFacts
 from diskport.guest.filesystems import Filesystem, identify, open_filesystem
 from diskport.guest.firmware import firmware_facts
 from diskport.guest.linux import is_linux_root, linux_facts
-from diskport.guest.view import GuestView
+from diskport.guest.view import GuestView, Readable
 from diskport.guest.volumes import Partition, read_volumes
+from diskport.guest.volumes.lvm import PhysicalVolume, assemble, find_pv, open_lv
 from diskport.guest.windows.facts import is_windows_volume, windows_facts
 from diskport.sources import open_source
 from diskport.sources.base import Source
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 #: Volumes looked into at most (a disk with more partitions is reported, the rest not opened).
 MAX_VOLUMES = 128
+#: Logical volumes looked into at most, over every VG of the disk.
+MAX_LVS = 128
 
 
 def inspect_guest(location: str | os.PathLike[str] | Source | DiskImage, fmt: str | None = None, *,
@@ -89,36 +93,30 @@ def inspect_image_guest(image: DiskImage) -> GuestReport:
     parts = [p for p in table.partitions if not p.extended]
     if table.scheme == "none":
         parts = [Partition(number=0, start=0, size=view.size, type="", type_name=None, view=view)]
-    opened: list[tuple[Partition, Filesystem[Any]]] = []
+    opened: list[_Opened] = []
+    pvs: list[PhysicalVolume] = []
     for part in parts[:MAX_VOLUMES]:
         facts = VolumeFacts(number=part.number, start=part.start, size=part.size, type=part.type or None,
                             type_name=part.type_name, name=part.name, uuid=part.uuid, active=part.active,
                             logical=part.logical)
         report.volumes.append(facts)
-        try:
-            info = identify(part.view)
-        except DiskportError as e:
-            facts.error = str(e)
-            continue
-        if info is None:
-            continue
-        facts.filesystem, facts.version, facts.label, facts.fs_uuid = info.type, info.version, info.label, info.uuid
-        if info.type == "BitLocker":
-            report.warnings.append(f"partition {part.number} is BitLocker-encrypted: suspend or turn off "
-                                   "BitLocker before uploading, or the guest cannot be inspected and may ask "
-                                   "for its recovery key")
-        try:
-            fs = open_filesystem(part.view, info)
-        except DiskportError as e:
-            facts.error = str(e)
-            continue
+        fs = _open_volume(report, facts, part.view, f"partition {part.number}")
         if fs is not None:
-            facts.readable = True
-            opened.append((part, fs))
+            opened.append(_Opened(part, None, fs))
+        if facts.filesystem == "LVM2_member":
+            try:
+                pv = find_pv(part.view, f"partition {part.number}", report.table_notes)
+            except DiskportError as e:
+                facts.error = str(e)
+                continue
+            if pv is not None:
+                pvs.append(pv)
     if len(parts) > MAX_VOLUMES:
         report.warnings.append(f"{len(parts)} partitions: only the first {MAX_VOLUMES} were looked into")
+    _open_lvs(report, pvs, opened)
 
-    report.firmware = firmware_facts(table, view, [(p, fs) for p, fs in opened if fs.type == "vfat"])
+    report.firmware = firmware_facts(table, view, [(o.part, o.fs) for o in opened
+                                                   if o.part is not None and o.fs.type == "vfat"])
     _find_os(report, opened)
     report.advice = advise(report)
     report.bytes_read, report.reads = view.stats.bytes_read, view.stats.reads
@@ -126,18 +124,89 @@ def inspect_image_guest(image: DiskImage) -> GuestReport:
     return report
 
 
-def _find_os(report: GuestReport, opened: list[tuple[Partition, Filesystem[Any]]]) -> None:
-    for part, fs in opened:
+@dataclass(frozen=True)
+class _Opened:
+    """A readable filesystem of the disk: on a partition, or on the logical volume ``lv`` ("vg/lv")."""
+
+    part: Partition | None
+    lv: str | None
+    fs: Filesystem[Any]
+
+    @property
+    def where(self) -> str:
+        return f"logical volume {self.lv}" if self.part is None else f"partition {self.part.number}"
+
+
+def _open_volume(report: GuestReport, facts: VolumeFacts, volume: Readable, where: str) -> Filesystem[Any] | None:
+    """Identify what ``volume`` holds into ``facts`` and open its filesystem when diskport reads that type."""
+    try:
+        info = identify(volume)
+    except DiskportError as e:
+        facts.error = str(e)
+        return None
+    if info is None:
+        return None
+    facts.filesystem, facts.version, facts.label, facts.fs_uuid = info.type, info.version, info.label, info.uuid
+    if info.type == "BitLocker":
+        report.warnings.append(f"{where} is BitLocker-encrypted: suspend or turn off "
+                               "BitLocker before uploading, or the guest cannot be inspected and may ask "
+                               "for its recovery key")
+    try:
+        fs = open_filesystem(volume, info)
+    except DiskportError as e:
+        facts.error = str(e)
+        return None
+    if fs is not None:
+        facts.readable = True
+    return fs
+
+
+def _open_lvs(report: GuestReport, pvs: list[PhysicalVolume], opened: list[_Opened]) -> None:
+    """Each visible LV of the disk's VGs as a volume of the report, its filesystem opened like a partition's."""
+    count = 0
+    for group in assemble(pvs, report.table_notes):
+        for lv in group.lvs:
+            if not lv.visible:
+                continue
+            count += 1
+            if count > MAX_LVS:
+                report.warnings.append(f"more than {MAX_LVS} logical volumes: the rest were not looked into")
+                return
+            facts = VolumeFacts(number=None, start=0, size=lv.size, type=lv.kind, type_name="LVM2 logical volume",
+                                name=lv.full_name, uuid=lv.uuid, lv=lv.name, vg=group.name, lv_kind=lv.kind,
+                                lv_segments=len(lv.segments), lv_origin=lv.origin, lv_pool=lv.pool)
+            report.volumes.append(facts)
+            if lv.problem:
+                facts.error = f"LV {lv.full_name} is not read: {lv.problem}"
+                continue
+            try:
+                volume = open_lv(group, lv)
+            except DiskportError as e:
+                facts.error = str(e)
+                continue
+            first = lv.segments[0].stripes[0]
+            pv = group.found[first.pv]
+            facts.start = pv.volume.offset + group.pe_start[first.pv] + first.first_pe * group.extent_size
+            fs = _open_volume(report, facts, volume, f"logical volume {lv.full_name}")
+            if fs is not None:
+                opened.append(_Opened(None, lv.full_name, fs))
+
+
+def _find_os(report: GuestReport, opened: list[_Opened]) -> None:
+    for item in opened:
+        fs, number = item.fs, (item.part.number if item.part is not None else None)
         try:
             if fs.type == "ntfs" and is_windows_volume(fs):
-                report.os, report.drivers = windows_facts(fs, part.number, report.warnings)
+                report.os, report.drivers = windows_facts(fs, number, report.warnings)
+                report.os.lv = item.lv
                 return
             if fs.type != "ntfs" and is_linux_root(fs):
-                boot = next((b for p, b in opened if p is not part and _is_boot_volume(b)), None)
-                report.os, report.drivers, report.agents = linux_facts(fs, boot, part.number, report.warnings)
+                boot = next((o.fs for o in opened if o is not item and _is_boot_volume(o.fs)), None)
+                report.os, report.drivers, report.agents = linux_facts(fs, boot, number, report.warnings)
+                report.os.lv = item.lv
                 return
         except DiskportError as e:
-            report.warnings.append(f"partition {part.number}: {e}")
+            report.warnings.append(f"{item.where}: {e}")
 
 
 def _is_boot_volume(fs: Filesystem[Any]) -> bool:
