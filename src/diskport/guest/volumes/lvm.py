@@ -15,7 +15,8 @@ On-disk facts (lvm2 ``lib/label/label.h``, ``lib/format_text/layout.h`` and ``fo
   "ignored"), ended by a zero entry. The rest of the area is a circular buffer: a text running past its end
   continues at byte 512 of the area. The text is the VG in LVM's configuration language
   (:mod:`~diskport.guest.volumes.lvm_config`); its ``seqno`` counts commits. Of every copy found on every PV,
-  the one with the highest seqno whose checksum is right is used; a bad copy is noted, not trusted.
+  the one with the highest seqno whose checksum is right and whose text parses is used; a bad copy is noted,
+  not trusted.
 * **VG metadata**: ``extent_size`` (sectors), ``physical_volumes`` (``pvN { id, pe_start, pe_count, dev_size
   }``; a PV of the disk is matched by its UUID, never by the device hint) and ``logical_volumes``, each with
   ``segmentN { start_extent, extent_count, type, ... }``. Type ``striped`` with ``stripe_count`` 1 is a linear
@@ -24,8 +25,9 @@ On-disk facts (lvm2 ``lib/label/label.h``, ``lib/format_text/layout.h`` and ``fo
 
 An LV is read when every segment is linear or striped over PVs of this disk, each inside its PV. Others are
 reported with their kind and not read: thin pools and thin volumes (their mapping is in the pool's B-tree
-metadata), snapshots (the visible snapshot LV is a copy-on-write store, never a filesystem: reading it raw would
-misread it), raid, mirror, cache, writecache, vdo, integrity. Hidden sub-volumes (``VISIBLE`` not in the status:
+metadata), snapshots (a hidden COW volume holding exceptions, never a filesystem: reading it raw would misread it,
+and a visible ``snapshotN`` definition naming it and its origin; reported under the COW volume's name, as
+``lvs`` shows it), raid, mirror, cache, writecache, vdo, integrity. Hidden sub-volumes (``VISIBLE`` not in the status:
 ``_tdata``, ``_rimage_0``, ``_cdata``...) are not reported.
 
 Written here because the one LVM reader in Python (libvslvm's bindings, LGPL) is not permissive, and because
@@ -210,7 +212,11 @@ def read_copies(volume: Readable, label: PvLabel, notes: list[str], where: str) 
             if lvm_crc(text) != checksum:
                 notes.append(f"{where}: an LVM metadata copy has a bad checksum (ignored)")
                 continue
-            config = parse_config(text.rstrip(b"\0").decode("utf-8", "surrogateescape"), volume.name)
+            try:
+                config = parse_config(text.rstrip(b"\0").decode("utf-8", "surrogateescape"), volume.name)
+            except CorruptImage as e:
+                notes.append(f"{where}: an LVM metadata copy cannot be parsed (ignored): {e.message}")
+                continue
             for name, value in config.items():
                 if isinstance(value, dict) and "seqno" in value and "physical_volumes" in value:
                     seqno = value["seqno"]
@@ -337,8 +343,9 @@ def _classify(group: VolumeGroup) -> None:
     for lv in group.lvs:
         if lv.problem and lv.problem.startswith("cow:"):  # a hidden "snapshotN" LV naming its COW store
             cow = by_name.get(lv.problem[4:])
-            lv.problem = "a snapshot's exception store"
-            if cow is not None:
+            lv.problem = "the definition of a snapshot (LVM shows it as its COW volume)"
+            if cow is not None:  # LVM writes the COW volume hidden and the definition visible; lvs shows the COW
+                cow.visible, lv.visible = cow.visible or lv.visible, False
                 cow.kind = "snapshot"
                 cow.origin = lv.origin
                 cow.problem = (f"a snapshot of {group.name}/{lv.origin}: its volume holds copy-on-write "
