@@ -15,7 +15,7 @@ from diskport.formats import open_image
 from diskport.guest import inspect_guest
 from diskport.guest.filesystems import identify, open_filesystem
 from diskport.guest.view import GuestView
-from diskport.guest.volumes.lvm import VolumeGroup, assemble, find_pv, open_lv
+from diskport.guest.volumes.lvm import VolumeGroup, assemble, find_pv, open_lv, parse_vg
 from diskport.guest.volumes.lvm_config import MAX_DEPTH, MAX_NODES, parse_config
 from tests.guest.filesystems.images import mkfs_ext, tree_of
 from tests.guest.filesystems.test_ext import walk
@@ -213,6 +213,26 @@ def test_newest_valid_copy_wins_and_hostile_copies_are_refused(tmp_path: Path) -
     report = inspect_guest(f1)
     lv = next(v for v in report.volumes if v.number is None)
     assert "runs to extent" in (lv.error or "")
+
+    # 300 seeded mutations of LVM's own text: parsed and mapped, or refused with CorruptImage
+    rng = random.Random(23)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(300):
+        mutated = bytearray(text.encode())
+        for _ in range(rng.randint(1, 6)):
+            mutated[rng.randrange(len(mutated))] = rng.choice(b'{}[]=,"#\n 0123456789x-')
+        try:
+            for name, section in parse_config(mutated.decode(errors="replace"), "meta").items():
+                if isinstance(section, dict) and isinstance(section.get("seqno"), int):
+                    mapped = parse_vg(name, section, 1, "meta")
+                    mapped.found = group.found
+                    for item in mapped.lvs:
+                        if not item.problem:
+                            open_lv(mapped, item)
+            outcomes["ok"] += 1
+        except CorruptImage:
+            outcomes["refused"] += 1
+    assert outcomes["ok"] and outcomes["refused"], outcomes
 
 
 @pytest.mark.parametrize(("text", "match"), [
