@@ -326,9 +326,11 @@ def test_mutations_fail_cleanly(tmp_path: Path, options: tuple[str, ...]) -> Non
     (tree / "link").symlink_to("sf/f0-")
     image = mkfs_xfs(tmp_path / "fs.img", tree, options)
     regions = []
+    root_ino = int(xfs_db(image, "sb 0", "p rootino").split("=")[1])
+    inode_size = 256 if options else 512
     for path in ("/", "/sf", "/block", "/leaf", "/node", "/link", "/sf/f0-"):
-        regions.append((inode_byte(image, inode_number(image, path) if path != "/" else
-                                   int(xfs_db(image, "sb 0", "p rootino").split("=")[1])), 512 if options == () else 256))
+        ino = root_ino if path == "/" else inode_number(image, path)
+        regions.append((inode_byte(image, ino), inode_size))
     for path in ("/block", "/leaf", "/node"):
         out = xfs_db(image, f"path {path}", "bmap")
         for fsblock in [int(x) for x in re.findall(r"startblock (\d+)", out)][:4]:
