@@ -255,3 +255,42 @@ def test_config_parser_reads_what_lvm_writes() -> None:
                        '\tf = 1.5\n\tempty = []\n\tsub { k = "v" }\n}\n', "meta")
     assert got == {"vg": {"id": 'a"b', "seqno": 7, "list": ["x", 1, -2], "f": 1.5, "empty": [],
                           "sub": {"k": "v"}}}
+
+
+def _on(pv: str, name: str, tail: str, pe: int, count: int) -> str:
+    return linear_lv(name, tail, pe=pe, count=count, visible=False).replace('"pv0"', f'"{pv}"')
+
+
+RAID_AND_CACHE = (
+    special_lv("mirror", "mirr00", 2, 'type = "raid1"\ndevice_count = 2\nregion_size = 1024\nraids = '
+               '["mirror_rmeta_0", "mirror_rimage_0", "mirror_rmeta_1", "mirror_rimage_1"]')
+    + _on("pv0", "mirror_rmeta_0", "rmeta0", 2, 1) + _on("pv0", "mirror_rimage_0", "rimag0", 3, 2)
+    + _on("pv1", "mirror_rmeta_1", "rmeta1", 0, 1) + _on("pv1", "mirror_rimage_1", "rimag1", 1, 2)
+    + special_lv("cached", "cache0", 2, 'type = "cache"\ncache_pool = "cpool"\norigin = "cached_corig"')
+    + _on("pv1", "cached_corig", "corig0", 3, 2)
+    + special_lv("cpool", "cpool0", 1, 'type = "cache-pool"\ndata = "cpool_cdata"\nmetadata = "cpool_cmeta"\n'
+                 'chunk_size = 128\ncache_mode = "writethrough"\npolicy = "smq"', visible=False)
+    + _on("pv1", "cpool_cdata", "cdata0", 5, 1) + _on("pv1", "cpool_cmeta", "cmeta0", 6, 1)
+)
+
+
+def test_raid1_and_cache_are_reported_not_read(tmp_path: Path) -> None:
+    """lvcreate cannot make raid1 or cache LVs without device-mapper: they are added through vgcfgrestore, which
+    checks them as LVM does; lvs then reports them."""
+    vg = vg_name()
+    with pv_files(tmp_path, 64 * MiB, 64 * MiB) as pvs:
+        (f1, d1), (f2, _d2) = pvs
+        lvm("vgcreate", "--driverloaded", "n", vg, d1, _d2)
+        lvm("lvcreate", "--driverloaded", "n", "-an", "-Zn", "-y", "-L", "8M", "-n", "plain", vg)
+        add_lvs(vg, d1, RAID_AND_CACHE, tmp_path)
+        oracle = {row["lv_name"]: row for row in lvs_json(vg)}
+    (group,), notes = groups_of(f1, f2)
+    visible = {lv.name: lv for lv in group.lvs if lv.visible}
+    assert set(visible) == {n for n in oracle if not n.startswith("[")} == {"plain", "mirror", "cached"}
+    for name, lv in visible.items():
+        assert lv.kind == oracle[name]["segtype"] and lv.size == int(oracle[name]["lv_size"])
+    assert visible["plain"].problem is None
+    for name in ("mirror", "cached"):
+        assert "reports but does not read" in (visible[name].problem or "")
+        with pytest.raises(CorruptImage, match="not read"):
+            open_lv(group, visible[name])
