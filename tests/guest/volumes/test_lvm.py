@@ -285,6 +285,7 @@ def test_raid1_and_cache_are_reported_not_read(tmp_path: Path) -> None:
         add_lvs(vg, d1, RAID_AND_CACHE, tmp_path)
         oracle = {row["lv_name"]: row for row in lvs_json(vg)}
     (group,), notes = groups_of(f1, f2)
+    assert notes == []
     visible = {lv.name: lv for lv in group.lvs if lv.visible}
     assert set(visible) == {n for n in oracle if not n.startswith("[")} == {"plain", "mirror", "cached"}
     for name, lv in visible.items():
