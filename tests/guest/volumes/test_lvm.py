@@ -163,6 +163,10 @@ def test_two_pvs_a_spanning_and_a_striped_lv(tmp_path: Path) -> None:
         got = b"".join(volume.pread(at, 4 * MiB) for at in range(0, volume.size, 4 * MiB))
         assert got == want, name
         assert volume.pread(volume.size - 10, 100) == want[-10:]
+        for seg in lvs[name].segments[1:]:   # reads across segment boundaries, and across stripe chunks
+            at = seg.start_extent * group.extent_size
+            assert volume.pread(at - 5000, 10000) == want[at - 5000:at + 5000]
+        assert volume.pread(65536 - 7, 65536 * 3) == want[65536 - 7:65536 * 4 - 7]
 
     # one disk holding both PVs in GPT partitions: the VG is whole
     disk = blank(tmp_path / "disk.raw", 100 * MiB)
