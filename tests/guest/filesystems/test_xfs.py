@@ -40,6 +40,7 @@ MiB = 1024 * 1024
 VARIANTS = {
     "v5": (),
     "v4": ("-m", "crc=0"),
+    "v4-no-ftype": ("-m", "crc=0", "-n", "ftype=0"),
     "v5-1k-blocks": ("-b", "size=1024"),
     "v5-8k-dirblocks": ("-n", "size=8192"),
 }
@@ -108,6 +109,7 @@ def test_identify_matches_blkid_and_xfs_db(xfs_image: Path) -> None:
     block = int(xfs_db(xfs_image, "sb 0", "p blocksize").split("=")[1])
     assert fs.info.size == dblocks * block and fs.info.details["block_size"] == block
     assert fs.info.version == ("v4" if "crc=0" in VARIANTS[xfs_image.parent.name[:-1]] else "v5")
+    assert fs.info.details["ftype"] == ("ftype=0" not in VARIANTS[xfs_image.parent.name[:-1]])
     assert fs.info.readable
     view.image.close()
 
