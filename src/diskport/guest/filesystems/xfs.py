@@ -143,10 +143,11 @@ class Superblock:
 
     def problem(self) -> str | None:
         """Why this superblock cannot be read, or None."""
-        if not (256 <= self.inode_size <= 2048 and self.inode_size == 1 << (self.blocklog - self.inopblog)
+        if not (self.inopblog <= self.blocklog and 256 <= self.inode_size <= 2048
+                and self.inode_size == 1 << (self.blocklog - self.inopblog)
                 and self.inopblock == 1 << self.inopblog and self.inode_size * self.inopblock == self.block_size):
             return f"inode size {self.inode_size} and {self.inopblock} per block do not match the block size"
-        if not (1 << (self.agblklog - 1) < self.agblocks <= 1 << self.agblklog) or self.agblklog > 31:
+        if not 1 <= self.agblklog <= 31 or not 1 << (self.agblklog - 1) < self.agblocks <= 1 << self.agblklog:
             return f"{self.agblocks} blocks per AG do not match agblklog {self.agblklog}"
         if self.dblocks > self.agblocks * self.agcount or self.dirblklog > 16 - self.blocklog:
             return f"{self.dblocks} blocks, {self.agcount} AGs of {self.agblocks}, dirblklog {self.dirblklog}"
