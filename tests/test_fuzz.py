@@ -18,10 +18,12 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import REPO, make_image, require_tool
+from tests.conftest import REPO, make_image, require_tool, run
 from tests.guest.filesystems.images import mkfs_fat, mtools
+from tests.guest.filesystems.xfs_images import mkfs_xfs
 from tests.guest.initramfs_images import initramfs
 from tests.guest.support import blank, sgdisk
+from tests.guest.volumes.lvm_images import lvm, pv_files, vg_name, write_linear_lv
 from tests.guest.windows.hives import build_hive, dword, sz
 
 HARNESS = REPO / "fuzz" / "harness.py"
@@ -35,7 +37,7 @@ FORMAT_SEEDS = {
     "vhdx": [("vhdx", "")],
     "vdi": [("vdi", ""), ("vdi", "static=on")],
 }
-TARGETS = [*FORMAT_SEEDS, "probe", "guest", "regf", "initramfs"]
+TARGETS = [*FORMAT_SEEDS, "probe", "guest", "regf", "initramfs", "lvm", "xfs"]
 
 
 def seeds(target: str, folder: Path) -> Path:
@@ -62,6 +64,18 @@ def seeds(target: str, folder: Path) -> Path:
         for method in ("none", "gzip", "zstd", "xz", "lz4"):
             data = initramfs(work / method, "6.1.0-99-amd64", {"virtio_blk": "drivers/block"}, method)
             (corpus / method).write_bytes(data)
+    elif target == "lvm":
+        (corpus / "pv").write_bytes(lvm_seed(work))
+    elif target == "xfs":
+        tree = work / "tree"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc/os-release").write_text("ID=rocky\n")
+        (tree / "link").symlink_to("etc/os-release")
+        for i in range(40):
+            (tree / f"f{i}").write_text(f"{i}\n")
+        image = mkfs_xfs(work / "xfs.img", tree)
+        with open(image, "rb") as f:
+            (corpus / "xfs").write_bytes(f.read(4 * MiB))   # the superblock, AG 0's headers, root's inodes, data
     else:
         hive = build_hive(work / "SOFTWARE", "HKEY_LOCAL_MACHINE\\SOFTWARE", {
             "Microsoft": {}, "Microsoft\\Windows NT": {},
@@ -70,6 +84,21 @@ def seeds(target: str, folder: Path) -> Path:
         })
         (corpus / "hive").write_bytes(hive.read_bytes())
     return corpus
+
+
+def lvm_seed(work: Path) -> bytes:
+    """A 4 MiB PV made by LVM's tools holding a VG of 1 MiB extents and a two-segment LV with ext2 in it."""
+    vg = vg_name()
+    with pv_files(work, 4 * MiB) as [(pv_file, dev)]:
+        lvm("vgcreate", "--driverloaded", "n", "-s", "1M", vg, dev)
+        lvm("lvcreate", "--driverloaded", "n", "-an", "-Zn", "-y", "-L", "1M", "-n", "a", vg)
+        lvm("lvcreate", "--driverloaded", "n", "-an", "-Zn", "-y", "-L", "1M", "-n", "b", vg)
+        lvm("lvextend", "--driverloaded", "n", "-L", "2M", f"{vg}/a")
+        fs = work / "a.img"
+        blank(fs, 2 * MiB)
+        run(require_tool("mkfs.ext2"), "-q", "-F", fs)
+        write_linear_lv(vg, "a", fs, {dev: pv_file})
+    return pv_file.read_bytes()
 
 
 def _targets_module() -> ModuleType:

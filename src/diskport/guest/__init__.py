@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from diskport.errors import DiskportError
@@ -21,8 +22,9 @@ from diskport.guest.filesystems import Filesystem, identify, open_filesystem
 from diskport.guest.filesystems.btrfs import FS_TREE, BtrfsFilesystem
 from diskport.guest.firmware import firmware_facts
 from diskport.guest.linux import fstab_mounts, is_linux_root, linux_facts
-from diskport.guest.view import GuestView
+from diskport.guest.view import GuestView, Readable
 from diskport.guest.volumes import Partition, read_volumes
+from diskport.guest.volumes.lvm import PhysicalVolume, assemble, find_pv, open_lv
 from diskport.guest.windows.facts import is_windows_volume, windows_facts
 from diskport.sources import open_source
 from diskport.sources.base import Source
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Volumes looked into at most (a disk with more partitions is reported, the rest not opened).
 MAX_VOLUMES = 128
+#: Logical volumes looked into at most, over every VG of the disk.
+MAX_LVS = 128
 
 
 def inspect_guest(location: str | os.PathLike[str] | Source | DiskImage, fmt: str | None = None, *,
@@ -90,36 +94,30 @@ def inspect_image_guest(image: DiskImage) -> GuestReport:
     parts = [p for p in table.partitions if not p.extended]
     if table.scheme == "none":
         parts = [Partition(number=0, start=0, size=view.size, type="", type_name=None, view=view)]
-    opened: list[tuple[Partition, Filesystem[Any]]] = []
+    opened: list[_Opened] = []
+    pvs: list[PhysicalVolume] = []
     for part in parts[:MAX_VOLUMES]:
         facts = VolumeFacts(number=part.number, start=part.start, size=part.size, type=part.type or None,
                             type_name=part.type_name, name=part.name, uuid=part.uuid, active=part.active,
                             logical=part.logical)
         report.volumes.append(facts)
-        try:
-            info = identify(part.view)
-        except DiskportError as e:
-            facts.error = str(e)
-            continue
-        if info is None:
-            continue
-        facts.filesystem, facts.version, facts.label, facts.fs_uuid = info.type, info.version, info.label, info.uuid
-        if info.type == "BitLocker":
-            report.warnings.append(f"partition {part.number} is BitLocker-encrypted: suspend or turn off "
-                                   "BitLocker before uploading, or the guest cannot be inspected and may ask "
-                                   "for its recovery key")
-        try:
-            fs = open_filesystem(part.view, info)
-        except DiskportError as e:
-            facts.error = str(e)
-            continue
+        fs = _open_volume(report, facts, part.view, f"partition {part.number}")
         if fs is not None:
-            facts.readable = True
-            opened.append((part, fs))
+            opened.append(_Opened(part, None, fs))
+        if facts.filesystem == "LVM2_member":
+            try:
+                pv = find_pv(part.view, f"partition {part.number}", report.table_notes)
+            except DiskportError as e:
+                facts.error = str(e)
+                continue
+            if pv is not None:
+                pvs.append(pv)
     if len(parts) > MAX_VOLUMES:
         report.warnings.append(f"{len(parts)} partitions: only the first {MAX_VOLUMES} were looked into")
+    _open_lvs(report, pvs, opened)
 
-    report.firmware = firmware_facts(table, view, [(p, fs) for p, fs in opened if fs.type == "vfat"])
+    report.firmware = firmware_facts(table, view, [(o.part, o.fs) for o in opened
+                                                   if o.part is not None and o.fs.type == "vfat"])
     _find_os(report, opened)
     report.advice = advise(report)
     report.bytes_read, report.reads = view.stats.bytes_read, view.stats.reads
@@ -127,25 +125,96 @@ def inspect_image_guest(image: DiskImage) -> GuestReport:
     return report
 
 
-def _find_os(report: GuestReport, opened: list[tuple[Partition, Filesystem[Any]]]) -> None:
-    for part, fs in opened:
+@dataclass(frozen=True)
+class _Opened:
+    """A readable filesystem of the disk: on a partition, or on the logical volume ``lv`` ("vg/lv")."""
+
+    part: Partition | None
+    lv: str | None
+    fs: Filesystem[Any]
+
+    @property
+    def where(self) -> str:
+        return f"logical volume {self.lv}" if self.part is None else f"partition {self.part.number}"
+
+
+def _open_volume(report: GuestReport, facts: VolumeFacts, volume: Readable, where: str) -> Filesystem[Any] | None:
+    """Identify what ``volume`` holds into ``facts`` and open its filesystem when diskport reads that type."""
+    try:
+        info = identify(volume)
+    except DiskportError as e:
+        facts.error = str(e)
+        return None
+    if info is None:
+        return None
+    facts.filesystem, facts.version, facts.label, facts.fs_uuid = info.type, info.version, info.label, info.uuid
+    if info.type == "BitLocker":
+        report.warnings.append(f"{where} is BitLocker-encrypted: suspend or turn off "
+                               "BitLocker before uploading, or the guest cannot be inspected and may ask "
+                               "for its recovery key")
+    try:
+        fs = open_filesystem(volume, info)
+    except DiskportError as e:
+        facts.error = str(e)
+        return None
+    if fs is not None:
+        facts.readable = True
+    return fs
+
+
+def _open_lvs(report: GuestReport, pvs: list[PhysicalVolume], opened: list[_Opened]) -> None:
+    """Each visible LV of the disk's VGs as a volume of the report, its filesystem opened like a partition's."""
+    count = 0
+    for group in assemble(pvs, report.table_notes):
+        for lv in group.lvs:
+            if not lv.visible:
+                continue
+            count += 1
+            if count > MAX_LVS:
+                report.warnings.append(f"more than {MAX_LVS} logical volumes: the rest were not looked into")
+                return
+            facts = VolumeFacts(number=None, start=0, size=lv.size, type=lv.kind, type_name="LVM2 logical volume",
+                                name=lv.full_name, uuid=lv.uuid, lv=lv.name, vg=group.name, lv_kind=lv.kind,
+                                lv_segments=len(lv.segments), lv_origin=lv.origin, lv_pool=lv.pool)
+            report.volumes.append(facts)
+            if lv.problem:
+                facts.error = f"LV {lv.full_name} is not read: {lv.problem}"
+                continue
+            try:
+                volume = open_lv(group, lv)
+            except DiskportError as e:
+                facts.error = str(e)
+                continue
+            first = lv.segments[0].stripes[0]
+            pv = group.found[first.pv]
+            facts.start = pv.volume.offset + group.pe_start[first.pv] + first.first_pe * group.extent_size
+            fs = _open_volume(report, facts, volume, f"logical volume {lv.full_name}")
+            if fs is not None:
+                opened.append(_Opened(None, lv.full_name, fs))
+
+
+def _find_os(report: GuestReport, opened: list[_Opened]) -> None:
+    for item in opened:
+        fs, number = item.fs, (item.part.number if item.part is not None else None)
         try:
             if fs.type == "ntfs" and is_windows_volume(fs):
-                report.os, report.drivers = windows_facts(fs, part.number, report.warnings)
+                report.os, report.drivers = windows_facts(fs, number, report.warnings)
+                report.os.lv = item.lv
                 return
             if fs.type == "ntfs":
                 continue
             root, subvolume = _linux_root(fs)
             if root is not None:
-                boot_part = _boot_volume(root, part, opened)
-                boot = boot_part[1] if boot_part else None
-                report.os, report.drivers, report.agents = linux_facts(root, boot, part.number, report.warnings)
+                boot = _boot_volume(root, item, opened)
+                report.os, report.drivers, report.agents = linux_facts(root, boot.fs if boot else None, number,
+                                                                       report.warnings)
+                report.os.lv = item.lv
                 report.os.root_subvolume = subvolume
-                report.os.boot_partition = boot_part[0].number if boot_part else None
-                _check_root_names(report, part, fs)
+                report.os.boot_partition = boot.part.number if boot is not None and boot.part is not None else None
+                _check_root_names(report, item)
                 return
         except DiskportError as e:
-            report.warnings.append(f"partition {part.number}: {e}")
+            report.warnings.append(f"{item.where}: {e}")
 
 
 #: Subvolumes looked into for a Linux root, when the default one is not it.
@@ -174,17 +243,21 @@ def _linux_root(fs: Filesystem[Any]) -> tuple[Filesystem[Any] | None, str | None
     return None, None
 
 
-def _names(part: Partition, fs: Filesystem[Any]) -> set[str]:
+def _names(item: _Opened) -> set[str]:
     """How fstab or a kernel command line may name this volume."""
     names = set()
-    if fs.info.uuid:
-        names.add(f"UUID={fs.info.uuid.lower()}")
-    if fs.info.label:
-        names.add(f"LABEL={fs.info.label}")
-    if part.uuid:
+    info, part = item.fs.info, item.part
+    if info.uuid:
+        names.add(f"UUID={info.uuid.lower()}")
+    if info.label:
+        names.add(f"LABEL={info.label}")
+    if part is not None and part.uuid:
         names.add(f"PARTUUID={part.uuid.lower()}")
-    if part.name:
+    if part is not None and part.name:
         names.add(f"PARTLABEL={part.name}")
+    if item.lv:
+        vg, _, lv = item.lv.partition("/")
+        names.update({f"/dev/{vg}/{lv}", f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"})
     return names
 
 
@@ -194,27 +267,26 @@ def _normal(name: str) -> str:
     return f"{key}={value.lower()}" if sep and key in ("UUID", "PARTUUID") else f"{key}={value}" if sep else name
 
 
-def _boot_volume(root: Filesystem[Any], root_part: Partition, opened: list[tuple[Partition, Filesystem[Any]]]
-                 ) -> tuple[Partition, Filesystem[Any]] | None:
+def _boot_volume(root: Filesystem[Any], root_item: _Opened, opened: list[_Opened]) -> _Opened | None:
     """The separate /boot: the volume fstab's /boot line names, else one with kernels at its top."""
     source = fstab_mounts(root).get("/boot")
     if source is not None:
         want = _normal(source)
-        for p, b in opened:
-            if p is not root_part and want in _names(p, b):
-                return p, b
-    return next(((p, b) for p, b in opened if p is not root_part and _is_boot_volume(b)), None)
+        for item in opened:
+            if item is not root_item and want in _names(item):
+                return item
+    return next((item for item in opened if item is not root_item and _is_boot_volume(item.fs)), None)
 
 
-def _check_root_names(report: GuestReport, part: Partition, fs: Filesystem[Any]) -> None:
+def _check_root_names(report: GuestReport, item: _Opened) -> None:
     """fstab's / and the command line's root= should name the volume the root was found on: a UUID that
     changed (a cloned or re-made filesystem) leaves the guest at an emergency shell."""
-    names = _names(part, fs)
+    names = _names(item)
     for what, source in (("/etc/fstab", report.os.root_device), ("the kernel command line", report.os.kernel_root)):
         if source and "=" in source and source.split("=", 1)[0] in ("UUID", "LABEL", "PARTUUID", "PARTLABEL") \
                 and _normal(source) not in names:
-            report.warnings.append(f"{what} names the root {source}, but the root was found on partition "
-                                   f"{part.number} ({', '.join(sorted(names)) or 'no UUID or label'})")
+            report.warnings.append(f"{what} names the root {source}, but the root was found on {item.where} "
+                                   f"({', '.join(sorted(names)) or 'no UUID or label'})")
 
 
 def _is_boot_volume(fs: Filesystem[Any]) -> bool:

@@ -19,11 +19,15 @@ def advise(report: GuestReport) -> list[AdviceItem]:
     return items
 
 
+def _where(r: GuestReport) -> str:
+    return f"logical volume {r.os.lv}" if r.os.lv else f"partition {r.os.partition}"
+
+
 def _guest_os(r: GuestReport) -> AdviceItem:
     if r.os.type == "windows":
-        return AdviceItem("guestOS", "windows", "os-windows", f"Windows found on partition {r.os.partition}")
+        return AdviceItem("guestOS", "windows", "os-windows", f"Windows found on {_where(r)}")
     if r.os.type == "linux":
-        return AdviceItem("guestOS", "linux", "os-linux", f"os-release found on partition {r.os.partition}")
+        return AdviceItem("guestOS", "linux", "os-linux", f"os-release found on {_where(r)}")
     return AdviceItem("guestOS", "linux", "os-unknown", "no operating system found; the platform's default")
 
 

@@ -16,9 +16,10 @@ DriverState = Literal["builtin", "module", "installed", "disabled", "missing", "
 
 @dataclass
 class VolumeFacts:
-    """One partition (or the whole disk, number 0, when it has no partition table)."""
+    """One partition (or the whole disk, number 0, when it has no partition table), or one LVM logical volume
+    (number None, ``name`` "vg/lv", ``start`` where its first extent lies on the disk)."""
 
-    number: int
+    number: int | None
     start: int
     size: int
     type: str | None = None
@@ -34,6 +35,12 @@ class VolumeFacts:
     readable: bool = False
     #: Why the filesystem could not be read, when it was meant to be.
     error: str | None = None
+    lv: str | None = None          # LVM: the LV's and its VG's names
+    vg: str | None = None
+    lv_kind: str | None = None     # "linear", "striped", "thin", "thin-pool", "snapshot", "raid1", "cache", ...
+    lv_segments: int | None = None
+    lv_origin: str | None = None   # a snapshot's origin LV
+    lv_pool: str | None = None     # a thin LV's pool
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +48,8 @@ class VolumeFacts:
             "type-name": self.type_name, "name": self.name, "uuid": self.uuid, "active": self.active,
             "logical": self.logical, "filesystem": self.filesystem, "fs-version": self.version,
             "label": self.label, "fs-uuid": self.fs_uuid, "readable": self.readable, "error": self.error,
+            "lv": self.lv, "vg": self.vg, "lv-kind": self.lv_kind, "lv-segments": self.lv_segments,
+            "lv-origin": self.lv_origin, "lv-pool": self.lv_pool,
         }
 
 
@@ -145,6 +154,7 @@ class BootEntry:
 class OsFacts:
     type: Literal["linux", "windows", "unknown"] = "unknown"
     partition: int | None = None   # where the OS's root (or Windows) volume is
+    lv: str | None = None          # or the logical volume ("vg/lv") it is on
     distribution: str | None = None  # os-release ID
     version: str | None = None       # os-release VERSION_ID, or Windows DisplayVersion/CurrentVersion
     pretty_name: str | None = None   # os-release PRETTY_NAME, or Windows' product name as corrected by build
@@ -164,7 +174,7 @@ class OsFacts:
     kernel_details: list[KernelFacts] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "partition": self.partition, "distribution": self.distribution,
+        return {"type": self.type, "partition": self.partition, "lv": self.lv, "distribution": self.distribution,
                 "version": self.version, "pretty-name": self.pretty_name, "product-name": self.product_name,
                 "edition": self.edition, "installation-type": self.installation_type, "build": self.build,
                 "architecture": self.architecture, "kernels": list(self.kernels), "evidence": list(self.evidence),

@@ -26,7 +26,8 @@ def render_guest(r: GuestReport) -> str:
         if v.label:
             fs += f" '{_shown(v.label)}'"
         kind = v.type_name or v.type or ""
-        lines.append(f"  {v.number:>3}  {human_size(v.start):>9} +{human_size(v.size):>9}  {kind:<22} {fs}"
+        number = "lv" if v.number is None else v.number
+        lines.append(f"  {number:>3}  {human_size(v.start):>9} +{human_size(v.size):>9}  {kind:<22} {fs}"
                      + (f"  name '{v.name}'" if v.name else "") + ("  active" if v.active else "")
                      + (f"  ({v.error})" if v.error else ""))
     fw = r.firmware
@@ -46,8 +47,9 @@ def render_guest(r: GuestReport) -> str:
     elif r.os.type == "linux":
         extra = [x for x in (r.os.architecture, f"kernel {r.os.kernels[-1]}" if r.os.kernels else None) if x]
         os_line += f" ({', '.join(extra)})" if extra else ""
-    lines.append(f"os:            {os_line}" + (f" on partition {r.os.partition}" if r.os.partition is not None
-                                               else ""))
+    on = (f" on logical volume {r.os.lv}" if r.os.lv else
+          f" on partition {r.os.partition}" if r.os.partition is not None else "")
+    lines.append(f"os:            {os_line}{on}")
     where = [x for x in (f"root {r.os.root_device}" if r.os.root_device else None,
                          f"root= {r.os.kernel_root}" if r.os.kernel_root else None,
                          f"btrfs subvolume {r.os.root_subvolume}" if r.os.root_subvolume else None,

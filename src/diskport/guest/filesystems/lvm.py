@@ -6,7 +6,7 @@ libvslvm "Logical Volume Manager (LVM) format"): a 512-byte sector among sectors
 initial value 0xf597a6cf and no final inversion — over the rest of the sector from byte 20), ``offset_xl`` at 20
 (where the PV header starts, from the label), ``type`` "LVM2 001" at 24. The PV header holds the PV UUID (32
 characters, shown by LVM in groups of 6-4-4-4-4-4-6) and the device size. Identification only; the metadata
-area and logical volumes come with the LVM reader of a later issue.
+areas, volume groups and logical volumes are read by :mod:`diskport.guest.volumes.lvm`.
 """
 
 from __future__ import annotations
