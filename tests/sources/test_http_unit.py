@@ -307,3 +307,21 @@ def test_a_body_of_undeclared_length_is_read_to_its_end() -> None:
                 image.read_mapped(extent, memoryview(buf))
                 got += buf
             assert bytes(got) == data and image.virtual_size == len(data)
+
+
+def test_exact_reads_fetch_only_what_is_asked() -> None:
+    """Guest inspection's reads (prefer_exact_reads): a 1 MiB read is one 1 MiB range, no 4 x 8 MiB read-ahead;
+    without the hint the same read starts the bulk pipeline."""
+    data = pattern(64 * MiB)
+    options = HttpOptions(retries=3, backoff=0.01, max_backoff=0.01, stall_timeout=5.0)  # 4 x 8 MiB pipeline
+    server = FileServer(data)
+    with open_source(server, options=options) as source:
+        source.prefer_exact_reads()
+        buf = bytearray(MiB)
+        assert source.readinto(5 * MiB, memoryview(buf)) == MiB and bytes(buf) == data[5 * MiB:6 * MiB]
+        assert [r.headers["Range"] for r in server.ranged()][-1] == f"bytes={5 * MiB}-{6 * MiB - 1}"
+        assert len(server.ranged()) == 2  # the opening probe and this read
+    bulk = FileServer(data)
+    with open_source(bulk, options=options) as source:
+        assert source.readinto(5 * MiB, memoryview(bytearray(MiB))) == MiB
+        assert len(bulk.ranged()) > 2

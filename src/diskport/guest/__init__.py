@@ -84,6 +84,7 @@ def inspect_image_guest(image: DiskImage) -> GuestReport:
         raise UnsupportedImage("the disk's size is learnt only by reading it all; guest inspection needs "
                                "random access", path=image.source.name, fmt=image.format,
                                hint="decompress it first, or inspect the converted disk")
+    image.source.prefer_exact_reads()  # metadata here and there: no bulk read-ahead over HTTP
     view = GuestView(image)
     report = GuestReport(filename=image.source.name, format=image.format, virtual_size=image.virtual_size,
                          access=image.access)

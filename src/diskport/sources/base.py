@@ -73,6 +73,10 @@ class Source(ABC):
         """Bytes the source occupies on its storage, when known (for ``actual-size``)."""
         return None
 
+    def prefer_exact_reads(self) -> None:  # noqa: B027 - optional hook
+        """The reader will read scattered metadata, not stream the disk: a source that reads ahead (HTTP's
+        pipeline of large ranges) fetches what is asked for instead. Guest inspection says this."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the source's resources."""
 
@@ -133,6 +137,9 @@ class SliceSource(ReadintoSource):
     def allocated_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         for start, run, data in self.parent.allocated_extents(self.offset + offset, length):
             yield start - self.offset, run, data
+
+    def prefer_exact_reads(self) -> None:
+        self.parent.prefer_exact_reads()
 
     def close(self) -> None:
         self.parent.close()

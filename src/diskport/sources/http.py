@@ -141,6 +141,7 @@ class HttpSource(ReadintoSource):
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cursor: _Cursor | None = None   # the body of a server without ranges
         self._pipeline: _Pipeline | None = None
+        self._exact = False
         self._head = b""
         self.validator: str | None = None       # what If-Range carries
         self._etag: str | None = None           # the first answer's, which every later one must repeat
@@ -327,7 +328,12 @@ class HttpSource(ReadintoSource):
             return self._sequential_read(offset, buf[:length])
         if length < BLOCK:
             return self._cached_read(offset, buf[:length])
+        if self._exact:
+            return self._fetch(offset, buf[:min(length, self.options.chunk)])
         return self._pipelined_read(offset, buf[:length])
+
+    def prefer_exact_reads(self) -> None:
+        self._exact = True
 
     def _sequential_read(self, offset: int, buf: memoryview) -> int:
         if offset < len(self._head):  # the head, when the first answer was already a full body
