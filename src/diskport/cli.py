@@ -383,6 +383,100 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
                **options)
 
 
+def manifest_options(func: Callable[P, R]) -> Callable[P, R]:
+    """--target and the overrides, the same for manifest, build --manifest and import --manifest."""
+    from diskport.manifest import DEFAULT_TARGET, TARGETS
+
+    for option in reversed([
+        click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+                     help="cpln: the platform's workload; kubevirt: a KubeVirt VirtualMachine."),
+        click.option("--name", help="Name of the workload/VM [default: from SOURCE]."),
+        click.option("--bus", type=click.Choice(["virtio", "sata", "scsi"]), help="Disk bus [default: from the "
+                     "guest's drivers]."),
+        click.option("--firmware", type=click.Choice(["bios", "efi"]), help="Firmware [default: from the disk's "
+                     "boot loaders]."),
+        click.option("--secure-boot/--no-secure-boot", "secure_boot", default=None,
+                     help="UEFI Secure Boot [default: on when the UEFI loader is signed by a CA in the "
+                          "firmware's db]."),
+        click.option("--volume-set", metavar="NAME", help="cpln: the volume set of the boot disk's persistent "
+                     "volume (needed for an http source)."),
+        click.option("--cpu", type=click.IntRange(1, 256), metavar="N", help="CPUs [default: by guest kind]."),
+        click.option("--memory", metavar="SIZE", help="Memory, as Kubernetes writes it (4Gi) [default: by guest "
+                     "kind]."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _overrides(name: str | None, size: str | None, bus: str | None, firmware: str | None,
+               secure_boot: bool | None, volume_set: str | None, cpu: int | None, memory: str | None) -> Any:
+    import re
+
+    from diskport.manifest import Overrides
+
+    if memory is not None and not re.fullmatch(r"[1-9][0-9]*(Mi|Gi|Ti|M|G|T)", memory):
+        raise UsageError(f"--memory takes a Kubernetes quantity such as 4Gi or 2048Mi, not '{memory}'")
+    return Overrides(name=name, size=parse_size(size) if size else None, bus=bus, firmware=firmware,
+                     secure_boot=secure_boot, volume_set=volume_set, cpu=cpu, memory=memory)
+
+
+def _emit_manifest(text: str, output: str | None) -> None:
+    from diskport.manifest import write_atomic
+
+    if output is None or output == "-":
+        click.echo(text, nl=False)
+    else:
+        write_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("source")
+@manifest_options
+@click.option("--size", "size_text", metavar="SIZE", help="kubevirt: the DataVolume's size [default: the virtual "
+              "size rounded up to a whole Gi].")
+@click.option("--checksum", metavar="ALGO:HEX", help="Checksum of the file at the URL (cpln: sha256 or sha512).")
+@click.option("--compute-checksum", "compute", is_flag=True, help="Read the file once and write its sha256.")
+@click.option("--url", metavar="URL", help="With a local image: the URL it will be published at.")
+@FORMAT_OPTION
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML to FILE (atomically) "
+              "[default: stdout].")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
+              help="CA certificates for https and registries.")
+@click.option("--insecure", is_flag=True, help="Do not verify an https server's TLS certificate.")
+@click.option("--platform", metavar="OS/ARCH", help="docker:// only: which image of an index.")
+@registry_options
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="Folder to spool a compressed disk to when it must be inspected.")
+@handle_errors
+def manifest(source: str, target: str, name: str | None, bus: str | None, firmware: str | None,
+             secure_boot: bool | None, volume_set: str | None, cpu: int | None, memory: str | None,
+             size_text: str | None, checksum: str | None, compute: bool, url: str | None,
+             source_format: str | None, output: str | None, ca_bundle: str | None, insecure: bool,
+             platform: str | None, tls_verify: bool, creds: str | None, scratch: str | None) -> None:
+    """Write the manifest that boots SOURCE: docker://REF (a containerDisk, pinned by digest), an http(s) URL,
+    or a local image with --url.
+
+    What the guest needs (firmware, secure boot, bus, network, guest OS) is read from inside the image, or
+    from the labels `diskport build` wrote into it; every option overrides it, and the YAML's comments say
+    where each value came from.
+    """
+    from diskport.manifest import generate
+
+    overrides = _overrides(name, size_text, bus, firmware, secure_boot, volume_set, cpu, memory)
+    registry: Any = None
+    credentials: Any = "auto"
+    if source.startswith("docker://"):
+        registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, source)
+    http = HttpOptions(ca_bundle=ca_bundle, insecure=insecure)
+    result = generate(source, target=target, overrides=overrides, fmt=source_format, url=url, checksum=checksum,
+                      compute=compute, http=http, platform=platform, registry=registry, credentials=credentials,
+                      scratch_dir=scratch)
+    for warning in result.plan.warnings:
+        click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
+    _emit_manifest(result.text, output)
+
+
 @main.command()
 @click.argument("image")
 @FORMAT_OPTION
