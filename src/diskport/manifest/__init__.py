@@ -5,7 +5,7 @@ The source is what the platform will boot from: ``docker://REF`` (a containerDis
 manifest pins it; the verdict labels ``build`` wrote into the image config are read instead of the disk when
 they are there), an ``http(s)://`` URL (inspected over ranges), or a local image with ``url`` saying where it will
 be published. :mod:`~diskport.manifest.model` decides every field once, with its reason; each target is one
-module with a ``build(plan) -> Document`` function and one line in :data:`TARGETS`;
+module with a ``build(plan) -> [Document, ...]`` function and one line in :data:`TARGETS`;
 :mod:`~diskport.manifest.yamlout` writes the YAML with the reasons as comments.
 """
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from diskport.sources.http import HttpOptions
 
 #: One line per target: its name and the function that writes its document from the plan.
-TARGETS: dict[str, Callable[[Plan], Document]] = {
+TARGETS: dict[str, Callable[[Plan], list[Document]]] = {
     "cpln": cpln.build,
     "kubevirt": kubevirt.build,
 }
@@ -63,11 +63,11 @@ def render(plan: Plan, target: str, source_text: str) -> str:
         builder = TARGETS[target]
     except KeyError:
         raise UsageError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})") from None
-    doc = builder(plan)
-    doc.header = [f"diskport {__version__} manifest --target {target} for {source_text}",
-                  f"facts from {plan.guest.origin}"]
-    doc.header += [f"warning: {w}" for w in plan.warnings]
-    return dump(doc)
+    docs = builder(plan)
+    docs[0].header = [f"diskport {__version__} manifest --target {target} for {source_text}",
+                      f"facts from {plan.guest.origin}"]
+    docs[0].header += [f"warning: {w}" for w in plan.warnings]
+    return "---\n".join(dump(doc) for doc in docs)
 
 
 def manifest_for_report(report: GuestReport, source: BootSource, target: str = DEFAULT_TARGET,
@@ -120,7 +120,7 @@ def generate(location: str, *, target: str = DEFAULT_TARGET, overrides: Override
     if location.startswith("docker://"):
         if url or checksum or compute:
             raise UsageError("--url and --checksum are for disks at URLs; a containerDisk is pinned by its digest")
-        source, facts = _docker_source(location, platform, registry, credentials)
+        source, facts = docker_source(location, platform, registry, credentials)
         if facts is None:
             report = inspect_guest(f"docker://{source.image}", fmt, scratch_dir=scratch_dir, http=http,
                                    platform=platform, registry=registry, credentials=credentials)
@@ -151,7 +151,7 @@ def generate(location: str, *, target: str = DEFAULT_TARGET, overrides: Override
     return ManifestResult(render(plan, target, location), target, plan, facts.origin)
 
 
-def _docker_source(location: str, platform: str | None, registry: RegistryOptions | None,
+def docker_source(location: str, platform: str | None, registry: RegistryOptions | None,
                    credentials: Credentials | Literal["auto"] | None) -> tuple[BootSource, GuestFacts | None]:
     """The reference pinned by digest, and the verdict from the image config's labels (None: not labelled)."""
     from diskport.oci.build import host_architecture
@@ -208,5 +208,15 @@ def write_atomic(path: str, text: str) -> None:
         raise
 
 
-__all__ = ["DEFAULT_TARGET", "TARGETS", "BootSource", "ManifestResult", "Overrides", "generate",
-           "manifest_for_report", "write_atomic"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "TARGETS",
+    "BootSource",
+    "ManifestResult",
+    "Overrides",
+    "checked_checksum",
+    "docker_source",
+    "generate",
+    "manifest_for_report",
+    "write_atomic",
+]

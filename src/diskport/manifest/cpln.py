@@ -28,7 +28,7 @@ def millicores(cpus: int) -> str:
     return f"{cpus * 1000}m"
 
 
-def build(plan: Plan) -> Document:
+def build(plan: Plan) -> list[Document]:
     src = plan.source
     vm_path = ("spec", "vm")
     disk_path = (*vm_path, "bootDisk")
@@ -87,4 +87,4 @@ def build(plan: Plan) -> Document:
         },
     }
     doc.note((*vm_path, "guestOS"), f"guestOS: {plan.guest_os.value} ({plan.guest_os.why})")
-    return doc
+    return [doc]

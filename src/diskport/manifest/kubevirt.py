@@ -3,6 +3,10 @@
 Field names and types are KubeVirt's and CDI's API (their OpenAPI definitions; the tests validate against them).
 The rules the admission webhooks add, kept here:
 
+* a URL with a checksum gets a DataVolume document of its own before the VM, since KubeVirt's VirtualMachine
+  API (its OpenAPI definitions vendor CDI's types) has no ``checksum`` in ``dataVolumeTemplates``' http source
+  and the API server prunes fields its schema lacks; without a checksum the DataVolume is a template of the VM;
+
 * ``firmware.bootloader.efi.secureBoot`` is true when left out, and secure boot needs ``features.smm.enabled:
   true``: so UEFI is always written with ``secureBoot`` explicit, and true only together with SMM;
 * a DataVolume's requested size must hold the virtual size (CDI: "A larger PVC is required"): the disk's
@@ -41,8 +45,10 @@ def windows_clock() -> dict[str, Any]:
                                  "rtc": {"tickPolicy": "catchup"}, "hyperv": {}}}
 
 
-def build(plan: Plan) -> Document:
+def build(plan: Plan) -> list[Document]:
     doc = Document({})
+    before: list[Document] = []
+    templates: list[dict[str, Any]] = []
     src = plan.source
     vmi = ("spec", "template", "spec")
     domain = (*vmi, "domain")
@@ -56,7 +62,6 @@ def build(plan: Plan) -> Document:
         volume: dict[str, Any] = {"name": DISK, "containerDisk": {"image": src.image}}
         doc.note((*vmi, "volumes", 0, "containerDisk"), "containerDisk pinned by digest" +
                  (f" (resolved from {src.pinned_from})" if src.pinned_from else "") + f"; it holds {src.disk_format}")
-        templates: list[dict[str, Any]] = []
     else:
         if plan.size is None:
             raise UsageError("the disk's virtual size is unknown: pass --size for the DataVolume")
@@ -64,13 +69,22 @@ def build(plan: Plan) -> Document:
         if src.checksum:
             http["checksum"] = src.checksum
         dv_name = f"{plan.name}-{DISK}"
-        templates = [{"metadata": {"name": dv_name},
-                      "spec": {"source": {"http": http},
-                               "storage": {"resources": {"requests": {"storage": plan.size.value}}}}}]
-        doc.note(("spec", "dataVolumeTemplates", 0, "spec", "storage", "resources", "requests", "storage"),
-                 f"{plan.size.why}; CDI adds the filesystem overhead")
+        dv_spec = {"source": {"http": http}, "storage": {"resources": {"requests": {"storage": plan.size.value}}}}
+        size_why = f"{plan.size.why}; CDI adds the filesystem overhead"
         if src.checksum:
-            doc.note(("spec", "dataVolumeTemplates", 0, "spec", "source", "http", "checksum"), src.checksum_why)
+            # KubeVirt's VirtualMachine API vendors a CDI DataVolumeSourceHTTP without checksum, so in
+            # dataVolumeTemplates the API server would prune it: the DataVolume is its own document then.
+            dv = Document({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                           "metadata": {"name": dv_name}, "spec": dv_spec})
+            dv.note(("spec", "storage", "resources", "requests", "storage"), size_why)
+            dv.note(("spec", "source", "http", "checksum"), src.checksum_why)
+            dv.note(("kind",), "a DataVolume of its own: KubeVirt's dataVolumeTemplates have no http checksum "
+                               "field (the API server would drop it)")
+            before.append(dv)
+        else:
+            templates = [{"metadata": {"name": dv_name}, "spec": dv_spec}]
+            doc.note(("spec", "dataVolumeTemplates", 0, "spec", "storage", "resources", "requests", "storage"),
+                     size_why)
         volume = {"name": DISK, "dataVolume": {"name": dv_name}}
 
     bootloader: dict[str, Any]
@@ -131,4 +145,4 @@ def build(plan: Plan) -> Document:
     spec["template"] = {"metadata": {"labels": {"kubevirt.io/domain": plan.name}}, "spec": template_spec}
     doc.data = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": plan.name},
                 "spec": spec}
-    return doc
+    return [*before, doc]

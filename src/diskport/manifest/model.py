@@ -236,6 +236,11 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
             and bus.by_flag:
         warnings.append("--bus virtio for a Windows guest without viostor: Windows stops with "
                         "INACCESSIBLE_BOOT_DEVICE")
+    if guest.os_type == "windows" and not bus.by_flag and bus.value == "sata":
+        warnings.append("Windows without a boot-start viostor: the disk is on sata (slower than virtio); "
+                        "install the virtio-win drivers before upload to use virtio")
+    if guest.os_type == "windows" and guest.network.value == "e1000e":
+        warnings.append("Windows without netkvm: the network card is an emulated e1000e")
     cpus, memory, why = resources_for(guest)
     cpu = Choice(overrides.cpu, "set by --cpu", True) if overrides.cpu is not None else Choice(cpus, why)
     mem = Choice(overrides.memory, "set by --memory", True) if overrides.memory else Choice(memory, why)
