@@ -211,6 +211,10 @@ def test_docker_source_reads_the_labels_not_the_disk(registry: RegistryServer, t
     got = httpx.get(f"http://{registry.name}/v2/containerdisks/debian/manifests/12",
                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
     layer = got.json()["layers"][0]["digest"]
+    config = httpx.get(f"http://{registry.name}/v2/containerdisks/debian/blobs/{got.json()['config']['digest']}",
+                       follow_redirects=True).json()
+    # KubeVirt's hint, which CDI turns into the PVC label preference.inferFromVolume reads
+    assert "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE=debian" in config["config"]["Env"]
     before = len(_registry_gets(registry))
     text = manifest(f"docker://{ref}", "--target", "kubevirt")
     gets = _registry_gets(registry)[before:]
@@ -280,3 +284,19 @@ def _strip_labels(layout: Path) -> None:
     (blobs / mdigest).write_bytes(body)
     entry.update(digest=f"sha256:{mdigest}", size=len(body))
     (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_names_from_the_image_cannot_forge_yaml_or_comments() -> None:
+    """A PRETTY_NAME with a newline and YAML in it stays one comment line and one scalar."""
+    from diskport.manifest import BootSource, Overrides, render
+    from diskport.manifest.model import GuestFacts, make_plan
+
+    evil = "Evil\nkind: Secret\r\x1b[2J# x"
+    facts = GuestFacts(os_type="linux", distribution="debian", pretty_name=evil, origin=f"labels of {evil}")
+    source = BootSource("docker", "qcow2", 10 * MiB, image="r.example/x@sha256:" + "a" * 64)
+    for target in TARGETS:
+        text = render(make_plan(source, facts, Overrides(), target=target), target, "docker://r.example/x:1")
+        docs = list(yaml.safe_load_all(text))
+        assert docs[-1]["kind"] in ("workload", "VirtualMachine")
+        assert not any(line.startswith("kind: Secret") for line in text.splitlines())
+        assert "\x1b" not in text and "\r" not in text
