@@ -316,7 +316,8 @@ def _import_manifest(result: Any, boot: Any, target: str, overrides: Any, path: 
                             path=result.destination)
     boot.disk_format = boot.disk_format or result.source_format
     boot.virtual_size = result.virtual_size
-    made = manifest_for_report(result.guest, boot, target, overrides, source_text=result.source)
+    made = manifest_for_report(result.guest, boot, target, overrides, source_text=result.source,
+                               inspected=f"{result.destination}, imported from {result.source}")
     for warning in made.plan.warnings:
         click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
     _emit_manifest(made.text, path)
@@ -450,7 +451,9 @@ def _build_manifest(result: Any, pushed: Any, reference: str, target: str, overr
                             "from", path=image.source)
     pinned = f"{parse_reference(reference.removeprefix('docker://')).name}@{pushed.digest}"
     boot = BootSource("docker", image.disk_format, image.guest.virtual_size, image=pinned, pinned_from=reference)
-    made = manifest_for_report(image.guest, boot, target, overrides, source_text=f"docker://{reference}")
+    inspected = image.source + (f", converted to {image.disk_format}" if image.converted else "")
+    made = manifest_for_report(image.guest, boot, target, overrides, source_text=f"docker://{reference}",
+                               inspected=inspected)
     for warning in made.plan.warnings:
         click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
     _emit_manifest(made.text, path)

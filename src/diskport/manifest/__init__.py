@@ -71,10 +71,12 @@ def render(plan: Plan, target: str, source_text: str) -> str:
 
 
 def manifest_for_report(report: GuestReport, source: BootSource, target: str = DEFAULT_TARGET,
-                        overrides: Overrides | None = None, source_text: str | None = None) -> ManifestResult:
-    """The manifest from an inspection already done (``build --manifest``, ``import --manifest``)."""
+                        overrides: Overrides | None = None, source_text: str | None = None,
+                        inspected: str | None = None) -> ManifestResult:
+    """The manifest from an inspection already done (``build --manifest``, ``import --manifest``);
+    ``inspected`` names the disk inspected when its file name is a temporary one."""
     facts = facts_from_report(report)
-    facts.origin = f"guest inspection of {report.filename} ({report.format})"
+    facts.origin = f"guest inspection of {inspected or report.filename} ({report.format})"
     plan = make_plan(source, facts, overrides or Overrides(), target=target)
     text = render(plan, target, source_text or source.image or source.url or report.filename)
     return ManifestResult(text, target, plan, facts.origin)

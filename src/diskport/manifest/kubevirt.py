@@ -129,7 +129,7 @@ def build(plan: Plan) -> list[Document]:
     if plan.memory.why != plan.cpu.why:
         doc.note((*domain, "memory"), f"memory: {plan.memory.why}")
     doc.note((*domain, "devices", "disks", 0, "disk"), f"bus: {plan.bus.value} ({plan.bus.why})")
-    doc.note((*domain, "devices", "interfaces", 0, "masquerade"),
+    doc.note((*domain, "devices", "interfaces", 0, "model" if "model" in interface else "masquerade"),
              f"network: {plan.network.value} ({plan.network.why})")
     template_spec: dict[str, Any] = {"domain": spec_domain, "networks": [{"name": "default", "pod": {}}],
                                      "volumes": [volume]}
