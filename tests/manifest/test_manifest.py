@@ -148,6 +148,13 @@ def test_flags_override_and_say_so(tmp_path: Path) -> None:
     assert cp["spec"]["vm"]["bootDisk"]["bus"] == "sata"
     assert comments_before(text, "bus") == ["# bus: sata (set by --bus (inferred: virtio))"]
     assert "set by --firmware (inferred: bios)" in comments_before(text, "bootloader")[0]
+    bios_secure = run_cli("manifest", disk, "--url", "https://x/d.raw", "--secure-boot", "--volume-set", "v")
+    assert bios_secure.returncode == 2 and "--secure-boot needs UEFI" in bios_secure.stderr
+    unsigned = run_cli("manifest", disk, "--url", "https://x/d.raw", "--target", "kubevirt", "--firmware", "efi",
+                       "--secure-boot")
+    assert unsigned.returncode == 0 and "warning: --secure-boot asked" in unsigned.stderr
+    vm = check_kubevirt(unsigned.stdout, disk.stat().st_size)  # secure boot asked: SMM comes with it
+    assert vm["spec"]["template"]["spec"]["domain"]["features"]["smm"] == {"enabled": True}
     small = run_cli("manifest", disk, "--url", "https://x/d.raw", "--target", "kubevirt", "--size", "1M")
     assert small.returncode == 2 and "smaller than the disk's virtual size" in small.stderr
 
@@ -230,6 +237,12 @@ def test_docker_source_reads_the_labels_not_the_disk(registry: RegistryServer, t
     cp = check_cpln(manifest(f"docker://{ref}"))
     assert cp["spec"]["vm"]["bootDisk"]["source"] == {"oci": {"image": volume["containerDisk"]["image"]}}
     assert "persist" not in cp["spec"]["vm"]["bootDisk"]  # qcow2 boots as it is
+    # import docker://REF --manifest pins the same digest and imports what it pins
+    proc = run_cli("import", f"docker://{ref}", tmp_path / "d.raw", "--manifest", tmp_path / "imported.yaml", "-q")
+    assert proc.returncode == 0, proc.stderr
+    imported = check_cpln((tmp_path / "imported.yaml").read_text())
+    assert imported["spec"]["vm"]["bootDisk"]["source"] == cp["spec"]["vm"]["bootDisk"]["source"]
+    assert imported["spec"]["vm"]["firmware"] == cp["spec"]["vm"]["firmware"] == {"bootloader": "efi"}
 
 
 def test_containerdisk_holding_vmdk_gets_the_advice(registry: RegistryServer, tmp_path: Path) -> None:
