@@ -122,6 +122,7 @@ def test_windows_without_viostor_is_sata_e1000e_with_a_warning(tmp_path: Path) -
     assert template["domain"]["clock"]["timer"]["hpet"] == {"present": False}
     assert template["domain"]["clock"]["timer"]["rtc"] == {"tickPolicy": "catchup"}
     assert kv["spec"]["preference"]["name"] == "windows.2k22"
+    assert any("vmStateStorageClass" in c for c in comments_before(kv_text, "preference"))
     for text in (cp_text, kv_text):
         assert re.search(r"^# warning: Windows without a boot-start viostor", text, re.M)
         assert re.search(r"^# warning: Windows without netkvm", text, re.M)
@@ -313,3 +314,17 @@ def test_names_from_the_image_cannot_forge_yaml_or_comments() -> None:
         assert docs[-1]["kind"] in ("workload", "VirtualMachine")
         assert not any(line.startswith("kind: Secret") for line in text.splitlines())
         assert "\x1b" not in text and "\r" not in text
+
+
+def test_an_image_with_no_guest_gets_defaults_and_a_warning(tmp_path: Path) -> None:
+    disk = tmp_path / "blank.raw"
+    disk.write_bytes(bytes(4 * MiB))
+    proc = run_cli("manifest", disk, "--url", "https://x/blank.raw", "--target", "kubevirt")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: no operating system found" in proc.stderr
+    vm = check_kubevirt(proc.stdout, 4 * MiB)
+    assert "preference" not in vm["spec"]
+    assert vm["spec"]["template"]["spec"]["domain"]["firmware"]["bootloader"] == {"efi": {"secureBoot": False}}
+    assert any("firmware-unknown" in c for c in comments_before(proc.stdout, "bootloader"))
+    missing = run_cli("manifest", tmp_path / "nope.raw", "--url", "https://x/n.raw")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "nope.raw" in missing.stderr

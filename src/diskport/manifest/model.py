@@ -196,6 +196,10 @@ def preference_for(guest: GuestFacts, bus: str) -> str | None:
     return None
 
 
+#: common-instancetypes' Windows preferences with its ``tpm`` component (persistent TPM).
+_TPM_WINDOWS = ("10", "11", "2k16", "2k19", "2k22", "2k25")
+
+
 def resources_for(guest: GuestFacts) -> tuple[int, str, str]:
     """Default CPUs, memory and why: what a user expects for the guest (and what its preference requires)."""
     if guest.os_type == "windows":
@@ -236,6 +240,9 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
             and bus.by_flag:
         warnings.append("--bus virtio for a Windows guest without viostor: Windows stops with "
                         "INACCESSIBLE_BOOT_DEVICE")
+    if guest.os_type == "unknown":
+        warnings.append("no operating system found in the image: guestOS, bus and network are the platform's "
+                        "defaults; check them or pass --bus/--firmware")
     if guest.os_type == "windows" and not bus.by_flag and bus.value == "sata":
         warnings.append("Windows without a boot-start viostor: the disk is on sata (slower than virtio); "
                         "install the virtio-win drivers before upload to use virtio")
@@ -257,7 +264,9 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
     preference = None if preference_name is None else Choice(
         preference_name, f"common-instancetypes preference for {guest.pretty_name or guest.os_type}"
         + (" with VirtIO drivers" if preference_name.endswith(".virtio") else "")
-        + "; the fields below override what it prefers")
+        + "; the fields below override what it prefers"
+        + ("; it also prefers a persistent TPM, which needs KubeVirt's vmStateStorageClass"
+           if preference_name.startswith("windows.") and preference_name.split(".")[1] in _TPM_WINDOWS else ""))
     volume_set = overrides.volume_set
     if volume_set is not None and not volume_set.startswith("cpln://"):
         volume_set = f"cpln://volumeset/{volume_set}"
