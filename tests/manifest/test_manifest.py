@@ -328,3 +328,13 @@ def test_an_image_with_no_guest_gets_defaults_and_a_warning(tmp_path: Path) -> N
     assert any("firmware-unknown" in c for c in comments_before(proc.stdout, "bootloader"))
     missing = run_cli("manifest", tmp_path / "nope.raw", "--url", "https://x/n.raw")
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "nope.raw" in missing.stderr
+
+
+def test_labels_with_values_build_never_writes_are_not_a_verdict() -> None:
+    from diskport.manifest.model import facts_from_labels
+
+    good = {"io.diskport.guest.os": "linux", "io.diskport.guest.bootloader": "bios", "io.diskport.guest.bus": "sata"}
+    facts = facts_from_labels(good, "r/x@sha256:0")
+    assert facts is not None and facts.bus.value == "sata" and facts.bootloader.value == "bios"
+    assert facts_from_labels({**good, "io.diskport.guest.bus": "lun"}, "r/x@sha256:0") is None
+    assert facts_from_labels({"io.diskport.guest.os": "linux"}, "r/x@sha256:0") is None

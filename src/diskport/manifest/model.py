@@ -119,6 +119,12 @@ def facts_from_report(report: GuestReport) -> GuestFacts:
                       network=advice("network"), virtio_drivers=drivers, warnings=list(report.warnings))
 
 
+#: The values build writes; labels with others are not trusted as a verdict.
+_LABEL_VALUES = {"os": ("linux", "windows", "unknown"), "guest-os": ("linux", "windows"),
+                 "bootloader": ("bios", "efi"), "secure-boot": ("true", "false"), "bus": ("virtio", "sata", "scsi"),
+                 "network": ("virtio", "e1000e")}
+
+
 def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
     """The verdict ``build`` recorded in the image config; None when the image carries none."""
     def label(name: str) -> str | None:
@@ -127,6 +133,9 @@ def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
 
     if label("os") is None or label("bootloader") is None:
         return None
+    for name, allowed in _LABEL_VALUES.items():
+        if label(name) is not None and label(name) not in allowed:
+            return None  # not a verdict diskport wrote: the disk is inspected instead
     verdict = label("verdict") or ""
 
     def chosen(name: str, default: str) -> Choice:
