@@ -174,6 +174,11 @@ def test_checksums_the_workload_refuses_and_the_usage_errors(tmp_path: Path) -> 
     assert no_set.returncode == 2 and "--volume-set" in no_set.stderr
     local = run_cli("manifest", disk)
     assert local.returncode == 2 and "--url" in local.stderr
+    unpushed = run_cli("build", disk, "--manifest", tmp_path / "m.yaml", cwd=tmp_path)
+    assert unpushed.returncode == 2 and "--push" in unpushed.stderr and not (tmp_path / "mbr.oci").exists()
+    local_import = run_cli("import", disk, tmp_path / "o.raw", "--manifest", tmp_path / "m.yaml")
+    assert local_import.returncode == 2 and "--url URL" in local_import.stderr
+    assert not (tmp_path / "o.raw").exists() and not (tmp_path / "m.yaml").exists()
 
 
 def test_http_source_over_nginx_with_computed_checksum(tmp_path: Path, nginx: object) -> None:

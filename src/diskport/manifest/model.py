@@ -249,6 +249,9 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
             and bus.by_flag:
         warnings.append("--bus virtio for a Windows guest without viostor: Windows stops with "
                         "INACCESSIBLE_BOOT_DEVICE")
+    if target == "cpln" and overrides.size is not None:
+        warnings.append("--size is for KubeVirt's DataVolume: the platform sizes the boot volume from its volume "
+                        "set")
     if guest.os_type == "unknown":
         warnings.append("no operating system found in the image: guestOS, bus and network are the platform's "
                         "defaults; check them or pass --bus/--firmware")
