@@ -343,3 +343,6 @@ def test_labels_with_values_build_never_writes_are_not_a_verdict() -> None:
     assert facts is not None and facts.bus.value == "sata" and facts.bootloader.value == "bios"
     assert facts_from_labels({**good, "io.diskport.guest.bus": "lun"}, "r/x@sha256:0") is None
     assert facts_from_labels({"io.diskport.guest.os": "linux"}, "r/x@sha256:0") is None
+    verdict = "Windows 11 Pro; bus: sata (2 warnings: Fast Startup is on (hiberfil.sys))"
+    labelled = facts_from_labels({**good, "io.diskport.guest.verdict": verdict}, "r/x@sha256:0")
+    assert labelled is not None and labelled.warnings == ["Fast Startup is on (hiberfil.sys)"]

@@ -152,7 +152,7 @@ def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
                                     f"label {LABEL_PREFIX}secure-boot of {where}"),
         bus=chosen("bus", "virtio"), network=chosen("network", "virtio"),
         virtio_drivers=tuple(n for n in (label("virtio-drivers") or "").split(",") if n),
-        warnings=[verdict.split("warning: ", 1)[1].rstrip(")")] if "warning: " in verdict else [],
+        warnings=[m.group(1)] if (m := re.search(r"\(\d+ warnings?: (.*)\)$", verdict)) else [],
         origin=f"the labels of {where} (build's inspection: {verdict})" if verdict else f"the labels of {where}")
 
 
