@@ -155,6 +155,53 @@ def convert(source: str, destination: str, source_format: str | None, output_for
                    f"{human_size(result.zero_bytes)} zeros, {result.seconds:.2f} s", err=True)
 
 
+def manifest_options(func: Callable[P, R]) -> Callable[P, R]:
+    """--target and the overrides, the same for manifest, build --manifest and import --manifest."""
+    from diskport.manifest import DEFAULT_TARGET, TARGETS
+
+    for option in reversed([
+        click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+                     help="cpln: the platform's workload; kubevirt: a KubeVirt VirtualMachine."),
+        click.option("--name", help="Name of the workload/VM [default: from SOURCE]."),
+        click.option("--bus", type=click.Choice(["virtio", "sata", "scsi"]), help="Disk bus [default: from the "
+                     "guest's drivers]."),
+        click.option("--firmware", type=click.Choice(["bios", "efi"]), help="Firmware [default: from the disk's "
+                     "boot loaders]."),
+        click.option("--secure-boot/--no-secure-boot", "secure_boot", default=None,
+                     help="UEFI Secure Boot [default: on when the UEFI loader is signed by a CA in the "
+                          "firmware's db]."),
+        click.option("--volume-set", metavar="NAME", help="cpln: the volume set of the boot disk's persistent "
+                     "volume (needed for an http source)."),
+        click.option("--cpu", type=click.IntRange(1, 256), metavar="N", help="CPUs [default: by guest kind]."),
+        click.option("--memory", metavar="SIZE", help="Memory, as Kubernetes writes it (4Gi) [default: by guest "
+                     "kind]."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _overrides(name: str | None, size: str | None, bus: str | None, firmware: str | None,
+               secure_boot: bool | None, volume_set: str | None, cpu: int | None, memory: str | None) -> Any:
+    import re
+
+    from diskport.manifest import Overrides
+
+    if memory is not None and not re.fullmatch(r"[1-9][0-9]*(Mi|Gi|Ti|M|G|T)", memory):
+        raise UsageError(f"--memory takes a Kubernetes quantity such as 4Gi or 2048Mi, not '{memory}'")
+    return Overrides(name=name, size=parse_size(size) if size else None, bus=bus, firmware=firmware,
+                     secure_boot=secure_boot, volume_set=volume_set, cpu=cpu, memory=memory)
+
+
+def _emit_manifest(text: str, output: str | None) -> None:
+    from diskport.manifest import write_atomic
+
+    if output is None or output == "-":
+        click.echo(text, nl=False)
+    else:
+        write_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+
+
 @main.command("import")
 @click.argument("source")
 @click.argument("destination", type=click.Path(dir_okay=False))
@@ -181,6 +228,10 @@ def convert(source: str, destination: str, source_format: str | None, output_for
 @registry_options
 @click.option("--inspect", "inspect_guest", is_flag=True,
               help="Look inside the disk written and print the guest's one-line verdict (OS, firmware, bus).")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the manifest that boots SOURCE (an http(s) URL or docker://REF) from the disk "
+                   "written; the manifest options below apply.")
+@manifest_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def import_(source: str, destination: str, size_text: str | None = None, output_format: str = "raw",
@@ -188,6 +239,9 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
             headers: tuple[str, ...] = (), connections: int = 4, scratch: str | None = None, force: bool = False,
             progress_mode: str = "bar", metrics_port: int | None = None, platform: str | None = None,
             tls_verify: bool = True, creds: str | None = None, inspect_guest: bool = False,
+            manifest_path: str | None = None, target: str = "cpln", name: str | None = None,
+            bus: str | None = None, firmware: str | None = None, secure_boot: bool | None = None,
+            volume_set: str | None = None, cpu: int | None = None, memory: str | None = None,
             quiet: bool = False) -> None:
     """Import the disk at SOURCE (an http(s) URL, a file:// URL, a path, or docker://REF for a containerDisk
     image) into DESTINATION (file or block device), decompressed and converted (raw by default).
@@ -208,12 +262,21 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
     credentials: Any = "auto"
     if source.startswith("docker://"):
         registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, source)
+    boot = None
+    if manifest_path is not None:
+        overrides = _overrides(name, size_text, bus, firmware, secure_boot, volume_set, cpu, memory)
+        boot = _import_boot_source(source, checksum, platform, registry, credentials)
+        if boot.image is not None:
+            source = f"docker://{boot.image}"  # import what the manifest pins
     with JobProgress("converted", bar=progress_mode == "bar" and not quiet,
                      json_lines=progress_mode == "json" and not quiet, metrics_port=metrics_port,
                      download_total=0 if "://" in source else None) as job:
         result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
                               http=http, scratch_dir=scratch, force=force, job=job, platform=platform,
-                              registry=registry, credentials=credentials, inspect=inspect_guest)
+                              registry=registry, credentials=credentials,
+                              inspect=inspect_guest or manifest_path is not None)
+    if manifest_path is not None and boot is not None:
+        _import_manifest(result, boot, target, overrides, manifest_path)
     if inspect_guest:
         # The verdict is what was asked for: it shows even with -q, on stdout.
         if result.guest is not None:
@@ -229,6 +292,35 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
                    f"{human_size(result.downloaded_bytes)} downloaded, {human_size(result.data_bytes)} data, "
                    f"{result.seconds:.2f} s" + (f", {result.checksum} verified" if result.checksum else ""),
                    err=True)
+
+
+def _import_boot_source(source: str, checksum: str | None, platform: str | None, registry: Any,
+                        credentials: Any) -> Any:
+    """What the manifest of an import boots from, known before the import: a URL, or a reference pinned."""
+    from diskport.manifest import BootSource, checked_checksum, docker_source
+
+    if source.startswith("docker://"):
+        return docker_source(source, platform, registry, credentials)[0]
+    if source.startswith(("http://", "https://")):
+        return BootSource("http", "", None, url=source, checksum=checked_checksum(checksum) if checksum else None,
+                          checksum_why="set by --checksum, verified by the import" if checksum else "")
+    raise UsageError(f"--manifest needs a SOURCE the platform can boot from (an http(s) URL or docker://REF), "
+                     f"not the local '{source}': use `diskport manifest {source} --url URL` once it is published")
+
+
+def _import_manifest(result: Any, boot: Any, target: str, overrides: Any, path: str) -> None:
+    from diskport.manifest import manifest_for_report
+
+    if result.guest is None:
+        raise DiskportError(f"--manifest: the guest could not be inspected: {result.guest_error}",
+                            path=result.destination)
+    boot.disk_format = boot.disk_format or result.source_format
+    boot.virtual_size = result.virtual_size
+    made = manifest_for_report(result.guest, boot, target, overrides, source_text=result.source,
+                               inspected=f"{result.destination}, imported from {result.source}")
+    for warning in made.plan.warnings:
+        click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
+    _emit_manifest(made.text, path)
 
 
 def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> dict[str, str] | str:
@@ -268,12 +360,19 @@ def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> 
                    "the image until it is sent [default: $TMPDIR].")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @push_options
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --push: also write the manifest that boots the pushed image, pinned by digest, from "
+                   "the inspection the build does; the manifest options below apply.")
+@manifest_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @handle_errors
 def build(disk: str | None, reference: str | None, output: str | None, docker_archive: str | None, push_it: bool,
           arch: str | None, disks: tuple[str, ...], compression: str, convert_to: str | None, compress: bool,
           source_url: str | None, scratch: str | None, force: bool, ca_bundle: str | None, tls_verify: bool,
-          creds: str | None, chunk_size: str | None, quiet: bool) -> None:
+          creds: str | None, chunk_size: str | None, quiet: bool, manifest_path: str | None = None,
+          target: str = "cpln", name: str | None = None, bus: str | None = None, firmware: str | None = None,
+          secure_boot: bool | None = None, volume_set: str | None = None, cpu: int | None = None,
+          memory: str | None = None) -> None:
     """Package DISK as a containerDisk image: FROM scratch, the disk under /disk/ owned by 107:107 (qemu).
 
     Writes an OCI image layout (default ./NAME.oci), a docker-archive (--docker-archive), or pushes (--push -t
@@ -290,6 +389,9 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
         raise UsageError("-c compresses the converted qcow2: use it with --convert qcow2")
     if push_it and docker_archive:
         raise UsageError("--push sends the image to a registry; --docker-archive writes a file: choose one")
+    if manifest_path is not None and not push_it:
+        raise UsageError("--manifest pins the pushed image by its digest: use it with --push -t REF")
+    overrides = _overrides(name, None, bus, firmware, secure_boot, volume_set, cpu, memory)
     chosen = _parse_disks(disk, disks, arch)
     registry = _registry(creds, tls_verify, ca_bundle, reference, chunk_size) if push_it and reference else None
     # A layout names its image by tag (ref.name), an archive by reference (RepoTags); a push names it by REF.
@@ -319,6 +421,8 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
             job.set_phase("pushing")
             pushed = push_layout(result.output, reference, options=registry[0], credentials=registry[1],
                                  progress=job)
+    if manifest_path is not None and pushed is not None and reference:
+        _build_manifest(result, pushed, reference, target, overrides, manifest_path)
     if quiet:
         return
     for key, image in result.images.items():
@@ -339,6 +443,26 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
     elif result.output:
         digest = result.descriptor.digest if result.descriptor else ""
         click.echo(f"wrote {result.output} ({digest}) in {result.seconds:.2f} s", err=True)
+
+
+def _build_manifest(result: Any, pushed: Any, reference: str, target: str, overrides: Any, path: str) -> None:
+    from diskport.manifest import BootSource, manifest_for_report
+    from diskport.oci.build import host_architecture
+    from diskport.oci.reference import parse_reference
+
+    images = result.images
+    image = images.get(host_architecture()) or next(iter(images.values()))
+    if image.guest is None:
+        raise DiskportError("--manifest: the guest was not inspected, so there is nothing to choose the fields "
+                            "from", path=image.source)
+    pinned = f"{parse_reference(reference.removeprefix('docker://')).name}@{pushed.digest}"
+    boot = BootSource("docker", image.disk_format, image.guest.virtual_size, image=pinned, pinned_from=reference)
+    inspected = image.source + (f", converted to {image.disk_format}" if image.converted else "")
+    made = manifest_for_report(image.guest, boot, target, overrides, source_text=f"docker://{reference}",
+                               inspected=inspected)
+    for warning in made.plan.warnings:
+        click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
+    _emit_manifest(made.text, path)
 
 
 @main.command()
@@ -387,6 +511,53 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
     """
     ctx.invoke(import_, source=f"docker://{reference.removeprefix('docker://')}", destination=destination,
                **options)
+
+
+@main.command()
+@click.argument("source")
+@manifest_options
+@click.option("--size", "size_text", metavar="SIZE", help="kubevirt: the DataVolume's size [default: the virtual "
+              "size rounded up to a whole Gi].")
+@click.option("--checksum", metavar="ALGO:HEX", help="Checksum of the file at the URL (cpln: sha256 or sha512).")
+@click.option("--compute-checksum", "compute", is_flag=True, help="Read the file once and write its sha256.")
+@click.option("--url", metavar="URL", help="With a local image: the URL it will be published at.")
+@FORMAT_OPTION
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML to FILE (atomically) "
+              "[default: stdout].")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
+              help="CA certificates for https and registries.")
+@click.option("--insecure", is_flag=True, help="Do not verify an https server's TLS certificate.")
+@click.option("--platform", metavar="OS/ARCH", help="docker:// only: which image of an index.")
+@registry_options
+@click.option("--scratch", type=click.Path(file_okay=False, exists=True),
+              help="Folder to spool a compressed disk to when it must be inspected.")
+@handle_errors
+def manifest(source: str, target: str, name: str | None, bus: str | None, firmware: str | None,
+             secure_boot: bool | None, volume_set: str | None, cpu: int | None, memory: str | None,
+             size_text: str | None, checksum: str | None, compute: bool, url: str | None,
+             source_format: str | None, output: str | None, ca_bundle: str | None, insecure: bool,
+             platform: str | None, tls_verify: bool, creds: str | None, scratch: str | None) -> None:
+    """Write the manifest that boots SOURCE: docker://REF (a containerDisk, pinned by digest), an http(s) URL,
+    or a local image with --url.
+
+    What the guest needs (firmware, secure boot, bus, network, guest OS) is read from inside the image, or
+    from the labels `diskport build` wrote into it; every option overrides it, and the YAML's comments say
+    where each value came from.
+    """
+    from diskport.manifest import generate
+
+    overrides = _overrides(name, size_text, bus, firmware, secure_boot, volume_set, cpu, memory)
+    registry: Any = None
+    credentials: Any = "auto"
+    if source.startswith("docker://"):
+        registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, source)
+    http = HttpOptions(ca_bundle=ca_bundle, insecure=insecure)
+    result = generate(source, target=target, overrides=overrides, fmt=source_format, url=url, checksum=checksum,
+                      compute=compute, http=http, platform=platform, registry=registry, credentials=credentials,
+                      scratch_dir=scratch)
+    for warning in result.plan.warnings:
+        click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
+    _emit_manifest(result.text, output)
 
 
 @main.command()

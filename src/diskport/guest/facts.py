@@ -245,6 +245,13 @@ class GuestReport:
         }
         if self.os.pretty_name:
             labels[LABEL_PREFIX + "os-name"] = self.os.pretty_name[:256]
+        # What `diskport manifest docker://REF` needs besides the advice, so it reads the config, not the disk.
+        for name, value in (("os-id", self.os.distribution), ("os-version", self.os.version),
+                            ("os-build", self.os.build), ("installation-type", self.os.installation_type)):
+            if value is not None and value != "":
+                labels[LABEL_PREFIX + name] = str(value)[:256]
+        labels[LABEL_PREFIX + "disk-format"] = self.format
+        labels[LABEL_PREFIX + "virtual-size"] = str(self.virtual_size)
         for item in self.advice:
             labels[LABEL_PREFIX + ADVICE_LABELS[item.field]] = text(item.value)
         drivers = sorted(d.name for d in self.drivers if d.state in ("builtin", "module", "installed"))

@@ -117,13 +117,22 @@ def default_output(disk: str) -> str:
 
 
 def image_config(platform: Mapping[str, str], diff_ids: list[str], created: str,
-                 labels: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The OCI image config of a containerDisk (image-spec config.md); also the docker-archive's config."""
+                 labels: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The OCI image config of a containerDisk (image-spec config.md); also the docker-archive's config.
+
+    ``env`` becomes ``config.Env``: KubeVirt's hints (``INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE``), which CDI
+    copies from a registry import into PVC labels that ``preference.inferFromVolume`` reads.
+    """
+    inner: dict[str, Any] = {}
+    if env:
+        inner["Env"] = [f"{k}={v}" for k, v in env.items()]
+    if labels:
+        inner["Labels"] = dict(labels)
     config: dict[str, Any] = {
         "architecture": platform["architecture"],
         "os": platform.get("os", "linux"),
         "created": created,
-        "config": {"Labels": dict(labels)} if labels else {},
+        "config": inner,
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
     }
     if platform.get("variant"):
@@ -132,8 +141,23 @@ def image_config(platform: Mapping[str, str], diff_ids: list[str], created: str,
 
 
 def _one_layer_config(platform: Mapping[str, str], created: str, labels: Mapping[str, str],
-                      diff_id: str) -> dict[str, Any]:
-    return image_config(platform, [diff_id], created, labels)
+                      env: Mapping[str, str], diff_id: str) -> dict[str, Any]:
+    return image_config(platform, [diff_id], created, labels, env)
+
+
+#: The image environment variable CDI turns into the PVC label KubeVirt infers a preference from.
+PREFERENCE_ENV = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE"
+
+
+def _hints(guest: GuestReport | None) -> dict[str, str]:
+    """KubeVirt's default-preference hint for the guest, when a common-instancetypes preference fits."""
+    if guest is None:
+        return {}
+    from diskport.manifest.model import facts_from_report, preference_for
+
+    facts = facts_from_report(guest)
+    name = preference_for(facts, str(facts.bus.value))
+    return {PREFERENCE_ENV: name} if name else {}
 
 
 @dataclass(frozen=True)
@@ -344,6 +368,7 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
             with _prepared(disk, convert_to, convert_compression, scratch, progress) as (path, name, fmt):
                 guest = _inspect_guest(path, disk.path, warnings, warn)
                 labels = guest.labels() if guest is not None else {}
+                env = _hints(guest)
                 if phase is not None:
                     phase(f"package {key}")
                 size = _file_size(path)
@@ -351,7 +376,7 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 layer = config = manifest = None
                 if writer is not None:
                     layer = write_layer(path, name, writer.blobs_dir, compression, mtime=mtime, progress=report)
-                    config = writer.add_json(image_config(disk.platform, [layer.diff_id], created, labels),
+                    config = writer.add_json(image_config(disk.platform, [layer.diff_id], created, labels, env),
                                              OCI_CONFIG)
                     annotations = {ANNOTATION_CREATED: created, ANNOTATION_TITLE: name, **labels}
                     if source:
@@ -363,7 +388,7 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 if archive_path is not None:
                     archived = write_docker_archive(
                         archive_path, path, name,
-                        functools.partial(_one_layer_config, disk.platform, created, labels),
+                        functools.partial(_one_layer_config, disk.platform, created, labels, env),
                         mtime=mtime, repo_tags=[tag] if tag else [], force=force, progress=report)
                 images[key] = ImageResult(disk.platform, disk.path, disk.fmt, name, fmt, size,
                                           convert_to is not None, layer, config, manifest, archived, guest)

@@ -1,0 +1,69 @@
+"""``diskport manifest``: the platform's workload or KubeVirt's VirtualMachine that boots a disk, chosen from
+what is inside it.
+
+The source is what the platform will boot from: ``docker://REF`` (a containerDisk, resolved to its digest so the
+manifest pins it; the verdict labels ``build`` wrote into the image config are read instead of the disk when
+they are there), an ``http(s)://`` URL (inspected over ranges), or a local image with ``url`` saying where it will
+be published. :mod:`~diskport.manifest.model` decides every field once, with its reason; each target is one
+module with a ``build(plan) -> [Document, ...]`` function and one line in :data:`TARGETS`;
+:mod:`~diskport.manifest.yamlout` writes the YAML with the reasons as comments; :mod:`~diskport.manifest.api`
+does the work.
+
+The names below are loaded when first used (PEP 562), so the command line can list the targets without loading
+guest inspection.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diskport.manifest.api import (
+        ManifestResult,
+        checked_checksum,
+        compute_checksum,
+        docker_source,
+        generate,
+        manifest_for_report,
+        render,
+        write_atomic,
+    )
+    from diskport.manifest.model import BootSource, Overrides
+
+#: One line per target: its name and the module whose ``build(plan)`` writes its documents.
+TARGETS: dict[str, str] = {
+    "cpln": "diskport.manifest.cpln",
+    "kubevirt": "diskport.manifest.kubevirt",
+}
+DEFAULT_TARGET = "cpln"
+
+_LAZY = {name: "diskport.manifest.api" for name in (
+    "ManifestResult", "checked_checksum", "compute_checksum", "docker_source", "generate", "manifest_for_report",
+    "render", "write_atomic")}
+_LAZY.update(BootSource="diskport.manifest.model", Overrides="diskport.manifest.model")
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diskport.manifest' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "TARGETS",
+    "BootSource",
+    "ManifestResult",
+    "Overrides",
+    "checked_checksum",
+    "compute_checksum",
+    "docker_source",
+    "generate",
+    "manifest_for_report",
+    "render",
+    "write_atomic",
+]

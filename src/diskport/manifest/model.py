@@ -1,0 +1,291 @@
+"""What a manifest needs, target by target: where the platform boots from, the guest's facts, and the user's
+overrides, each field a :class:`Choice` that remembers why it has its value.
+
+A :class:`Choice` is a value and the sentence that becomes its YAML comment: inferred choices cite the evidence
+(the guest-inspection rule and its reason, or the image label they were read from), a flag's choice says "set by
+--bus". Targets read choices only, never the guest report, so every field of every target has one reason and the
+same reason in every target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from diskport.errors import UsageError
+from diskport.guest.facts import LABEL_PREFIX, VIRTIO_DRIVERS, GuestReport
+
+GiB = 1024 ** 3
+SourceKind = Literal["docker", "http"]
+#: KubeVirt boots a containerDisk holding these formats as they are.
+CONTAINERDISK_FORMATS = ("raw", "iso", "qcow2")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: str | bool | int
+    why: str
+    by_flag: bool = False
+
+
+@dataclass
+class BootSource:
+    """Where the platform fetches the disk: a containerDisk pinned by digest, or a URL with its checksum."""
+
+    kind: SourceKind
+    disk_format: str
+    virtual_size: int | None = None
+    image: str | None = None        # registry/repository@sha256:... (docker)
+    url: str | None = None          # http(s) URL (http)
+    checksum: str | None = None     # ALGO:HEX
+    checksum_why: str = ""
+    pinned_from: str | None = None  # the reference as given, when it was a tag
+
+
+@dataclass
+class Overrides:
+    """What the user set on the command line (None: infer it)."""
+
+    name: str | None = None
+    size: int | None = None
+    bus: str | None = None
+    firmware: str | None = None
+    secure_boot: bool | None = None
+    volume_set: str | None = None
+    cpu: int | None = None
+    memory: str | None = None
+
+
+@dataclass
+class GuestFacts:
+    """The guest as the targets need it, from a :class:`GuestReport` or from the labels ``build`` wrote."""
+
+    os_type: str = "unknown"          # linux, windows, unknown
+    distribution: str | None = None   # os-release ID
+    version: str | None = None
+    pretty_name: str | None = None
+    installation_type: str | None = None   # Windows: Client, Server, Server Core
+    build: int | None = None
+    guest_os: Choice = Choice("linux", "no guest facts; the platform's default")
+    bootloader: Choice = Choice("efi", "no guest facts; the platform's default")
+    secure_boot_possible: Choice = Choice(False, "no guest facts")
+    bus: Choice = Choice("virtio", "no guest facts; the platform's default")
+    network: Choice = Choice("virtio", "no guest facts; the platform's default")
+    virtio_drivers: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+    origin: str = "guest inspection"
+
+    @property
+    def windows_server(self) -> bool:
+        return self.os_type == "windows" and (self.installation_type or "").startswith("Server")
+
+
+@dataclass
+class Plan:
+    """Every field a target writes, decided once."""
+
+    name: str
+    source: BootSource
+    guest: GuestFacts
+    guest_os: Choice
+    bootloader: Choice
+    secure_boot: Choice
+    bus: Choice
+    network: Choice
+    cpu: Choice
+    memory: Choice
+    size: Choice | None
+    volume_set: str | None
+    preference: Choice | None
+    warnings: list[str]
+
+
+def facts_from_report(report: GuestReport) -> GuestFacts:
+    def advice(name: str) -> Choice:
+        item = next(a for a in report.advice if a.field == name)
+        return Choice(item.value, f"{item.rule}: {item.reason}" if item.reason else item.rule)
+
+    fw = report.firmware
+    why = fw.secure_boot_reason or ("signed" if fw.secure_boot else "no signed UEFI fallback loader")
+    drivers = tuple(sorted(d.name for d in report.drivers
+                           if d.state in ("builtin", "module", "installed") and d.name in VIRTIO_DRIVERS))
+    return GuestFacts(os_type=report.os.type, distribution=report.os.distribution, version=report.os.version,
+                      pretty_name=report.os.pretty_name, installation_type=report.os.installation_type,
+                      build=report.os.build, guest_os=advice("guestOS"), bootloader=advice("firmware.bootloader"),
+                      secure_boot_possible=Choice(fw.secure_boot, why), bus=advice("bus"),
+                      network=advice("network"), virtio_drivers=drivers, warnings=list(report.warnings))
+
+
+#: The values build writes; labels with others are not trusted as a verdict.
+_LABEL_VALUES = {"os": ("linux", "windows", "unknown"), "guest-os": ("linux", "windows"),
+                 "bootloader": ("bios", "efi"), "secure-boot": ("true", "false"), "bus": ("virtio", "sata", "scsi"),
+                 "network": ("virtio", "e1000e")}
+
+
+def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
+    """The verdict ``build`` recorded in the image config; None when the image carries none."""
+    def label(name: str) -> str | None:
+        value = labels.get(LABEL_PREFIX + name)
+        return value if value else None
+
+    if label("os") is None or label("bootloader") is None:
+        return None
+    for name, allowed in _LABEL_VALUES.items():
+        if label(name) is not None and label(name) not in allowed:
+            return None  # not a verdict diskport wrote: the disk is inspected instead
+    verdict = label("verdict") or ""
+
+    def chosen(name: str, default: str) -> Choice:
+        value = label(name) or default
+        return Choice(value, f"label {LABEL_PREFIX}{name} of {where}")
+
+    build = label("os-build")
+    return GuestFacts(
+        os_type=label("os") or "unknown", distribution=label("os-id"), version=label("os-version"),
+        pretty_name=label("os-name"), installation_type=label("installation-type"),
+        build=int(build) if build and build.isdigit() else None,
+        guest_os=chosen("guest-os", "linux"), bootloader=chosen("bootloader", "efi"),
+        secure_boot_possible=Choice(label("secure-boot") == "true",
+                                    f"label {LABEL_PREFIX}secure-boot of {where}"),
+        bus=chosen("bus", "virtio"), network=chosen("network", "virtio"),
+        virtio_drivers=tuple(n for n in (label("virtio-drivers") or "").split(",") if n),
+        warnings=[m.group(1)] if (m := re.search(r"\(\d+ warnings?: (.*)\)$", verdict)) else [],
+        origin=f"the labels of {where} (build's inspection: {verdict})" if verdict else f"the labels of {where}")
+
+
+def default_name(text: str) -> str:
+    """A Kubernetes/platform name (DNS label) from a reference, URL or file name."""
+    base = text.rstrip("/").rsplit("/", 1)[-1]
+    base = base.split("@", 1)[0].split(":", 1)[0].split("?", 1)[0]
+    for suffix in (".gz", ".xz", ".zst", ".bz2"):
+        base = base.removesuffix(suffix)
+    base = re.sub(r"\.(qcow2|raw|img|vmdk|vhdx|vhd|vdi|iso)$", "", base, flags=re.IGNORECASE)
+    name = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")[:53].strip("-")
+    return name or "vm"
+
+
+def check_name(name: str) -> str:
+    if len(name) > 63 or not _NAME.fullmatch(name):
+        raise UsageError(f"--name '{name}' is not a valid name (lower-case letters, digits and '-', starting and "
+                         "ending with a letter or digit, at most 63 characters)")
+    return name
+
+
+def gi_ceiling(size: int) -> int:
+    return max(1, math.ceil(size / GiB))
+
+
+def preference_for(guest: GuestFacts, bus: str) -> str | None:
+    """The common-instancetypes cluster preference that fits the guest, or None."""
+    if guest.os_type == "windows":
+        build = guest.build or 0
+        if guest.windows_server:
+            name = next((n for b, n in ((26100, "2k25"), (20348, "2k22"), (17763, "2k19"), (14393, "2k16"),
+                                        (9200, "2k12")) if build >= b), None)
+        else:
+            name = next((n for b, n in ((22000, "11"), (10240, "10"), (7600, "7")) if build >= b), None)
+        if name is None:
+            return None
+        return f"windows.{name}" + (".virtio" if bus == "virtio" else "")
+    if guest.os_type != "linux" or not guest.distribution:
+        return None
+    dist, major = guest.distribution.lower(), (guest.version or "").split(".", 1)[0]
+    simple = {"fedora": "fedora", "ubuntu": "ubuntu", "debian": "debian", "alpine": "alpine", "cirros": "cirros",
+              "ol": "oraclelinux", "sles": "sles", "opensuse-leap": "opensuse.leap",
+              "opensuse-tumbleweed": "opensuse.tumbleweed"}
+    if dist in simple:
+        return simple[dist]
+    if dist == "rhel" and major in ("7", "8", "9", "10"):
+        return f"rhel.{major}"
+    if dist == "centos" and major in ("9", "10"):
+        return f"centos.stream{major}"
+    return None
+
+
+#: common-instancetypes' Windows preferences with its ``tpm`` component (persistent TPM).
+_TPM_WINDOWS = ("10", "11", "2k16", "2k19", "2k22", "2k25")
+
+
+def resources_for(guest: GuestFacts) -> tuple[int, str, str]:
+    """Default CPUs, memory and why: what a user expects for the guest (and what its preference requires)."""
+    if guest.os_type == "windows":
+        kind = "Windows Server" if guest.windows_server else "Windows"
+        return 2, "4Gi", f"default for {kind} (2 CPUs, 4Gi: Windows 11's minimum, comfortable for Server)"
+    return 1, "2Gi", "default for a Linux guest (1 CPU, 2Gi)"
+
+
+def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, target: str) -> Plan:
+    """Decide every field: the flags first, then what the guest says."""
+    name = check_name(overrides.name) if overrides.name else default_name(source.pinned_from or source.image
+                                                                           or source.url or "vm")
+    warnings = list(guest.warnings)
+
+    def pick(flag: str, given: str | bool | None, inferred: Choice) -> Choice:
+        if given is None:
+            return inferred
+        return Choice(given, f"set by {flag}" + (f" (inferred: {_text(inferred.value)})"
+                                                 if given != inferred.value else ""), True)
+
+    guest_os = guest.guest_os
+    bootloader = pick("--firmware", overrides.firmware, guest.bootloader)
+    bus = pick("--bus", overrides.bus, guest.bus)
+    if overrides.secure_boot is not None:
+        secure = Choice(overrides.secure_boot, "set by " + ("--secure-boot" if overrides.secure_boot
+                                                            else "--no-secure-boot"), True)
+        if overrides.secure_boot and bootloader.value != "efi":
+            raise UsageError("--secure-boot needs UEFI firmware: the image boots with BIOS (pass --firmware efi "
+                             "if it also boots with UEFI)")
+        if overrides.secure_boot and not guest.secure_boot_possible.value:
+            warnings.append(f"--secure-boot asked, but {guest.secure_boot_possible.why}: the firmware may refuse "
+                            "to start the loader")
+    elif bootloader.value != "efi":
+        secure = Choice(False, "BIOS boot")
+    else:
+        secure = Choice(bool(guest.secure_boot_possible.value), guest.secure_boot_possible.why)
+    if guest.os_type == "windows" and bus.value == "virtio" and "viostor" not in guest.virtio_drivers \
+            and bus.by_flag:
+        warnings.append("--bus virtio for a Windows guest without viostor: Windows stops with "
+                        "INACCESSIBLE_BOOT_DEVICE")
+    if target == "cpln" and overrides.size is not None:
+        warnings.append("--size is for KubeVirt's DataVolume: the platform sizes the boot volume from its volume "
+                        "set")
+    if guest.os_type == "unknown":
+        warnings.append("no operating system found in the image: guestOS, bus and network are the platform's "
+                        "defaults; check them or pass --bus/--firmware")
+    if guest.os_type == "windows" and not bus.by_flag and bus.value == "sata":
+        warnings.append("Windows without a boot-start viostor: the disk is on sata (slower than virtio); "
+                        "install the virtio-win drivers before upload to use virtio")
+    if guest.os_type == "windows" and guest.network.value == "e1000e":
+        warnings.append("Windows without netkvm: the network card is an emulated e1000e")
+    cpus, memory, why = resources_for(guest)
+    cpu = Choice(overrides.cpu, "set by --cpu", True) if overrides.cpu is not None else Choice(cpus, why)
+    mem = Choice(overrides.memory, "set by --memory", True) if overrides.memory else Choice(memory, why)
+    size: Choice | None = None
+    if overrides.size is not None:
+        if source.virtual_size is not None and overrides.size < source.virtual_size:
+            raise UsageError(f"--size {overrides.size} is smaller than the disk's virtual size "
+                             f"{source.virtual_size} bytes: the import would fail ('A larger PVC is required')")
+        size = Choice(f"{gi_ceiling(overrides.size)}Gi", "set by --size", True)
+    elif source.virtual_size is not None:
+        size = Choice(f"{gi_ceiling(source.virtual_size)}Gi",
+                      f"the disk's virtual size, {source.virtual_size} bytes, rounded up to a whole Gi")
+    preference_name = preference_for(guest, str(bus.value))
+    preference = None if preference_name is None else Choice(
+        preference_name, f"common-instancetypes preference for {guest.pretty_name or guest.os_type}"
+        + (" with VirtIO drivers" if preference_name.endswith(".virtio") else "")
+        + "; the fields below override what it prefers"
+        + ("; it also prefers a persistent TPM, which needs KubeVirt's vmStateStorageClass"
+           if preference_name.startswith("windows.") and preference_name.split(".")[1] in _TPM_WINDOWS else ""))
+    volume_set = overrides.volume_set
+    if volume_set is not None and not volume_set.startswith("cpln://"):
+        volume_set = f"cpln://volumeset/{volume_set}"
+    return Plan(name=name, source=source, guest=guest, guest_os=guest_os, bootloader=bootloader,
+                secure_boot=secure, bus=bus, network=guest.network, cpu=cpu, memory=mem, size=size,
+                volume_set=volume_set, preference=preference, warnings=warnings)
+
+
+def _text(value: str | bool | int) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
