@@ -447,7 +447,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
 
 def _build_manifest(result: Any, pushed: Any, reference: str, target: str, overrides: Any, path: str) -> None:
     from diskport.manifest import BootSource, manifest_for_report
-    from diskport.oci.build import host_architecture
+    from diskport.oci.platform import host_architecture
     from diskport.oci.reference import parse_reference
 
     images = result.images
