@@ -231,6 +231,8 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
                 raise DestinationError(f"the disk holds {image.virtual_size} bytes, more than the {grow_to} "
                                        "bytes asked for", path=dest.path)
             writer.finish(max(image.virtual_size, grow_to or 0))
+            for check in image.checks:
+                check()
             if before_commit is not None:
                 before_commit()
         except BaseException:
