@@ -142,8 +142,8 @@ def virtualbox_ovf(vm: Vm, files: list[tuple[str, int, Disk]], version: int = 1)
                                         "InstanceID": 10 + k, "Parent": parent, "ResourceType": 17}
         items.append(_item("sasd", fields, "StorageItem") if version == 2 else _item("rasd", fields))
     for k, nic in enumerate(vm.nics):
-        fields = {"AutomaticAllocation": "true", "Caption": f"Ethernet adapter on 'NAT'", "Connection": "NAT",
-                  "ElementName": f"Ethernet adapter on 'NAT'", "InstanceID": 20 + k, "ResourceSubType": nic,
+        fields = {"AutomaticAllocation": "true", "Caption": "Ethernet adapter on 'NAT'", "Connection": "NAT",
+                  "ElementName": "Ethernet adapter on 'NAT'", "InstanceID": 20 + k, "ResourceSubType": nic,
                   "ResourceType": 10}
         items.append(_item("epasd", fields, "EthernetPortItem") if version == 2 else _item("rasd", fields))
     firmware = "EFI" if vm.firmware == "efi" else "BIOS"
