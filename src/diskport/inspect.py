@@ -10,24 +10,26 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from diskport.errors import safe_text
 from diskport.formats import open_image
+from diskport.ova import DEFAULT, OvaChoice
 from diskport.units import human_size
 
 
 def inspect_image(location: str | os.PathLike[str], fmt: str | None = None, *,
-                  scratch_dir: str | None = None) -> dict[str, Any]:
+                  scratch_dir: str | None = None, ova: OvaChoice = DEFAULT) -> dict[str, Any]:
     """Facts about the image at ``location``.
 
     A raw disk inside gzip or bzip2 declares no size: it is decompressed once, without writing anything, to
     learn it. A random-access format inside a compressed file is spooled to scratch to be read.
     """
-    with open_image(location, fmt, scratch_dir=scratch_dir) as image:
+    with open_image(location, fmt, scratch_dir=scratch_dir, ova=ova) as image:
         if not image.size_known:
             for _ in image.extents():
                 pass
         facts = image.info()
         facts["filename"] = os.fspath(location)
-        if image.compression:
+        if image.compression or image.appliance is not None:
             facts["access"] = image.access
         return facts
 
@@ -55,6 +57,9 @@ def render_text(facts: dict[str, Any]) -> str:
         lines.append(f"disk size:     {human_size(facts['actual-size'])}")
     if "cluster-size" in facts:
         lines.append(f"cluster size:  {facts['cluster-size']}")
+    appliance = facts.get("ova")
+    if appliance:
+        lines.extend(_render_ova(appliance))
     specific = facts.get("format-specific", {}).get("data")
     if specific:
         lines.append("format specific:")
@@ -62,3 +67,32 @@ def render_text(facts: dict[str, Any]) -> str:
         _flatten("", specific, details)
         lines.extend(f"    {line}" for line in details)
     return "\n".join(lines)
+
+
+def _render_ova(ova: dict[str, Any]) -> list[str]:
+    """The appliance's facts, when the image is the boot disk of an OVA (strings from the OVF escaped)."""
+    os_facts = ova["os"]
+    memory = human_size(ova["memory"]) if ova.get("memory") else "not stated"
+    lines = [
+        f"appliance:     OVF {safe_text(ova['ovf-version'])}, VM {safe_text(ova['vm'])}"
+        + (f" (of {', '.join(safe_text(v) for v in ova['virtual-systems'])})" if len(ova["virtual-systems"]) > 1
+           else ""),
+        f"  cpus, memory: {ova.get('cpus') or 'not stated'}, {memory}",
+        f"  guest os:     {safe_text(str(os_facts.get('os-type')))} (CIM id {os_facts.get('cim-id')})",
+        f"  firmware:     {safe_text(str(ova.get('firmware') or 'not stated'))}"
+        + (f" ({ova['firmware-source']})" if ova.get("firmware-source") else ""),
+    ]
+    for nic in ova.get("nics", []):
+        lines.append(f"  nic:          {safe_text(str(nic.get('type')))} on {safe_text(str(nic.get('network')))}")
+    for disk in ova["disks"]:
+        lines.append(f"  disk {disk['index']}:       {safe_text(disk['id'])} {safe_text(str(disk['file']))}, "
+                     f"{human_size(disk['capacity'])}, {disk['bus'] or 'no bus'}" + (", boot" if disk["boot"] else ""))
+    manifest = ova["manifest"]
+    if manifest["file"]:
+        lines.append(f"  manifest:     {safe_text(manifest['file'])} ({', '.join(manifest['algorithms'])}, "
+                     f"{manifest['entries']} entries; verified so far: {len(manifest['verified'])})")
+    else:
+        lines.append("  manifest:     none (members not verified)")
+    if manifest["certificate"]:
+        lines.append(f"  certificate:  {safe_text(manifest['certificate'])}")
+    return lines

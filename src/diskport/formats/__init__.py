@@ -173,26 +173,35 @@ def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) ->
 
 def _open_ova(pkg: package.OvaPackage, choice: OvaChoice, scratch_dir: str | None, size_limit: int | None,
               random_access: bool) -> DiskImage:
-    """The chosen disk of an OVA, opened as the file it is; the image owns the package and runs its checks."""
+    """The chosen disk of an OVA; the image owns the package."""
     try:
-        disks = pkg.disks(choice.vm)
-        if not 0 <= choice.disk < len(disks):
-            raise UsageError(f"the appliance has {len(disks)} disk(s), numbered 0 to {len(disks) - 1}; there is no "
-                             f"disk {choice.disk}", path=pkg.name)
-        found = pkg.disk_source(disks[choice.disk], choice.disk)
-        try:
-            image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
-                                  random_access=random_access, ova=None)
-        except DiskportError as e:
-            raise e.locate(found.source.name) from None
+        image = open_ova_disk(pkg, choice.disk, choice.vm, scratch_dir=scratch_dir, size_limit=size_limit,
+                              random_access=random_access)
     except BaseException:
         pkg.close()
         raise
     image.close_with(pkg.close)
+    return image
+
+
+def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *, scratch_dir: str | None = None,
+                  size_limit: int | None = None, random_access: bool = False) -> DiskImage:
+    """Disk ``index`` (0: the boot disk) of ``vm`` in an opened OVA, read as the file it is. The image runs the
+    package's checks for it (manifest digests) before its destination is committed; it does not close ``pkg``."""
+    disks = pkg.disks(vm)
+    if not 0 <= index < len(disks):
+        raise UsageError(f"the appliance has {len(disks)} disk(s), numbered 0 to {len(disks) - 1}; there is no "
+                         f"disk {index}", path=pkg.name)
+    found = pkg.disk_source(disks[index], index)
+    try:
+        image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
+                              random_access=random_access, ova=None)
+    except DiskportError as e:
+        raise e.locate(found.source.name) from None
     if isinstance(pkg, package.StreamedOva) and pkg.stream.kind:
         image.compression.insert(0, pkg.stream.kind)
     image.appliance = pkg
-    image.appliance_vm = choice.vm
+    image.appliance_vm = vm
     image.checks.extend(found.checks)
 
     def report() -> None:
@@ -201,6 +210,26 @@ def _open_ova(pkg: package.OvaPackage, choice: OvaChoice, scratch_dir: str | Non
     image.checks.append(report)
     image.access += f"; OVA: {found.note}"
     return image
+
+
+def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package.OvaPackage:
+    """``source`` as an OVA package (for writing several of its disks), or a UsageError when it is not one."""
+    head = read_head(source)
+    compression = detect_compression(head)
+    if compression or source.sequential:
+        stream = DecompressingStream(source, compression)
+        try:
+            buf = bytearray(HEAD_SIZE)
+            inner = bytes(buf[: stream.readinto(memoryview(buf))])
+            if package.is_ova_head(inner):
+                return package.open_package(source, stream, inner)
+        except BaseException:
+            stream.close()
+            raise
+        stream.close()
+    elif head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source)):
+        return package.open_package(source)
+    raise UsageError("is not an OVA appliance; choosing among several disks is for OVAs", path=source.name)
 
 
 def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | None = None,
@@ -245,4 +274,5 @@ def open_image(location: str | os.PathLike[str] | Source, fmt: str | None = None
         raise
 
 
-__all__ = ["FORMATS", "DiskImage", "Extent", "FormatSpec", "open_detected", "open_image", "probe_scores"]
+__all__ = ["FORMATS", "DiskImage", "Extent", "FormatSpec", "open_appliance", "open_detected", "open_image",
+           "open_ova_disk", "probe_scores"]
