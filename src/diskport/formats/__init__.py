@@ -137,7 +137,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         image.close_with(source.close)
         image.outer = source
         image.compression = [kind] if kind else []
-        needs = "random access was asked for" if name in STREAMABLE or name == "vmdk" else f"{name} needs random access"
+        streamable = name in STREAMABLE or (name == "vmdk" and vmdk.is_stream_optimized(head))
+        needs = "random access was asked for" if streamable else f"{name} needs random access"
         image.access = f"spooled: {needs}, so {stream.label} was copied to scratch first"
         return image
     except BaseException:

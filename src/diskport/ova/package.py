@@ -40,6 +40,8 @@ from diskport.sources.checksum import ChecksumSource
 from diskport.sources.stream import DecompressingStream
 
 MAX_MEMBERS = 10_000
+#: The size of a chunked file in a stream whose descriptor gives none, until its last chunk has passed.
+UNKNOWN_SIZE = 1 << 62
 _REGULAR = (b"0", b"\0", b"7")
 _LINKS = (b"1", b"2")
 _SIGNATURE = "present, its signature is not verified (diskport does not check OVA certificates yet)"
@@ -460,11 +462,8 @@ class StreamedOva(OvaPackage):
             if not self._take_small(entry, name):
                 continue  # another member: read through unhashed, it is not converted
         chunked = name != href
-        if chunked and disk.file.size is None:
-            raise UnsupportedImage(f"the chunked file '{href}' declares no ovf:size, so its length is unknown "
-                                   "until its last chunk", path=self.name, fmt="ova",
-                                   hint="read the OVA from a file or a server with range requests")
-        size = disk.file.size if chunked and disk.file.size is not None else entry.size
+        # A chunked file without ovf:size has no known length until its last chunk: read to its end.
+        size = (disk.file.size if disk.file.size is not None else UNKNOWN_SIZE) if chunked else entry.size
         if disk.file.size is not None and disk.file.size != size:
             raise CorruptImage(f"'{href}' is {size} bytes in the package, the descriptor says {disk.file.size}",
                                path=self.name, fmt="ova")
@@ -548,6 +547,9 @@ class StreamedMember(ReadintoSource):
         while done < len(buf) and self._pos < self.size:
             if self._member_left == 0:
                 if not self._advance():
+                    if self.size == UNKNOWN_SIZE:
+                        self.size = self._pos  # the last chunk was the end of the file
+                        break
                     raise CorruptImage(f"'{self.href}' ends after {self._pos} bytes; the descriptor says "
                                        f"{self.size}", path=self.package.name, fmt="ova",
                                        hint="the file is truncated")
@@ -585,7 +587,8 @@ class StreamedMember(ReadintoSource):
             return
         scratch = memoryview(bytearray(1 << 20))
         while self._pos < self.size:
-            self._pull(scratch[: min(len(scratch), self.size - self._pos)])
+            if not self._pull(scratch[: min(len(scratch), self.size - self._pos)]):
+                break
         if self._member_left:
             raise CorruptImage(f"'{self._member}' is longer than the descriptor's size for '{self.href}'",
                                path=self.package.name, fmt="ova")
