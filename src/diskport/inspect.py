@@ -89,8 +89,10 @@ def _render_ova(ova: dict[str, Any]) -> list[str]:
                      f"{human_size(disk['capacity'])}, {disk['bus'] or 'no bus'}" + (", boot" if disk["boot"] else ""))
     manifest = ova["manifest"]
     if manifest["file"]:
+        checked = ", ".join(safe_text(name) for name in manifest["verified"]) or "nothing yet"
         lines.append(f"  manifest:     {safe_text(manifest['file'])} ({', '.join(manifest['algorithms'])}, "
-                     f"{manifest['entries']} entries; verified so far: {len(manifest['verified'])})")
+                     f"{manifest['entries']} entries; checked here: {checked}; disks are checked as they are "
+                     "converted)")
     else:
         lines.append("  manifest:     none (members not verified)")
     if manifest["certificate"]:
