@@ -70,8 +70,8 @@ def test_virtualbox_ovf2_facts_and_efi(tmp_path: Path, disks: list[tuple[Disk, s
     assert sha256_file(out) == expected
 
 
-def test_vmware_windows_bios_facts(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
-    disk, _ = disks[0]
+def test_vmware_windows_bios_sha1_and_cert(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
+    disk, expected = disks[0]
     vm = Vm("win2019", [disk], os_id=112, os_type="windows2019srv_64Guest", firmware="bios", memory_mib=8192)
     ova = make_ova(tmp_path / "win.ova", [vm], algo="sha1", cert=True)
     facts = inspect_image(ova)["ova"]
@@ -83,6 +83,13 @@ def test_vmware_windows_bios_facts(tmp_path: Path, disks: list[tuple[Disk, str]]
     assert "signature is not verified" in facts["manifest"]["certificate"]
     proc = run_cli("inspect", ova)
     assert "windows2019srv_64Guest" in proc.stdout and "certificate:" in proc.stdout, proc.stdout
+    for name, packed in (("win.raw", ova), ("win-gz.raw", ova.with_name("win.ova.gz"))):
+        if packed.suffix == ".gz":
+            packed.write_bytes(gzip.compress(ova.read_bytes(), 1))
+        result = convert(packed, tmp_path / name)
+        assert sha256_file(tmp_path / name) == expected
+        assert "manifest win.mf: 2 member(s) verified" in result.access and "signature is not verified" in \
+            result.access, result.access
 
 
 def test_three_disks_boot_disk_by_boot_order_and_all_disks(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
@@ -250,6 +257,15 @@ def test_missing_and_extra_manifest_entries_are_reported(tmp_path: Path, disks: 
     result = convert(odd, tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == expected
     assert "not listed: ghost.vmdk (listed, not in the package), m-disk1.vmdk" in result.access, result.access
+    # in a stream the manifest came first and nothing after the disk is read: entries naming no member are
+    # known only when the stream was read to its end (manifest last, as VirtualBox writes it)
+    streamed = tmp_path / "odd.ova.gz"
+    streamed.write_bytes(gzip.compress(odd.read_bytes(), 1))
+    result = convert(streamed, tmp_path / "streamed.raw")
+    assert "not listed: m-disk1.vmdk" in result.access, result.access
+    last = write_tar(tmp_path / "last.ova", [members[0], members[2], members[1]], compress=True)
+    result = convert(last, tmp_path / "last.raw")
+    assert "not listed: m-disk1.vmdk, ghost.vmdk (listed, not in the package)" in result.access, result.access
 
 
 # -- hostile packages ----------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def default_names(pkg: OvaPackage, vm: str | None, folder: str, output_format: s
     """``--all-disks FOLDER``: each disk under its file's name, with the output format's extension."""
     out: dict[int, str] = {}
     for i, disk in enumerate(pkg.disks(vm)):
-        stem = os.path.basename(disk.file.href if disk.file else disk.id)
+        if disk.file is None:
+            continue  # an empty disk the VM would create: no file to convert
+        stem = os.path.basename(disk.file.href)
         stem = re.sub(r"\.(vmdk|qcow2|vhdx?|vdi|img|raw)$", "", stem, flags=re.IGNORECASE)
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".") or f"disk{i}"
         out[i] = os.path.join(folder, f"{stem}.{output_format}")

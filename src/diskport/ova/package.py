@@ -473,7 +473,8 @@ class StreamedOva(OvaPackage):
         return DiskSource(disk, index, member, [member.verify], note)
 
     def read_to_end(self) -> None:
-        """Read on to the end of the tar, taking the manifest and certificate met on the way."""
+        """Read on to the end of the tar, taking the manifest and certificate met on the way; manifest entries
+        that name no member are then known, and reported."""
         while not self._finished:
             entry = self._next()
             if entry is None:
@@ -481,6 +482,9 @@ class StreamedOva(OvaPackage):
             name = member_name(entry.name, self.name)
             self.seen.append(name)
             self._take_small(entry, name)
+        if self.manifest is not None:
+            self.unlisted.extend(f"{name} (listed, not in the package)" for name in self.manifest
+                                 if name not in self.seen)
 
     def close(self) -> None:
         self.stream.close()
