@@ -350,6 +350,9 @@ def test_descriptor_not_first_is_read_with_random_access_only(tmp_path: Path, di
     reordered = write_tar(tmp_path / "late.ova", [members[2], members[0], members[1]])
     convert(reordered, tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == expected
+    streamed = write_tar(tmp_path / "late.ova.gz", [members[2], members[0], members[1]], compress=True)
+    with pytest.raises(UnsupportedImage, match=r"whose \.ovf descriptor is not the first member"):
+        convert(streamed, tmp_path / "streamed.raw")
 
 
 def test_disk_choice_errors(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:

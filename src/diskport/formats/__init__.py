@@ -108,6 +108,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
             return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
                              random_access)
         if not fmt:
+            package.refuse_late_descriptor(head, source.name)
+        if not fmt:
             foreign.refuse_foreign(head, view)
         name = ALIASES.get(fmt, fmt) if fmt else _choose(probe_scores(view, head), view, probe_only=True)
         limit = size_limit if size_limit is not None else MAX_STREAM_SIZE

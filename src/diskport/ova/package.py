@@ -97,6 +97,16 @@ def is_ova_head(head: bytes) -> bool:
     return name is not None and name.lower().endswith(".ovf")
 
 
+def refuse_late_descriptor(head: bytes, where: str) -> None:
+    """A stream that starts as a tar of an appliance's other files: its descriptor is not first, as DSP0243
+    wants, and a stream cannot go back to the disks once the descriptor has named them."""
+    name = tar_first_name(head)
+    if name is not None and name.lower().endswith((".mf", ".cert", ".vmdk", ".vmdk.000000000")):
+        raise UnsupportedImage(f"is a tar that starts with '{name}', an OVA whose .ovf descriptor is not the first "
+                               "member; read in order, its disks cannot be found", path=where, fmt="ova",
+                               hint="read it from a file or a server with range requests, where any order is read")
+
+
 def has_ovf_member(source: Source) -> bool:
     """Whether a random-access tar holds an ``.ovf`` member anywhere (DSP0243 wants it first; tolerated)."""
     try:
@@ -296,6 +306,8 @@ class RandomOva(OvaPackage):
         self.digests[ovfs[0]] = _all_digests(data)
         for name, entry in members.items():
             if name.lower().endswith(".mf"):
+                if self.manifest is not None:
+                    raise CorruptImage("the package holds two manifests", path=source.name, fmt="ova")
                 self.manifest = parse_manifest(self._small(entry, "manifest", MAX_MANIFEST, source),
                                                f"{source.name}: {name}")
                 self.manifest_name = name
