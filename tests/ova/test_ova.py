@@ -375,3 +375,32 @@ def test_an_ova_inside_an_ova_is_refused(tmp_path: Path, disks: list[tuple[Disk,
     outer = _ova_with_ovf(tmp_path, nested, _plain_ovf(nested))
     with pytest.raises(UnsupportedImage, match="an OVA appliance inside an OVA"):
         convert(outer, tmp_path / "out.raw")
+
+
+def test_ovf_with_its_files_in_a_folder(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
+    (a, ea), (b, eb), _ = disks
+    ova = make_ova(tmp_path / "app.ova", [Vm("app", [a, b], firmware="efi")])
+    folder = tmp_path / "unpacked"
+    folder.mkdir()
+    for name, data in _members(ova):
+        (folder / name).write_bytes(data)
+    facts = inspect_image(folder / "app.ovf")["ova"]
+    assert facts["firmware"] == "efi" and [d["file"] for d in facts["disks"]] == ["app-disk1.vmdk", "app-disk2.vmdk"]
+    result = convert(folder / "app.ovf", tmp_path / "boot.raw")
+    assert sha256_file(tmp_path / "boot.raw") == ea
+    assert "manifest app.mf: 2 member(s) verified" in result.access, result.access
+    proc = run_cli("convert", folder / "app.ovf", "--disk", f"1={tmp_path / 'data.raw'}")
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(tmp_path / "data.raw") == eb
+    # a disk file swapped for a link out of the folder is refused; a changed one fails its digest
+    outside = tmp_path / "elsewhere.vmdk"
+    (folder / "app-disk2.vmdk").rename(outside)
+    (folder / "app-disk2.vmdk").symlink_to(outside)
+    proc = run_cli("convert", folder / "app.ovf", "--disk", f"1={tmp_path / 'link.raw'}")
+    assert proc.returncode == 1 and "a link that leaves the image's folder" in proc.stderr, proc.stderr
+    data = bytearray((folder / "app-disk1.vmdk").read_bytes())
+    data[-1] ^= 1
+    (folder / "app-disk1.vmdk").write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"the manifest app\.mf says"):
+        convert(folder / "app.ovf", tmp_path / "tampered.raw")
+    assert not (tmp_path / "tampered.raw").exists()

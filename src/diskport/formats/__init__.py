@@ -230,7 +230,8 @@ def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package
             stream.close()
             raise
         stream.close()
-    elif head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source)):
+    elif package.is_ovf_descriptor(head) or (
+            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))):
         return package.open_package(source)
     raise UsageError("is not an OVA appliance; choosing among several disks is for OVAs", path=source.name)
 
@@ -248,8 +249,8 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
     compression = detect_compression(head)
     if compression or source.sequential:
         return open_stream(source, compression, fmt, scratch_dir, size_limit, random_access, ova)
-    if (fmt is None and ova is not None and head[257:262] == b"ustar"
-            and (package.is_ova_head(head) or package.has_ovf_member(source))):
+    if (fmt is None and ova is not None and (package.is_ovf_descriptor(head) or (
+            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))))):
         return _open_ova(package.open_package(source), ova, scratch_dir, size_limit, random_access)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)

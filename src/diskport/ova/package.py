@@ -33,7 +33,15 @@ from typing import Any
 
 from diskport.errors import CorruptImage, SourceError, UnsafeImage, UnsupportedImage
 from diskport.oci.tarscan import BLOCK, RandomTarReader, StreamTarReader, TarEntry, iter_tar
-from diskport.ova.descriptor import FMT, Descriptor, DiskDef, VirtualSystem, parse_descriptor, to_facts
+from diskport.ova.descriptor import (
+    FMT,
+    MAX_DESCRIPTOR,
+    Descriptor,
+    DiskDef,
+    VirtualSystem,
+    parse_descriptor,
+    to_facts,
+)
 from diskport.ova.manifest import MAX_MANIFEST, parse_manifest
 from diskport.sources.base import ReadintoSource, SliceSource, Source
 from diskport.sources.checksum import ChecksumSource
@@ -319,6 +327,13 @@ class RandomOva(OvaPackage):
             if missing:
                 self.unlisted.extend(f"{name} (listed, not in the package)" for name in missing)
 
+    def _has(self, name: str) -> bool:
+        return name in self.members
+
+    def _open_member(self, name: str) -> Source:
+        entry = self.members[name]
+        return _Borrowed(self.source, entry.data_offset, entry.size, f"{self.name}: {name}")
+
     @staticmethod
     def _small(entry: TarEntry, what: str, limit: int, source: Source) -> bytes:
         if entry.size > limit:
@@ -329,19 +344,18 @@ class RandomOva(OvaPackage):
     def disk_source(self, disk: DiskDef, index: int) -> DiskSource:
         href = self.files_of(disk)
         assert disk.file is not None
-        names = [href] if href in self.members else _chunk_names(href, self.members.__contains__)
+        names = [href] if self._has(href) else _chunk_names(href, self._has)
         if not names:
             raise CorruptImage(f"disk '{disk.id}' refers to '{href}', which the package does not hold",
                                path=self.name, fmt="ova")
         chunked = names != [href]
         parts: list[Source] = []
         checks: list[Callable[[], None]] = []
-        whole = sum(self.members[n].size for n in names)
+        slices = [self._open_member(n) for n in names]
+        whole = sum(part.size for part in slices)
         if disk.file.size is not None and disk.file.size != whole:
             raise CorruptImage(f"'{href}' is {whole} bytes in the package, the descriptor says {disk.file.size}",
                                path=self.name, fmt="ova")
-        slices = [_Borrowed(self.source, self.members[n].data_offset, self.members[n].size,
-                            f"{self.name}: {n}") for n in names]
         head = slices[0].pread(0, 512)
         in_order = chunked or disk.file.compression == "gzip" or head[:2] == b"\x1f\x8b" or _stream_vmdk(head)
         note = ""
@@ -359,7 +373,7 @@ class RandomOva(OvaPackage):
                 checks.append(partial(self._verified, hashed, name))
             else:
                 parts.append(part)
-                again = ChecksumSource(_Borrowed(self.source, part.offset, part.size, part.name), *listed)
+                again = ChecksumSource(self._open_member(name), *listed)
                 checks.append(partial(self._verified, again, name))
                 note = f"{name} is hashed by a second read before the destination is committed"
         source = ConcatSource(parts, f"{self.name}: {href}") if chunked else parts[0]
@@ -383,6 +397,64 @@ class RandomOva(OvaPackage):
     def _unlisted(self, name: str) -> None:
         if name not in self.unlisted:
             self.unlisted.append(name)
+
+
+class FolderOvf(RandomOva):
+    """An ``.ovf`` descriptor with its files beside it (an OVF "package" unpacked in a folder). The files are
+    opened through :meth:`Source.open_relative`, which confines them to the descriptor's folder (no ``..``, no
+    links out of it, regular files only); the manifest is the ``.mf`` of the same name, when there is one."""
+
+    def __init__(self, source: Source) -> None:
+        if source.size > MAX_DESCRIPTOR:
+            raise UnsafeImage(f"the OVF descriptor is {source.size} bytes, more than the {MAX_DESCRIPTOR} limit",
+                              path=source.name, fmt=FMT)
+        data = source.read_exact(0, source.size, "OVF descriptor", FMT)
+        self._opened: dict[str, Source] = {}
+        self.members = {}
+        ovf_name = source.name.replace("\\", "/").rsplit("/", 1)[-1]
+        OvaPackage.__init__(self, source, parse_descriptor(data, source.name), ovf_name, streamed=False)
+        self.digests[ovf_name] = _all_digests(data)
+        stem = ovf_name[:-4] if ovf_name.lower().endswith(".ovf") else ovf_name
+        for suffix, what in ((".mf", "manifest"), (".cert", "certificate")):
+            if not self._has(stem + suffix):
+                continue
+            if suffix == ".cert":
+                self.cert = stem + suffix
+                continue
+            mf = self._open_member(stem + suffix)
+            if mf.size > MAX_MANIFEST:
+                raise UnsafeImage(f"the manifest is {mf.size} bytes, more than the {MAX_MANIFEST} limit",
+                                  path=mf.name, fmt="mf")
+            self.manifest = parse_manifest(mf.read_exact(0, mf.size, what, "mf"), mf.name)
+            self.manifest_name = stem + suffix
+        self.check_digest(ovf_name, self.digests[ovf_name])
+
+    def _has(self, name: str) -> bool:
+        if name in self._opened:
+            return True
+        try:
+            self._opened[name] = self.source.open_relative(name, "the OVF file")
+        except SourceError:
+            return False
+        return True
+
+    def _open_member(self, name: str) -> Source:
+        if not self._has(name):
+            raise SourceError(f"the OVF file '{name}' is missing beside the descriptor", path=self.name, fmt=FMT)
+        opened = self._opened[name]
+        return _Borrowed(opened, 0, opened.size, opened.name)
+
+    def close(self) -> None:
+        for opened in self._opened.values():
+            opened.close()
+        self._opened.clear()
+        super().close()
+
+
+def is_ovf_descriptor(head: bytes) -> bool:
+    """Whether ``head`` starts an OVF descriptor (XML whose root is an OVF Envelope)."""
+    text = head[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return text.startswith(b"<") and b"Envelope" in text and b"dmtf.org/ovf/envelope" in text
 
 
 def _stream_vmdk(head: bytes) -> bool:
@@ -627,9 +699,12 @@ class StreamedMember(ReadintoSource):
 
 
 def open_package(source: Source, stream: DecompressingStream | None = None, head: bytes = b"") -> OvaPackage:
-    """The package in ``source``: read in place, or (with ``stream``, its first bytes in ``head``) in order."""
+    """The package in ``source``: read in place, or (with ``stream``, its first bytes in ``head``) in order; an
+    ``.ovf`` descriptor with its files beside it."""
     if stream is not None:
         return StreamedOva(source, stream, head)
+    if is_ovf_descriptor(source.pread(0, 4096)):
+        return FolderOvf(source)
     return RandomOva(source)
 
 
