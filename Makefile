@@ -19,7 +19,7 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff check src tests bench scripts fuzz
 	$(VENV)/bin/mypy
 
 test: $(STAMP) system-deps lint

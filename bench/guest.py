@@ -4,8 +4,9 @@ what inspection costs over HTTP (bytes and requests, from nginx's own access log
     python bench/guest.py [--rounds 3] [--dir bench-out/guest]
 
 The disks are the test suite's layouts (tests/guest/test_inspect.py), built with Debian tools: a GPT disk with
-an ESP, a BIOS boot partition and an ext4 root (bios+efi), and an MBR disk with GRUB in the gap (bios), each
-as raw and as qcow2. virt-inspector boots its appliance under TCG here (LIBGUESTFS_BACKEND=direct,
+an ESP, a BIOS boot partition and an ext4 root (bios+efi), an MBR disk with GRUB in the gap (bios), and a
+Windows-style GPT disk (ESP, MSR, NTFS with SOFTWARE and SYSTEM hives; tests/guest/windows/disks.py), each as raw
+and as qcow2. virt-inspector boots its appliance under TCG here (LIBGUESTFS_BACKEND=direct,
 LIBGUESTFS_BACKEND_SETTINGS=force_tcg); the KVM of these VMs is a nested kvm-pvm that fails real guests.
 
 The peer needs Debian's libguestfs-tools and a kernel for its appliance (``apt-get install libguestfs-tools
@@ -28,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk  # noqa: E402
+from tests.guest.windows.disks import windows_disk  # noqa: E402
 from tests.servers import NginxServer  # noqa: E402
 
 from common import DISKPORT, Case, alternate, need, timed  # noqa: E402
@@ -35,7 +37,7 @@ from common import DISKPORT, Case, alternate, need, timed  # noqa: E402
 
 def layouts(work: Path, qemu_img: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
-    for name, build in (("gpt-bios+efi", gpt_linux_disk), ("mbr-bios", mbr_linux_disk)):
+    for name, build in (("gpt-bios+efi", gpt_linux_disk), ("mbr-bios", mbr_linux_disk), ("windows-efi", windows_disk)):
         folder = work / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

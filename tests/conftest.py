@@ -20,6 +20,7 @@ import pytest
 pytest_plugins = [
     "tests.servers",           # real servers on loopback: nginx, plain http, TLS, fault injection, proxy
     "tests.registry_servers",  # docker-registry (plain, TLS + htpasswd, token auth), token server, fault proxy
+    "tests.guest.boot.fixtures",  # bootable disks (Debian's shim, GRUB, kernel) for the qemu boot tests
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,3 +149,21 @@ def pvc_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "pvc"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The retry policy's waits, recorded instead of slept (a cancel still ends one, as a real wait would)."""
+    import threading
+
+    from diskport.net import Cancelled
+
+    slept: list[float] = []
+
+    def record(seconds: float, cancel: threading.Event | None) -> None:
+        slept.append(seconds)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+
+    monkeypatch.setattr("diskport.net.retry._sleep", record)
+    return slept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
 import os
 import random
@@ -292,3 +293,39 @@ def test_unrecognised_xz_layout_falls_back_to_sequential(tmp_path: Path) -> None
         assert find_blocks(source) is None  # no footer at the end: the sequential decoder takes over
     convert(packed, tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == sha256_file(raw)
+
+
+def test_damage_found_by_the_end_check_says_where_it_can(tmp_path: Path) -> None:
+    """A flipped byte in compressible text shows only as gzip's CRC at the end: the message must not claim the
+    damage lies after the bytes handed out so far, and names the compressed position and the file's size."""
+    text = tmp_path / "text.raw"
+    text.write_bytes(b"".join(b"line %09d of text\n" % i for i in range(400_000)))
+    data = bytearray(gzip.compress(text.read_bytes(), compresslevel=6))
+    data[len(data) // 2] ^= 0xFF
+    packed = tmp_path / "text.raw.gz"
+    packed.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage) as caught:
+        convert(packed, tmp_path / "out.raw")
+    message = str(caught.value)
+    assert "end-of-member check" in message and "damaged somewhere before" in message, message
+    assert f"compressed byte {len(data)} of {len(data)}" in message
+    decompressed = int(message.split("at least ")[1].split(" ")[0])
+    assert 0 < decompressed <= text.stat().st_size
+
+
+def test_inspect_bounds_the_size_scan_of_a_compressed_raw_disk(tmp_path: Path) -> None:
+    """A small file that expands a thousandfold: inspect stops at --size-scan-limit and says the size is a
+    lower bound, instead of decompressing it all."""
+    packed = tmp_path / "big.raw.zst"
+    with packed.open("wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as writer:
+        for _ in range(256):
+            writer.write(bytes(MiB))
+    assert packed.stat().st_size < MiB
+    out = run_cli("inspect", "--json", "--size-scan-limit", "64M", packed)
+    assert out.returncode == 0, out.stderr
+    facts = json.loads(out.stdout)
+    assert facts["virtual-size-known"] is False
+    assert 64 * MiB <= facts["virtual-size"] < 256 * MiB
+    assert "stopped after" in facts["access"]
+    whole = json.loads(run_cli("inspect", "--json", packed).stdout)
+    assert whole["virtual-size"] == 256 * MiB and "virtual-size-known" not in whole

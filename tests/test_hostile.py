@@ -256,6 +256,18 @@ def test_backing_file_name_cannot_forge_lines(tmp_path: Path) -> None:
     assert "\\nFAKE: ok\\x1b]0;t\\x07\\r" in proc.stderr
 
 
+def test_inspect_text_escapes_names_from_the_image(tmp_path: Path) -> None:
+    """A flat VMDK whose extent file is named with an OSC title sequence: inspect shows it escaped."""
+    name = "x\x1b]0;t\x07FAKE.raw"
+    (tmp_path / name).write_bytes(bytes(1 * MiB))
+    (tmp_path / "d.vmdk").write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                                     f'createType="monolithicFlat"\n\nRW 2048 FLAT "{name}" 0\n')
+    out = run_cli("inspect", tmp_path / "d.vmdk")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert "x\\x1b]0;t\\x07FAKE.raw" in out.stdout
+
+
 def test_messages_are_escaped_and_cut_in_one_place() -> None:
     from diskport.errors import safe_text
 

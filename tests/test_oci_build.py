@@ -25,7 +25,6 @@ from diskport.oci.build import (
     build_image,
     default_output,
     disk_file_name,
-    parse_platform,
     source_date_epoch,
 )
 from diskport.oci.layer import check_disk_name, layer_header, tar_size, write_layer, write_tar
@@ -43,8 +42,9 @@ from diskport.oci.media import (
     OCI_MANIFEST,
     Descriptor,
 )
+from diskport.oci.platform import parse_platform
 from diskport.writers import RawWriter
-from tests.conftest import MiB, make_image, qemu_img, qemu_raw_sha256, require_tool, run, sha256_file
+from tests.conftest import MiB, make_image, qemu_img, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
 
 GiB = 1024 * MiB
 MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
@@ -628,7 +628,7 @@ def test_bad_options(tmp_path: Path) -> None:
     for kwargs, needle in cases:
         with pytest.raises(UsageError, match=needle):
             build_image({"amd64": str(disk)}, output=str(tmp_path / "o"), **kwargs)
-    with pytest.raises(UsageError, match="not an image name"):
+    with pytest.raises(UsageError, match="repository names must be lowercase"):
         build_image({"amd64": str(disk)}, docker_archive=str(tmp_path / "a.tar"), tag="UPPER:case")
     assert listing(tmp_path) == ["d.raw"]
 
@@ -707,3 +707,35 @@ def test_write_tar_into_any_writer_at_an_offset(tmp_path: Path) -> None:
     assert data[:6000] == b"prefix" * 1000 and len(data) == 8192 + length
     assert "sha256:" + hashlib.sha256(data[8192:]).hexdigest() == diff_id
     assert_container_disk(data[8192:], "d.qcow2", disk.read_bytes(), mtime=5)
+
+
+def test_build_removes_the_layout_a_killed_build_left_but_not_a_live_one(tmp_path: Path) -> None:
+    """SIGKILL leaves the half-written layout folder; the next build of the same output removes it (its process
+    is gone, its lock free) but never the folder of a build still running, which holds its folder's flock."""
+    import subprocess
+    import sys
+
+    disk = make_image(tmp_path, "qcow2", 1024 * 1024, name="vm.qcow2")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f".vm.oci.{dead}.abcdefgh.diskport-part"
+    (stale / "blobs/sha256").mkdir(parents=True)
+    (stale / "blobs/sha256/junk").write_bytes(bytes(4096))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; d = sys.argv[1] + f'/.vm.oci.{os.getpid()}.live1234.diskport-part'; "
+        "os.mkdir(d); fd = os.open(d, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(d, flush=True); "
+        "time.sleep(60)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        live = Path(holder.stdout.readline().strip())
+        assert live.is_dir()
+        unlocked_alive = tmp_path / f".vm.oci.{holder.pid}.unlocked.diskport-part"  # alive pid: not judged
+        unlocked_alive.mkdir()
+        built = run_cli("build", disk, "--output", tmp_path / "vm.oci", "-q")
+        assert built.returncode == 0, built.stderr
+        assert not stale.exists(), "the killed build's folder is removed"
+        assert live.is_dir() and unlocked_alive.is_dir(), "a running build's folders stay"
+        assert (tmp_path / "vm.oci" / "index.json").is_file()
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)

@@ -189,6 +189,7 @@ def test_parse_reference(text: str, registry: str, repository: str, tag: str | N
     ("", "empty"),
     ("quay.io/Fedora/disk", "lowercase"),
     ("quay.io/ns/disk:-bad", "tag"),
+    ("quay.io/ns/disk:tägg", "tag"),  # Python's \w takes any letter; a registry takes ASCII only
     ("quay.io/ns/disk:" + "x" * 129, "tag"),
     ("quay.io/ns/disk@sha256:abc", "digest"),
     ("quay.io/ns/disk@sha512:" + "a" * 128, "not sha256"),
@@ -203,6 +204,28 @@ def test_parse_reference_refuses(text: str, problem: str) -> None:
         parse_reference(text)
     assert problem in str(err.value)
     assert repr(text) in str(err.value)
+
+
+def test_one_grammar_for_build_tags_and_archive_names(tmp_path: Path) -> None:
+    """-t, the layout's tag and a docker-archive's RepoTags all go through parse_reference."""
+    from diskport.oci.reference import repo_tag
+    from tests.conftest import make_image, run_cli
+
+    assert repo_tag("quay.io/org/disk") == "quay.io/org/disk:latest"
+    assert repo_tag("disk:v1") == "disk:v1"
+    for bad in ("disk:tägg", "Disk:v1", "disk@sha256:" + "a" * 64):
+        with pytest.raises(UsageError):
+            repo_tag(bad)
+    disk = make_image(tmp_path, "raw", 1024 * 1024, name="vm.raw")
+    digest = "sha256:" + "b" * 64
+    out = run_cli("build", disk, "-t", f"quay.io/org/disk@{digest}", "--output", tmp_path / "a.oci")
+    assert out.returncode == 2 and "-t takes a name and a tag" in out.stderr, out.stderr
+    out = run_cli("build", disk, "-t", "quay.io/org/disk:tägg", "--output", tmp_path / "b.oci")
+    assert out.returncode == 2 and "tag" in out.stderr
+    out = run_cli("build", disk, "-t", "quay.io/org/disk:v2", "--output", tmp_path / "c.oci", "-q")
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "c.oci" / "index.json").read_text())
+    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "v2"
 
 
 def test_plain_http_only_for_loopback() -> None:

@@ -17,7 +17,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from diskport import __version__
 from diskport.engine import convert as convert_image
 from diskport.errors import DiskportError, UsageError, safe_text
 from diskport.formats import format_names
@@ -28,6 +27,7 @@ from diskport.progress import JobProgress
 from diskport.signals import Interrupted, terminate_raises
 from diskport.sources.http import HttpOptions
 from diskport.units import human_size
+from diskport.version import __version__
 from diskport.writers import OUTPUT_FORMATS
 
 P = ParamSpec("P")
@@ -371,8 +371,14 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
     registry = _registry(creds, tls_verify, ca_bundle, reference, chunk_size) if push_it and reference else None
     # A layout names its image by tag (ref.name), an archive by reference (RepoTags); a push names it by REF.
     tag = reference
-    if reference and not docker_archive and ":" in reference.rsplit("/", 1)[-1]:
-        tag = reference.rsplit(":", 1)[1]
+    if reference:
+        from diskport.oci.reference import parse_reference
+
+        ref = parse_reference(reference)
+        if ref.digest is not None:
+            raise UsageError(f"-t {reference}: a build makes its own digest; -t takes a name and a tag")
+        if not docker_archive and ref.tag:
+            tag = ref.tag
     if push_it:
         tag = None
     with contextlib.ExitStack() as stack, JobProgress("packaging", bar=not quiet) as job:
@@ -473,11 +479,13 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
 @click.option("--platform", metavar="OS/ARCH", help="--guest, docker:// only: which image of an index.")
 @registry_options
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
-              help="--guest: folder to spool a compressed disk to [default: the system's temporary folder].")
+              help="Folder to spool a compressed disk to [default: the system's temporary folder].")
+@click.option("--size-scan-limit", "scan_limit", metavar="SIZE", default="8G", show_default=True,
+              help="How much of a raw disk in a compressed file to decompress to learn its size.")
 @handle_errors
 def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, ca_bundle: str | None = None,
             insecure: bool = False, platform: str | None = None, tls_verify: bool = True, creds: str | None = None,
-            scratch: str | None = None, vm: str | None = None) -> None:
+            scratch: str | None = None, scan_limit: str = "8G", vm: str | None = None) -> None:
     """Show an image's format, sizes and format-specific facts; with --guest, what is inside it.
 
     IMAGE is a path or an http(s) URL (read with range requests); with --guest also docker://REF (the disk of
@@ -496,7 +504,8 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
                                registry=registry, credentials=credentials)
         click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_guest(report))
         return
-    facts: dict[str, Any] = inspect_image(image, source_format, ova=OvaChoice(vm=vm))
+    facts: dict[str, Any] = inspect_image(image, source_format, scratch_dir=scratch,
+                                          size_scan_limit=parse_size(scan_limit), ova=OvaChoice(vm=vm))
     click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
 
 

@@ -29,6 +29,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 from types import TracebackType
@@ -54,9 +55,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_parts(path: str) -> list[str]:
+def remove_stale_parts(path: str, *, folders: bool = False) -> list[str]:
     """Remove the part files that killed jobs left for the destination ``path`` (see the module docstring);
-    the names removed."""
+    the names removed. With ``folders``, part folders (an OCI layout being written) are what is looked for."""
     folder = os.path.dirname(os.path.abspath(path))
     pattern = _part_pattern(os.path.basename(path))
     try:
@@ -78,7 +79,8 @@ def remove_stale_parts(path: str) -> list[str]:
             continue
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            kind_ok = stat.S_ISDIR(st.st_mode) if folders else stat.S_ISREG(st.st_mode)
+            if not kind_ok or st.st_uid != os.getuid():
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,7 +88,10 @@ def remove_stale_parts(path: str) -> list[str]:
                 continue  # its job is alive and holds it
             if os.lstat(candidate).st_ino != st.st_ino:
                 continue
-            os.unlink(candidate)
+            if folders:
+                shutil.rmtree(candidate)  # does not follow links inside it
+            else:
+                os.unlink(candidate)
             removed.append(name)
             log.info("removed %s, left by an earlier job that was killed", candidate)
         except OSError:
@@ -94,6 +99,19 @@ def remove_stale_parts(path: str) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def make_part_folder(path: str) -> tuple[str, int]:
+    """A part folder beside ``path`` named and locked as part files are (``.NAME.<pid>.<random>.diskport-part``),
+    after removing what killed jobs left for it; the folder and the descriptor holding its lock (close it when
+    the folder is renamed or removed)."""
+    remove_stale_parts(path, folders=True)
+    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=PART_SUFFIX,
+                              dir=os.path.dirname(os.path.abspath(path)))
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return folder, fd
 
 
 def refuse_existing(path: str, force: bool) -> None:

@@ -15,22 +15,35 @@ from diskport.formats import open_image
 from diskport.ova import DEFAULT, OvaChoice
 from diskport.units import human_size
 
+#: How much of a raw disk in a compressed file ``inspect`` decompresses to learn its size before it stops.
+SIZE_SCAN_LIMIT = 8 * 1024 ** 3
+
 
 def inspect_image(location: str | os.PathLike[str], fmt: str | None = None, *,
-                  scratch_dir: str | None = None, ova: OvaChoice = DEFAULT) -> dict[str, Any]:
+                  scratch_dir: str | None = None, size_scan_limit: int = SIZE_SCAN_LIMIT,
+                  ova: OvaChoice = DEFAULT) -> dict[str, Any]:
     """Facts about the image at ``location``.
 
-    A raw disk inside gzip or bzip2 declares no size: it is decompressed once, without writing anything, to
-    learn it. A random-access format inside a compressed file is spooled to scratch to be read.
+    A raw disk inside a compressed file declares no size: it is decompressed, without writing anything, to
+    learn it, up to ``size_scan_limit`` bytes; past that the facts say the disk is at least that large
+    (``virtual-size-known`` false) rather than spend minutes on a file that expands a thousandfold. A
+    random-access format inside a compressed file is spooled to scratch to be read.
     """
     with open_image(location, fmt, scratch_dir=scratch_dir, ova=ova) as image:
+        stopped = False
         if not image.size_known:
             for _ in image.extents():
-                pass
+                if image.virtual_size >= size_scan_limit:
+                    stopped = True
+                    break
         facts = image.info()
         facts["filename"] = os.fspath(location)
         if image.compression or image.appliance is not None:
             facts["access"] = image.access
+        if stopped:
+            facts["virtual-size-known"] = False
+            facts["access"] = (f"{image.access}; stopped after {human_size(image.virtual_size)} decompressed: the "
+                               "disk is at least that large (--size-scan-limit reads further)")
         return facts
 
 
@@ -50,9 +63,10 @@ def render_text(facts: dict[str, Any]) -> str:
         f"file:          {facts['filename']}",
         f"format:        {facts['format']}",
     ]
-    if facts.get("compression"):
-        lines.append(f"compression:   {' > '.join(facts['compression'])} ({facts['access']})")
-    lines.append(f"virtual size:  {human_size(facts['virtual-size'])} ({facts['virtual-size']} bytes)")
+    if facts.get("compression") or "access" in facts:
+        lines.append(f"compression:   {' > '.join(facts.get('compression', [])) or 'none'} ({facts['access']})")
+    at_least = "at least " if facts.get("virtual-size-known") is False else ""
+    lines.append(f"virtual size:  {at_least}{human_size(facts['virtual-size'])} ({facts['virtual-size']} bytes)")
     if "actual-size" in facts:
         lines.append(f"disk size:     {human_size(facts['actual-size'])}")
     if "cluster-size" in facts:
@@ -66,7 +80,8 @@ def render_text(facts: dict[str, Any]) -> str:
         details: list[str] = []
         _flatten("", specific, details)
         lines.extend(f"    {line}" for line in details)
-    return "\n".join(lines)
+    # Names come from the image (extent files, backing names): escaped as error messages are, one line each.
+    return "\n".join(safe_text(line) for line in lines)
 
 
 def _render_ova(ova: dict[str, Any]) -> list[str]:

@@ -35,19 +35,6 @@ from diskport.net import (
 from diskport.version import __version__
 
 
-@pytest.fixture
-def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    slept: list[float] = []
-
-    def record(seconds: float, cancel: threading.Event | None) -> None:
-        slept.append(seconds)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-
-    monkeypatch.setattr("diskport.net.retry._sleep", record)
-    return slept
-
-
 def test_backoff_doubles_is_capped_and_jittered() -> None:
     policy = RetryPolicy(backoff=0.5, max_backoff=4.0, jitter=0.5)
     assert [policy.delay(n, unit=1.0) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]

@@ -150,6 +150,11 @@ class DiskImage:
     def allocated_size(self) -> int | None:
         return (self.outer or self.source).allocated_bytes()
 
+    def data_in_other_files(self) -> bool:
+        """Whether some of the disk's data lies in files beside this one (a VMDK descriptor's extents), so that
+        the one file alone is not the disk."""
+        return False
+
     def info(self) -> dict[str, Any]:
         """Facts for ``inspect``; keys follow ``qemu-img info --output=json`` where the fact is the same."""
         facts: dict[str, Any] = {

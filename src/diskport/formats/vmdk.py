@@ -865,6 +865,9 @@ class VmdkImage(DiskImage):
             total += used
         return total
 
+    def data_in_other_files(self) -> bool:
+        return any(getattr(extent, "source", self.source) is not self.source for extent in self.layout)
+
     def format_specific(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"create-type": self.create_type}
         if self.version is not None:

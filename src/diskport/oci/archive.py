@@ -14,7 +14,6 @@ name and renamed when complete (:class:`diskport.destination.Destination`).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,28 +30,13 @@ from diskport.oci.layer import (
     padded,
 )
 from diskport.oci.media import canonical_json, sha256_digest
+from diskport.oci.reference import repo_tag
 from diskport.writers import RawWriter
 
 #: Where the layer sits in the archive; the name does not depend on its digest, which is known only later.
 LAYER_PATH = "layer/layer.tar"
 MANIFEST_PATH = "manifest.json"
 _FILE_MODE = 0o644
-
-# docker reference grammar (distribution/reference): lowercase path components, optional host, optional tag.
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)"
-_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
-_REFERENCE = re.compile(rf"(?P<name>{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*)(?::(?P<tag>{_TAG}))?")
-
-
-def repo_tag(reference: str) -> str:
-    """``name[:tag]`` as docker-archive's RepoTags want it: ``:latest`` added when no tag is given."""
-    match = _REFERENCE.fullmatch(reference)
-    if match is None or len(match["name"]) > 255:
-        raise UsageError(f"'{reference}' is not an image name for a docker-archive (like 'quay.io/org/disk:v1' "
-                         "or 'disk:latest'; lowercase)")
-    return reference if match["tag"] else f"{reference}:latest"
-
 
 def check_destination(path: str, force: bool) -> None:
     """An existing file is replaced only with ``force``; a folder never."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform as host_platform
 import re
 import shutil
 import stat
@@ -47,9 +46,7 @@ from typing import TYPE_CHECKING, Any
 from diskport.engine import convert
 from diskport.errors import DiskportError, SourceError, UnsupportedImage, UsageError
 from diskport.formats import open_image
-from diskport.formats.base import DiskImage
 from diskport.formats.compression import detect_compression
-from diskport.formats.vmdk import VmdkImage
 from diskport.oci import archive as docker_archive_mod
 from diskport.oci import layout as layout_mod
 from diskport.oci.archive import ArchiveResult, write_docker_archive
@@ -64,6 +61,7 @@ from diskport.oci.media import (
     OCI_MANIFEST,
     Descriptor,
 )
+from diskport.oci.platform import host_architecture, parse_platform, platform_key
 
 if TYPE_CHECKING:
     from diskport.guest.facts import GuestReport
@@ -72,10 +70,6 @@ if TYPE_CHECKING:
 BOOTABLE_FORMATS = ("raw", "iso", "qcow2")
 CONVERT_FORMATS = ("qcow2",)
 CONVERT_COMPRESSIONS = ("zlib", "zstd")
-#: Architectures as OCI platforms name them (Go's GOARCH), and the names ``uname -m`` and distributions use.
-ARCHITECTURES = ("amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le", "loong64")
-ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386", "i686": "386",
-                "armv7l": "arm/v7", "armhf": "arm/v7", "ppc64el": "ppc64le"}
 _COMPRESSED_SUFFIXES = (".gz", ".xz", ".zst", ".zstd", ".bz2")
 _IMAGE_SUFFIXES = (".qcow2", ".qcow", ".raw", ".img", ".iso", ".vmdk", ".vhd", ".vpc", ".vhdx", ".vdi")
 # OCI image-layout: ref ::= component ("/" component)*, component ::= alphanum (separator alphanum)*
@@ -97,31 +91,6 @@ def source_date_epoch(environ: Mapping[str, str] | None = None) -> int:
 
 def rfc3339(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_platform(text: str) -> dict[str, str]:
-    """``amd64``, ``linux/arm64``, ``arm/v7``, ``aarch64``... -> an OCI platform (os is always linux)."""
-    value = text.strip().lower().removeprefix("linux/")
-    value = ARCH_ALIASES.get(value, value)
-    arch, _, variant = value.partition("/")
-    if arch not in ARCHITECTURES or (variant and not re.fullmatch(r"v[0-9]+", variant)):
-        raise UsageError(f"unknown architecture '{text}' (known: {', '.join(ARCHITECTURES)}, optionally /variant "
-                         "such as arm/v7)")
-    found = {"architecture": arch, "os": "linux"}
-    if variant:
-        found["variant"] = variant
-    return found
-
-
-def platform_key(platform: Mapping[str, str]) -> str:
-    """``amd64`` or ``arm/v7``: how results are keyed."""
-    return platform["architecture"] + (f"/{platform['variant']}" if platform.get("variant") else "")
-
-
-def host_architecture() -> str:
-    """This machine's architecture as OCI names it (the default for a single disk)."""
-    machine = host_platform.machine().lower()
-    return ARCH_ALIASES.get(machine, machine)
 
 
 def _strip_suffixes(base: str) -> str:
@@ -254,18 +223,11 @@ def _inspect(path: str, convert_to: str | None) -> _Disk:
                 raise UsageError("is an OVA appliance; a containerDisk holds one disk file, not the package",
                                  path=path, hint="pass --convert qcow2 to package its boot disk, converted")
             return _Disk({}, path, "ova", None)
-        if convert_to is None and _data_elsewhere(image):
+        if convert_to is None and image.data_in_other_files():
             raise UnsupportedImage(f"is a {image.format} descriptor whose data lies in other files; a containerDisk "
                                    "holds a single file", path=path, fmt=image.format,
                                    hint="pass --convert qcow2 to package it as one qcow2 file")
         return _Disk({}, path, image.format, None)
-
-
-def _data_elsewhere(image: DiskImage) -> bool:
-    """A multi-file image (a VMDK descriptor and its extent files): packaging the one file would lose data."""
-    if not isinstance(image, VmdkImage):
-        return False
-    return any(getattr(extent, "source", image.source) is not image.source for extent in image.layout)
 
 
 @contextlib.contextmanager

@@ -19,12 +19,12 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from diskport.destination import make_part_folder
 from diskport.errors import CorruptImage, DestinationError, SourceError, UsageError
 from diskport.oci.media import (
     ANNOTATION_REF_NAME,
@@ -84,14 +84,13 @@ class LayoutWriter:
         self.path = os.fspath(path)
         self.force = force
         self.tmp: str | None = None
+        self._lock_fd = -1
         self.entries: list[Descriptor] = []
 
     def __enter__(self) -> LayoutWriter:
         check_destination(self.path, self.force)
-        parent = os.path.dirname(os.path.abspath(self.path))
         try:
-            self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".diskport-part",
-                                        dir=parent)
+            self.tmp, self._lock_fd = make_part_folder(self.path)
             os.chmod(self.tmp, 0o777 & ~_umask())
             os.makedirs(self.blobs_dir)
             _write_file(os.path.join(self.tmp, LAYOUT_FILE), canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
@@ -166,6 +165,7 @@ class LayoutWriter:
             raise DestinationError(f"cannot move the finished layout into place: {e.strerror}",
                                    path=self.path) from None
         self.tmp = None
+        self._unlock()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -173,6 +173,12 @@ class LayoutWriter:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def _umask() -> int:

@@ -23,8 +23,8 @@ from typing import Any, Literal
 from diskport.errors import CorruptImage, RegistryError, SourceError
 from diskport.formats.compression import detect_compression
 from diskport.oci.auth import Credentials
-from diskport.oci.build import host_architecture, parse_platform, platform_key
 from diskport.oci.media import INDEX_TYPES, LAYER_TYPES, Descriptor
+from diskport.oci.platform import host_architecture, parse_platform, platform_key
 from diskport.oci.reference import Reference, parse_reference
 from diskport.oci.registry import RegistryClient, RegistryOptions
 from diskport.oci.tarscan import LayerScan, MemberStream, RandomTarReader, StreamTarReader, scan_layer

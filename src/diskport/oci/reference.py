@@ -1,12 +1,14 @@
 """Image references: ``[docker://][REGISTRY[:PORT]/]NAMESPACE/NAME[:TAG][@sha256:HEX]``.
 
-The grammar is the one docker and the distribution project use (distribution's ``reference`` grammar): path
-components of lowercase letters and digits joined by ``.``, ``_``, ``__`` or runs of ``-``; a tag of up to 128
-word characters, dots and dashes; at most 255 characters for the whole name. Docker's rules for the registry
-part are followed too: the first component names a registry only when it contains a ``.`` or a ``:``, is
-``localhost``, or has an uppercase letter; otherwise the reference is on Docker Hub, whose registry is called
-``docker.io`` (``index.docker.io`` is an alias), is served by ``registry-1.docker.io``, and puts single-component
-names under ``library/``. A reference with neither tag nor digest means ``:latest``, as in docker.
+The one grammar every part of diskport parses references with (the CLI's -t, docker-archive RepoTags, pulls
+and pushes). It is the one docker and the distribution project use (distribution's ``reference`` grammar):
+path components of lowercase letters and digits joined by ``.``, ``_``, ``__`` or runs of ``-``; a tag of up to
+128 ASCII letters, digits, ``_``, ``.`` and ``-``, not starting with ``.`` or ``-``; at most 255 characters for
+the whole name. Docker's rules for the registry part are followed too: the first component names a registry
+only when it contains a ``.`` or a ``:``, is ``localhost``, or has an uppercase letter; otherwise the reference
+is on Docker Hub, whose registry is called ``docker.io`` (``index.docker.io`` is an alias), is served by
+``registry-1.docker.io``, and puts single-component names under ``library/``. A reference with neither tag nor
+digest means ``:latest``, as in docker.
 
 Transport: https, always, except for a registry on the loopback names ``localhost``, ``127.0.0.1`` and ``::1``
 (any port), where plain http is allowed too (the client tries https first and falls back to http only when the
@@ -31,7 +33,8 @@ NAME_MAX = 255
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _REGISTRY = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]{{1,5}})?")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+# ASCII only: Python's \w would take any Unicode letter, which no registry does.
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -157,6 +160,17 @@ def parse_reference(text: str) -> Reference:
     if len(registry) + 1 + len(path) > NAME_MAX:
         raise _fail(original, f"the name is longer than {NAME_MAX} characters")
     return Reference(registry, path, tag, digest)
+
+
+def repo_tag(text: str) -> str:
+    """``name[:tag]`` as a docker-archive's RepoTags (and ``docker load``) want it, from an image reference in this
+    module's grammar: as written, with ``:latest`` added when there is no tag; a digest has no place there."""
+    ref = parse_reference(text)
+    if ref.digest is not None:
+        raise UsageError(f"{text!r} names a digest; a docker-archive's image is named by a tag (like "
+                         "'quay.io/org/disk:v1')")
+    body = text.strip().removeprefix("docker://")
+    return body if ref.tag else f"{body}:{DEFAULT_TAG}"
 
 
 def parse_repository(text: str) -> str:

@@ -25,6 +25,12 @@ _CODEC_ERRORS: tuple[type[BaseException], ...] = (
     OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError, *INFLATE_ERRORS)
 
 
+def _is_end_check(error: BaseException) -> bool:
+    """A gzip/bzip2/xz error found by the checksum or length at the end of a member, not at the damage."""
+    text = str(error).lower()
+    return any(word in text for word in ("crc", "checksum", "length", "incorrect data check"))
+
+
 class SourceReader(io.RawIOBase):
     """A sequential, read-only file object over a :class:`Source`."""
 
@@ -91,8 +97,16 @@ class DecompressingStream:
                     break
                 done += n
         except _CODEC_ERRORS as e:
-            raise CorruptImage(f"{self.kind or 'the'} data is damaged after {self.position + done} decompressed bytes: "
-                               f"{e}", path=self.source.name, fmt=self.kind) from None
+            # The decoder has decoded more than it handed out (its buffers, and a CRC or length checked only at
+            # the end of a member), so the decompressed count is a lower bound; the compressed position, read
+            # ahead by at most the 1 MiB buffer, says where in the file the decoder stopped.
+            at, total, out = self._raw.pos, self.source.size, self.position + done
+            what = (f"{self.kind} data fails its end-of-member check, so it is damaged somewhere before "
+                    f"compressed byte {at} of {total} (at least {out} bytes were decompressed)"
+                    if _is_end_check(e) else
+                    f"{self.kind or 'the'} data is damaged at about compressed byte {at} of {total} (after at least "
+                    f"{out} decompressed bytes)")
+            raise CorruptImage(f"{what}: {e}", path=self.source.name, fmt=self.kind) from None
         self.position += done
         return done
 
