@@ -16,11 +16,15 @@ from diskport import convert
 from diskport.errors import CorruptImage, SourceError, UnsafeImage, UnsupportedImage, UsageError
 from diskport.importer import import_image
 from diskport.inspect import inspect_image
+from diskport.oci.build import build_image
+from diskport.oci.layout import read_layout
+from diskport.oci.media import Descriptor
 from diskport.ova import OvaChoice
 from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.ova.build import Disk, Vm, make_ova, manifest, vmware_ovf, write_tar
 from tests.servers import NginxServer, PlainHTTPServer
+from tests.test_oci_build import image_of, layer_tar
 
 FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
 TAR_FORMATS = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
@@ -363,9 +367,25 @@ def test_disk_choice_errors(tmp_path: Path, disks: list[tuple[Disk, str]]) -> No
     proc = run_cli("convert", disk.path, tmp_path / "d", "--all-disks")
     assert proc.returncode == 2 and "is not an OVA appliance" in proc.stderr, proc.stderr
     with pytest.raises(UsageError, match="--convert qcow2"):
-        from diskport.oci.build import build_image
-
         build_image(str(ova), output=str(tmp_path / "img.oci"))
+
+
+def test_build_packages_the_boot_disk_converted(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
+    (a, _), (b, eb), _ = disks
+    ova = make_ova(tmp_path / "app.ova", [Vm("app", [a, b], boot_disk=1)])
+    out = tmp_path / "app.oci"
+    result = build_image(str(ova), output=str(out), convert_to="qcow2", compression="none")
+    image = next(iter(result.images.values()))
+    assert image.disk_format == "qcow2" and image.source_format == "ova"
+    layout = read_layout(out)
+    manifest, _, _ = image_of(layout, None)
+    tar = layer_tar(layout, Descriptor.from_json(manifest["layers"][0]))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        member = tf.getmember(f"disk/{image.disk_name}")
+        data = tf.extractfile(member).read()  # type: ignore[union-attr]
+    packaged = tmp_path / "packaged.qcow2"
+    packaged.write_bytes(data)
+    assert qemu_raw_sha256(packaged, tmp_path) == eb  # the boot disk, the second file
 
 
 def test_an_ova_inside_an_ova_is_refused(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
