@@ -424,3 +424,18 @@ def test_ovf_with_its_files_in_a_folder(tmp_path: Path, disks: list[tuple[Disk, 
     with pytest.raises(SourceError, match=r"the manifest app\.mf says"):
         convert(folder / "app.ovf", tmp_path / "tampered.raw")
     assert not (tmp_path / "tampered.raw").exists()
+
+
+def test_bounded_members_and_metadata(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
+    disk = disks[0][0]
+    ovf = ("h.ovf", _plain_ovf(disk).encode())
+    many = write_tar(tmp_path / "many.ova", [ovf, *((f"f{i}", b"") for i in range(10_001))])
+    with pytest.raises(UnsafeImage, match="more than 10000 members"):
+        convert(many, tmp_path / "out.raw")
+    huge_mf = ("h.mf", b"SHA256(h.ovf)= " + b"0" * 64 + b"\n" + b"\n" * (1024 * 1024))
+    for compress in (False, True):
+        path = write_tar(tmp_path / f"mf-{compress}.ova", [ovf, huge_mf, ("h-disk1.vmdk", disk.path.read_bytes())],
+                         compress=compress)
+        with pytest.raises(UnsafeImage, match=r"manifest 'h\.mf' is 1048656 bytes, more than the 1048576 limit"):
+            convert(path, tmp_path / "out.raw")
+    assert not (tmp_path / "out.raw").exists()
