@@ -21,7 +21,7 @@ from diskport.engine import convert as convert_image
 from diskport.errors import DiskportError, UsageError, safe_text
 from diskport.formats import format_names
 from diskport.importer import import_image, parse_size
-from diskport.inspect import inspect_image, render_text
+from diskport.inspect import inspect_image, render_ova, render_text
 from diskport.ova import OvaChoice
 from diskport.progress import JobProgress
 from diskport.signals import Interrupted, terminate_raises
@@ -500,9 +500,29 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
         if image.startswith("docker://"):
             registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, image)
         http = HttpOptions(ca_bundle=ca_bundle, insecure=insecure)
-        report = inspect_guest(image, source_format, scratch_dir=scratch, http=http, platform=platform,
-                               registry=registry, credentials=credentials)
-        click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_guest(report))
+        appliance: dict[str, Any] | None = None
+        if image.startswith("docker://"):
+            report = inspect_guest(image, source_format, scratch_dir=scratch, http=http, platform=platform,
+                                   registry=registry, credentials=credentials)
+        else:
+            # Opened here, as inspect_guest would, so that an OVA's descriptor facts join the guest's.
+            from diskport.formats import open_image
+            from diskport.sources import open_source
+
+            location: Any = open_source(image, http) if "://" in image else image
+            with open_image(location, source_format, scratch_dir=scratch, random_access=True,
+                            ova=OvaChoice(vm=vm)) as opened:
+                report = inspect_guest(opened)
+                if opened.appliance is not None:
+                    appliance = opened.appliance.facts(vm)
+            report.filename = image
+        if as_json:
+            data = report.to_json()
+            if appliance is not None:
+                data["ova"] = appliance
+            click.echo(json.dumps(data, indent=2))
+        else:
+            click.echo(render_guest(report) + ("\n" + "\n".join(render_ova(appliance)) if appliance else ""))
         return
     facts: dict[str, Any] = inspect_image(image, source_format, scratch_dir=scratch,
                                           size_scan_limit=parse_size(scan_limit), ova=OvaChoice(vm=vm))

@@ -73,7 +73,7 @@ def render_text(facts: dict[str, Any]) -> str:
         lines.append(f"cluster size:  {facts['cluster-size']}")
     appliance = facts.get("ova")
     if appliance:
-        lines.extend(_render_ova(appliance))
+        lines.extend(render_ova(appliance))
     specific = facts.get("format-specific", {}).get("data")
     if specific:
         lines.append("format specific:")
@@ -84,7 +84,7 @@ def render_text(facts: dict[str, Any]) -> str:
     return "\n".join(safe_text(line) for line in lines)
 
 
-def _render_ova(ova: dict[str, Any]) -> list[str]:
+def render_ova(ova: dict[str, Any]) -> list[str]:
     """The appliance's facts, when the image is the boot disk of an OVA (strings from the OVF escaped)."""
     os_facts = ova["os"]
     memory = human_size(ova["memory"]) if ova.get("memory") else "not stated"

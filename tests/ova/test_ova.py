@@ -21,7 +21,7 @@ from diskport.oci.layout import read_layout
 from diskport.oci.media import Descriptor
 from diskport.ova import OvaChoice
 from diskport.sources.http import HttpOptions
-from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
+from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
 from tests.ova.build import Disk, Vm, make_ova, manifest, vmware_ovf, write_tar
 from tests.servers import NginxServer, PlainHTTPServer
 from tests.test_oci_build import image_of, layer_tar
@@ -439,3 +439,32 @@ def test_bounded_members_and_metadata(tmp_path: Path, disks: list[tuple[Disk, st
         with pytest.raises(UnsafeImage, match=r"manifest 'h\.mf' is 1048656 bytes, more than the 1048576 limit"):
             convert(path, tmp_path / "out.raw")
     assert not (tmp_path / "out.raw").exists()
+
+
+def test_guest_inspection_carries_the_ovf_facts(tmp_path: Path) -> None:
+    """A GPT disk (sgdisk, an ESP made by mkfs.vfat) in an OVA: inspect --guest reads the guest and the OVF."""
+    require_tool("sgdisk")
+    require_tool("mkfs.vfat")
+    raw = tmp_path / "gpt.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    run("sgdisk", "-n", "1:2048:+32M", "-t", "1:ef00", "-c", "1:EFI system", raw)
+    esp = tmp_path / "esp.img"
+    with open(esp, "wb") as f:
+        f.truncate(32 * MiB)
+    run("mkfs.vfat", "-F", "32", "-n", "ESP", esp)
+    with open(raw, "r+b") as f:
+        f.seek(2048 * 512)
+        f.write(esp.read_bytes())
+    vmdk = tmp_path / "gpt.vmdk"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, vmdk)
+    ova = make_ova(tmp_path / "gpt.ova", [Vm("gpt", [Disk(vmdk, 64 * MiB)], firmware="efi")])
+    proc = run_cli("inspect", "--guest", "--json", ova)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["filename"] == str(ova) and report["format"] == "vmdk"
+    assert report["partition-table"]["scheme"] == "gpt"
+    assert [p.get("filesystem") for p in report["partitions"]] == ["vfat"], report["partitions"]
+    assert report["ova"]["firmware"] == "efi" and report["ova"]["vm"] == "gpt"
+    text = run_cli("inspect", "--guest", ova).stdout
+    assert "GPT" in text and "appliance:     OVF 1.0, VM gpt" in text, text
