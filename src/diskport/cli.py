@@ -21,7 +21,8 @@ from diskport.engine import convert as convert_image
 from diskport.errors import DiskportError, UsageError, safe_text
 from diskport.formats import format_names
 from diskport.importer import import_image, parse_size
-from diskport.inspect import inspect_image, render_text
+from diskport.inspect import inspect_image, render_ova, render_text
+from diskport.ova import OvaChoice
 from diskport.progress import JobProgress
 from diskport.signals import Interrupted, terminate_raises
 from diskport.sources.http import HttpOptions
@@ -117,10 +118,56 @@ def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, refere
     return options, resolve_credentials(ref, creds=creds)
 
 
+def ova_options(func: Callable[P, R]) -> Callable[P, R]:
+    """--vm, --all-disks and --disk N=DEST: which disks of an OVA appliance to write, and where."""
+    func = click.option("--disk", "disk_targets", multiple=True, metavar="N=DEST",
+                        help="OVA: write disk N (0 is the boot disk, as inspect lists them) to DEST "
+                             "(repeatable); DESTINATION is then omitted.")(func)
+    func = click.option("--all-disks", is_flag=True,
+                        help="OVA: write every disk of the VM into the folder DESTINATION.")(func)
+    return click.option("--vm", metavar="NAME", help="OVA with several virtual machines: which one.")(func)
+
+
+def _ova_targets(destination: str | None, all_disks: bool, disk_targets: tuple[str, ...]) -> dict[int, str] | None:
+    """None for a single destination (the boot disk), else the disks asked for (``{-1: folder}`` for all)."""
+    from diskport.ova.export import parse_targets
+
+    if all_disks and disk_targets:
+        raise UsageError("give --all-disks FOLDER or --disk N=DEST options, not both")
+    if disk_targets:
+        if destination:
+            raise UsageError("with --disk N=DEST options, give no DESTINATION")
+        return parse_targets(disk_targets)
+    if not destination:
+        raise UsageError("missing DESTINATION" + (" (the folder for --all-disks)" if all_disks else ""))
+    return {-1: destination} if all_disks else None
+
+
+def _write_ova(source: Any, targets: dict[int, str], vm: str | None, output_format: str, job: JobProgress,
+               **options: Any) -> None:
+    from diskport.ova.export import default_names, write_disks
+    from diskport.sources.base import Source
+
+    assert isinstance(source, Source)
+    chosen: Any = targets
+    if -1 in targets:
+        folder = targets[-1]
+        os.makedirs(folder, exist_ok=True)
+        chosen = lambda pkg: default_names(pkg, vm, folder, output_format)  # noqa: E731 - names from the OVF
+    pkg, results, seconds = write_disks(source, chosen, vm=vm, output_format=output_format, progress=job,
+                                        **options)
+    for r in results:
+        click.echo(f"{pkg.name}: disk {r.index} ({r.disk_id}, {r.source_format}, {human_size(r.virtual_size)}"
+                   f"{', ' + r.bus if r.bus else ''}{', boot' if r.index == 0 else ''}) -> {r.destination}: "
+                   f"{human_size(r.data_bytes)} data", err=True)
+    click.echo(f"{pkg.name}: {pkg.summary()}; {len(results)} disk(s) in {seconds:.2f} s", err=True)
+
+
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.argument("destination", type=click.Path(dir_okay=False))
+@click.argument("destination", type=click.Path(dir_okay=True), required=False)
 @FORMAT_OPTION
+@ova_options
 @click.option("-O", "--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True,
               help="Format to write.")
 @click.option("-c", "compress", is_flag=True, help="Compress qcow2 clusters (deflate, as qemu-img -c).")
@@ -134,21 +181,30 @@ def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, refere
                    "[default: DESTINATION's folder].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @handle_errors
-def convert(source: str, destination: str, source_format: str | None, output_format: str, compress: bool,
+def convert(source: str, destination: str | None, source_format: str | None, output_format: str, compress: bool,
             compression: str | None, cluster_size: int, force: bool, sync: bool, scratch: str | None,
-            quiet: bool) -> None:
-    """Convert SOURCE (any supported format) into DESTINATION (raw or qcow2).
+            quiet: bool, vm: str | None = None, all_disks: bool = False, disk_targets: tuple[str, ...] = ()) -> None:
+    """Convert SOURCE (any supported format, or an OVA) into DESTINATION (raw or qcow2).
 
     DESTINATION is written beside itself and renamed when complete: a failed or interrupted conversion
-    leaves nothing behind.
+    leaves nothing behind. An OVA gives its boot disk, or the disks --all-disks and --disk N=DEST ask for.
     """
     method = compression or ("zlib" if compress else None)
+    targets = _ova_targets(destination, all_disks, disk_targets)
+    if targets is not None:
+        from diskport.sources import open_source
+
+        with JobProgress(f"converting {click.format_filename(source)}", bar=not quiet) as job:
+            _write_ova(open_source(source), targets, vm, output_format, job, scratch_dir=scratch, force=force,
+                       sync=sync)
+        return
+    assert destination is not None
     with JobProgress(f"converting {click.format_filename(source)}", bar=not quiet) as job:
         result = convert_image(source, destination, output_format=output_format, source_format=source_format,
                                compression=method, cluster_size=cluster_size, force=force, sync=sync,
-                               scratch_dir=scratch, progress=job)
+                               scratch_dir=scratch, progress=job, ova=OvaChoice(vm=vm))
     if not quiet:
-        if result.compression:
+        if result.compression or result.access != "direct":
             click.echo(f"{result.source}: {result.access}", err=True)
         click.echo(f"{result.source} ({result.source_format}, {human_size(result.virtual_size)}) -> "
                    f"{result.destination} ({result.output_format}): {human_size(result.data_bytes)} data, "
@@ -204,7 +260,8 @@ def _emit_manifest(text: str, output: str | None) -> None:
 
 @main.command("import")
 @click.argument("source")
-@click.argument("destination", type=click.Path(dir_okay=False))
+@click.argument("destination", type=click.Path(dir_okay=True), required=False)
+@ova_options
 @click.option("--size", "size_text", metavar="SIZE",
               help="Size of the persistent disk: bytes, or K/M/G/T (powers of 1024) or Ki/Mi/Gi/Ti. A larger "
                    "disk fails before anything is written; a raw disk is grown to SIZE.")
@@ -242,7 +299,8 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
             manifest_path: str | None = None, target: str = "cpln", name: str | None = None,
             bus: str | None = None, firmware: str | None = None, secure_boot: bool | None = None,
             volume_set: str | None = None, cpu: int | None = None, memory: str | None = None,
-            quiet: bool = False) -> None:
+            quiet: bool = False, vm: str | None = None, all_disks: bool = False,
+            disk_targets: tuple[str, ...] = ()) -> None:
     """Import the disk at SOURCE (an http(s) URL, a file:// URL, a path, or docker://REF for a containerDisk
     image) into DESTINATION (file or block device), decompressed and converted (raw by default).
 
@@ -262,6 +320,24 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
     credentials: Any = "auto"
     if source.startswith("docker://"):
         registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, source)
+    targets = _ova_targets(destination, all_disks, disk_targets)
+    if targets is not None:
+        from diskport.sources import open_source
+        from diskport.sources.checksum import ChecksumSource, parse_checksum
+
+        if source.startswith("docker://"):
+            raise UsageError("--all-disks and --disk N=DEST are for OVA appliances, not containerDisk images")
+        with JobProgress("converted", bar=progress_mode == "bar" and not quiet,
+                         json_lines=progress_mode == "json" and not quiet, metrics_port=metrics_port) as job:
+            opened: Any = open_source(source, http, job.on_download)
+            extra_checks: tuple[Any, ...] = ()
+            if checksum:
+                opened = ChecksumSource(opened, *parse_checksum(checksum))
+                extra_checks = (opened.verify,)
+            _write_ova(opened, targets, vm, output_format, job, scratch_dir=scratch, force=force, sync=True,
+                       size_limit=size, checks=extra_checks)
+        return
+    assert destination is not None
     boot = None
     if manifest_path is not None:
         overrides = _overrides(name, size_text, bus, firmware, secure_boot, volume_set, cpu, memory)
@@ -274,7 +350,7 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
         result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
                               http=http, scratch_dir=scratch, force=force, job=job, platform=platform,
                               registry=registry, credentials=credentials,
-                              inspect=inspect_guest or manifest_path is not None)
+                              inspect=inspect_guest or manifest_path is not None, ova=OvaChoice(vm=vm))
     if manifest_path is not None and boot is not None:
         _import_manifest(result, boot, target, overrides, manifest_path)
     if inspect_guest:
@@ -563,6 +639,7 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
 @main.command()
 @click.argument("image")
 @FORMAT_OPTION
+@click.option("--vm", metavar="NAME", help="OVA with several virtual machines: which one.")
 @click.option("--json", "as_json", is_flag=True, help="JSON with qemu-img info's field names.")
 @click.option("--guest", is_flag=True, help="Look inside the guest: partitions, filesystems, firmware, OS, "
               "drivers, and the platform settings it needs.")
@@ -578,7 +655,7 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
 @handle_errors
 def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, ca_bundle: str | None = None,
             insecure: bool = False, platform: str | None = None, tls_verify: bool = True, creds: str | None = None,
-            scratch: str | None = None, scan_limit: str = "8G") -> None:
+            scratch: str | None = None, scan_limit: str = "8G", vm: str | None = None) -> None:
     """Show an image's format, sizes and format-specific facts; with --guest, what is inside it.
 
     IMAGE is a path or an http(s) URL (read with range requests); with --guest also docker://REF (the disk of
@@ -593,12 +670,32 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
         if image.startswith("docker://"):
             registry, credentials = _registry(creds, tls_verify and not insecure, ca_bundle, image)
         http = HttpOptions(ca_bundle=ca_bundle, insecure=insecure)
-        report = inspect_guest(image, source_format, scratch_dir=scratch, http=http, platform=platform,
-                               registry=registry, credentials=credentials)
-        click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_guest(report))
+        appliance: dict[str, Any] | None = None
+        if image.startswith("docker://"):
+            report = inspect_guest(image, source_format, scratch_dir=scratch, http=http, platform=platform,
+                                   registry=registry, credentials=credentials)
+        else:
+            # Opened here, as inspect_guest would, so that an OVA's descriptor facts join the guest's.
+            from diskport.formats import open_image
+            from diskport.sources import open_source
+
+            location: Any = open_source(image, http) if "://" in image else image
+            with open_image(location, source_format, scratch_dir=scratch, random_access=True,
+                            ova=OvaChoice(vm=vm)) as opened:
+                report = inspect_guest(opened)
+                if opened.appliance is not None:
+                    appliance = opened.appliance.facts(vm)
+            report.filename = image
+        if as_json:
+            data = report.to_json()
+            if appliance is not None:
+                data["ova"] = appliance
+            click.echo(json.dumps(data, indent=2))
+        else:
+            click.echo(render_guest(report) + ("\n" + "\n".join(render_ova(appliance)) if appliance else ""))
         return
     facts: dict[str, Any] = inspect_image(image, source_format, scratch_dir=scratch,
-                                          size_scan_limit=parse_size(scan_limit))
+                                          size_scan_limit=parse_size(scan_limit), ova=OvaChoice(vm=vm))
     click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
 
 

@@ -21,6 +21,7 @@ from diskport.destination import Destination, refuse_existing
 from diskport.errors import DestinationError, UsageError, located
 from diskport.formats import open_image
 from diskport.formats.base import DiskImage, Extent
+from diskport.ova import DEFAULT, OvaChoice
 from diskport.writers import OUTPUT_FORMATS, Qcow2Writer, RawWriter, Writer
 from diskport.writers.qcow2 import check_virtual_size
 from diskport.zeros import zero_runs
@@ -231,6 +232,8 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
                 raise DestinationError(f"the disk holds {image.virtual_size} bytes, more than the {grow_to} "
                                        "bytes asked for", path=dest.path)
             writer.finish(max(image.virtual_size, grow_to or 0))
+            for check in image.checks:
+                check()
             if before_commit is not None:
                 before_commit()
         except BaseException:
@@ -242,14 +245,16 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
 def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str], *,
             output_format: str = "raw", source_format: str | None = None, compression: str | None = None,
             cluster_size: int = 65536, force: bool = False, sync: bool = False, scratch_dir: str | None = None,
-            size_limit: int | None = None, progress: Progress | None = None) -> ConvertResult:
+            size_limit: int | None = None, progress: Progress | None = None,
+            ova: OvaChoice = DEFAULT) -> ConvertResult:
     """Convert the image at ``source`` into ``destination`` (``raw`` or ``qcow2``).
 
     ``compression`` (``zlib`` or ``zstd``) compresses qcow2 clusters. Nothing exists at ``destination``
     unless the conversion completed. ``sync`` flushes the result to stable storage before it is renamed into
     place (like qemu-img, a file is not flushed by default; a block device always is). A random-access format
     inside a compressed file is spooled to an unlinked scratch file in ``scratch_dir`` (default: the
-    destination's folder); ``size_limit`` bounds what a compressed raw disk may expand to.
+    destination's folder); ``size_limit`` bounds what a compressed raw disk may expand to. ``ova`` picks the
+    disk of an OVA appliance (its boot disk by default).
     """
     began = time.monotonic()
     src = os.fspath(source)
@@ -258,7 +263,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise UsageError("source and destination are the same file", path=dst)
     scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
-    with open_image(src, source_format, scratch_dir=scratch, size_limit=size_limit) as image:
+    with open_image(src, source_format, scratch_dir=scratch, size_limit=size_limit, ova=ova) as image:
         with located(src, image.format):
             stats, written = write_image(image, dst, output_format=output_format, compression=compression,
                                          cluster_size=cluster_size, force=force, sync=sync, progress=progress)

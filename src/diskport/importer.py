@@ -21,6 +21,7 @@ from diskport.destination import refuse_existing
 from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError, located
 from diskport.formats import open_image
+from diskport.ova import DEFAULT, OvaChoice
 from diskport.progress import JobProgress
 from diskport.sources import open_source
 from diskport.sources.base import SliceSource, Source
@@ -72,7 +73,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                  job: JobProgress | None = None, platform: str | None = None,
                  registry: RegistryOptions | None = None,
                  credentials: Credentials | Literal["auto"] | None = "auto",
-                 inspect: bool = False) -> ImportResult:
+                 inspect: bool = False, ova: OvaChoice = DEFAULT) -> ImportResult:
     """Import the disk at ``location`` into ``destination`` (a file or a block device).
 
     ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw
@@ -81,7 +82,8 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
     ``job`` receives the progress: bytes downloaded and converted, and the phase. A ``docker://REF`` location is
     a containerDisk image: ``platform`` picks from an index, ``registry`` and ``credentials`` say how to reach it.
     With ``inspect``, the disk written is looked into afterwards (:func:`diskport.guest.inspect_guest`); a guest
-    that cannot be inspected does not fail the import, ``guest_error`` says why.
+    that cannot be inspected does not fail the import, ``guest_error`` says why. ``ova`` picks the disk of an
+    OVA appliance (its boot disk by default).
     """
     began = time.monotonic()
     dst = os.fspath(destination)
@@ -110,7 +112,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
     try:
         checked = ChecksumSource(source, *expected) if expected else None
         scratch = scratch_dir or os.path.dirname(os.path.abspath(dst))
-        image = open_image(checked or source, scratch_dir=scratch, size_limit=size)
+        image = open_image(checked or source, scratch_dir=scratch, size_limit=size, ova=ova)
     except BaseException:
         source.close()
         raise
@@ -118,8 +120,9 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
         checks.append(checked.verify)
     http_source = source.parent if isinstance(source, SliceSource) else source
     with image:
-        if isinstance(http_source, HttpSource) and not source.sequential and image.access == "direct":
-            image.access = "direct: read over HTTP range requests, no scratch space"
+        if isinstance(http_source, HttpSource) and not source.sequential and image.access.startswith("direct") \
+                and image.access[6:7] in ("", ";"):
+            image.access = "direct: read over HTTP range requests, no scratch space" + image.access[6:]
         image.access = found + image.access
         if size is not None and image.size_known and image.virtual_size > size:
             raise DestinationError(f"the disk is {image.virtual_size} bytes, larger than --size {size}",

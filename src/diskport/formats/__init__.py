@@ -18,11 +18,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from diskport.errors import DiskportError, UnsupportedImage
+from diskport.errors import DiskportError, UnsupportedImage, UsageError
 from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
+from diskport.ova import DEFAULT, OvaChoice, package
 from diskport.sources import Source, open_source
 from diskport.sources.base import HeadSource
 from diskport.sources.spool import spool
@@ -90,7 +91,7 @@ def declared_size(name: str, head: bytes) -> int | None:
 
 
 def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: str | None,
-                size_limit: int | None, random_access: bool = False) -> DiskImage:
+                size_limit: int | None, random_access: bool = False, ova: OvaChoice | None = DEFAULT) -> DiskImage:
     """Open an image that can only be read in order (inside a compressed file, or a ``sequential`` source):
     straight from the stream when its format allows and ``random_access`` is not asked for, else spooled to
     scratch first."""
@@ -103,6 +104,11 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
             raise UnsupportedImage(f"is {kind}-compressed {inner} data; decompress the outer layer first",
                                    path=source.name, fmt=kind)
         view = HeadSource(source.name, head)
+        if not fmt and ova is not None and package.is_ova_head(head):
+            return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
+                             random_access)
+        if not fmt:
+            package.refuse_late_descriptor(head, source.name)
         if not fmt:
             foreign.refuse_foreign(head, view)
         name = ALIASES.get(fmt, fmt) if fmt else _choose(probe_scores(view, head), view, probe_only=True)
@@ -133,7 +139,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         image.close_with(source.close)
         image.outer = source
         image.compression = [kind] if kind else []
-        needs = "random access was asked for" if name in STREAMABLE or name == "vmdk" else f"{name} needs random access"
+        streamable = name in STREAMABLE or (name == "vmdk" and vmdk.is_stream_optimized(head))
+        needs = "random access was asked for" if streamable else f"{name} needs random access"
         image.access = f"spooled: {needs}, so {stream.label} was copied to scratch first"
         return image
     except BaseException:
@@ -167,8 +174,71 @@ def _choose(scores: dict[str, int], source: Source, probe_only: bool = False) ->
                            "refusing to guess", path=source.name, hint="name the format with --format")
 
 
-def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | None = None,
+def _open_ova(pkg: package.OvaPackage, choice: OvaChoice, scratch_dir: str | None, size_limit: int | None,
+              random_access: bool) -> DiskImage:
+    """The chosen disk of an OVA; the image owns the package."""
+    try:
+        image = open_ova_disk(pkg, choice.disk, choice.vm, scratch_dir=scratch_dir, size_limit=size_limit,
+                              random_access=random_access)
+    except BaseException:
+        pkg.close()
+        raise
+    image.close_with(pkg.close)
+    return image
+
+
+def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *, scratch_dir: str | None = None,
                   size_limit: int | None = None, random_access: bool = False) -> DiskImage:
+    """Disk ``index`` (0: the boot disk) of ``vm`` in an opened OVA, read as the file it is. The image runs the
+    package's checks for it (manifest digests) before its destination is committed; it does not close ``pkg``."""
+    disks = pkg.disks(vm)
+    if not 0 <= index < len(disks):
+        raise UsageError(f"the appliance has {len(disks)} disk(s), numbered 0 to {len(disks) - 1}; there is no "
+                         f"disk {index}", path=pkg.name)
+    found = pkg.disk_source(disks[index], index)
+    try:
+        image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
+                              random_access=random_access, ova=None)
+    except DiskportError as e:
+        raise e.locate(found.source.name) from None
+    if isinstance(pkg, package.StreamedOva) and pkg.stream.kind:
+        image.compression.insert(0, pkg.stream.kind)
+    image.appliance = pkg
+    image.appliance_vm = vm
+    image.checks.extend(found.checks)
+
+    def report() -> None:
+        image.access += f"; {pkg.summary()}"
+
+    image.checks.append(report)
+    image.access += f"; OVA: {found.note}"
+    return image
+
+
+def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package.OvaPackage:
+    """``source`` as an OVA package (for writing several of its disks), or a UsageError when it is not one."""
+    head = read_head(source)
+    compression = detect_compression(head)
+    if compression or source.sequential:
+        stream = DecompressingStream(source, compression)
+        try:
+            buf = bytearray(HEAD_SIZE)
+            inner = bytes(buf[: stream.readinto(memoryview(buf))])
+            if package.is_ova_head(inner):
+                return package.open_package(source, stream, inner)
+        except BaseException:
+            stream.close()
+            raise
+        stream.close()
+    elif package.is_ovf_descriptor(head) or (
+            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))):
+        return package.open_package(source)
+    raise UsageError("is not an OVA appliance; choosing among several disks is for OVAs", path=source.name)
+
+
+def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | None = None,
+                  size_limit: int | None = None, random_access: bool = False,
+                  ova: OvaChoice | None = DEFAULT) -> DiskImage:
     """Open ``source`` as ``fmt``, or as the format its content shows.
 
     A compressed file, or a source that can only be read in order, is opened through :func:`open_stream`;
@@ -178,7 +248,10 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
     head = read_head(source)
     compression = detect_compression(head)
     if compression or source.sequential:
-        return open_stream(source, compression, fmt, scratch_dir, size_limit, random_access)
+        return open_stream(source, compression, fmt, scratch_dir, size_limit, random_access, ova)
+    if (fmt is None and ova is not None and (package.is_ovf_descriptor(head) or (
+            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))))):
+        return _open_ova(package.open_package(source), ova, scratch_dir, size_limit, random_access)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)
         if name not in FORMATS:
@@ -191,16 +264,19 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
 
 def open_image(location: str | os.PathLike[str] | Source, fmt: str | None = None, *,
                scratch_dir: str | None = None, size_limit: int | None = None,
-               random_access: bool = False) -> DiskImage:
-    """Open a disk image from a path or a :class:`Source`; the caller closes it (it is a context manager)."""
+               random_access: bool = False, ova: OvaChoice = DEFAULT) -> DiskImage:
+    """Open a disk image from a path or a :class:`Source`; the caller closes it (it is a context manager).
+
+    An OVA opens as the disk ``ova`` chooses (the boot disk of its only VM by default)."""
     source = location if isinstance(location, Source) else open_source(location)
     try:
         return open_detected(source, fmt, scratch_dir=scratch_dir, size_limit=size_limit,
-                             random_access=random_access)
+                             random_access=random_access, ova=ova)
     except BaseException:
         if not isinstance(location, Source):
             source.close()
         raise
 
 
-__all__ = ["FORMATS", "DiskImage", "Extent", "FormatSpec", "open_detected", "open_image", "probe_scores"]
+__all__ = ["FORMATS", "DiskImage", "Extent", "FormatSpec", "open_appliance", "open_detected", "open_image",
+           "open_ova_disk", "probe_scores"]

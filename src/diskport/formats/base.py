@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.sources.base import Source
+
+if TYPE_CHECKING:
+    from diskport.ova.package import OvaPackage
 
 
 class Extent(NamedTuple):
@@ -95,6 +98,11 @@ class DiskImage:
         self._closers: list[Callable[[], None]] = []
         #: The file as the user named it, when ``source`` is a spooled copy of what is inside it.
         self.outer: Source | None = None
+        #: Run after the last byte is written and before the destination is committed (an OVA's manifest).
+        self.checks: list[Callable[[], None]] = []
+        #: The appliance (OVA) this disk was found in, with its descriptor's facts.
+        self.appliance: OvaPackage | None = None
+        self.appliance_vm: str | None = None
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Extents covering ``[start, min(end, virtual_size))`` in guest order: the reader's
@@ -171,6 +179,8 @@ class DiskImage:
         if specific:
             facts["format-specific"] = {"type": self.format, "data": specific}
         facts["compression"] = list(self.compression)
+        if self.appliance is not None:
+            facts["ova"] = self.appliance.facts(self.appliance_vm)
         return facts
 
     def format_specific(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ the bytes its own tools write (the facts also used by qemu's block drivers, whic
 * Apple DMG/UDIF: the ``koly`` trailer in the last 512 bytes;
 * cloop: a ``#!/bin/sh`` script at offset 0 that mounts ``/dev/cloop``;
 * Bochs: ``Bochs Virtual HD Image`` at offset 0;
-* OVA: a tar whose first member is an ``.ovf`` descriptor (an appliance, not a disk: its disks are members).
+* OVA: a tar whose first member is an ``.ovf`` descriptor, met only as a member of another OVA (an OVA itself is
+  read by :mod:`diskport.ova`, which opens its disks; an appliance nested in one is not).
 
 A format named with ``--format`` is read as asked, so a raw disk that happens to begin with one of these strings
 can still be converted with ``-f raw``.
@@ -61,8 +62,7 @@ def identify(head: bytes, source: Source) -> tuple[str, str] | None:
         return "a cloop compressed image", _QEMU
     member = _tar_first_member(head)
     if member is not None and member.lower().endswith(".ovf"):
-        return ("an OVA appliance (a tar holding an OVF descriptor and its disks)",
-                "unpack it (tar -xf) and convert the disk files it holds")
+        return ("an OVA appliance inside an OVA", "unpack the outer OVA (tar -xf) and convert the inner one")
     # The trailer is at the end: a stream's end is not known, so a DMG inside gzip is not recognised.
     if (not isinstance(source, HeadSource) and source.size >= 1024
             and source.pread(source.size - 512, 4) == b"koly"):

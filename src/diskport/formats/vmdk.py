@@ -1051,6 +1051,21 @@ class StreamedVmdkImage(DiskImage):
         if marker_sums:
             raise _corrupt(self.source, f"{DISAGREE}: grains beyond the grain directory")
 
+    def _end_without_marker(self) -> None:
+        """The stream ended where a marker was due. qemu-img writes no footer and no end-of-stream marker but puts
+        the grain directory and tables before the grains (the header names them): those tables say which grains
+        the file holds, so when every one has arrived the stream is complete, and when one is missing it is
+        truncated. Without tables read up front (``GD_AT_END``) nothing says what is missing: truncated."""
+        src = self.source
+        cut = f"stream ends after {self._consumed} bytes without an end-of-stream marker"
+        if self.header.gd_offset == GD_AT_END or self.header.gd_offset not in self._directories:
+            raise _corrupt(src, cut, hint="the file is truncated")
+        try:
+            self._check_tables()
+        except CorruptImage:
+            raise _corrupt(src, f"{cut}, before all the grains its grain tables name",
+                           hint="the file is truncated") from None
+
     def _read(self, n: int) -> bytes:
         """Exactly ``n`` more bytes of the stream (b"" at its very end), from the head first."""
         out = bytearray()
@@ -1085,8 +1100,8 @@ class StreamedVmdkImage(DiskImage):
         while True:
             marker = self._read(_MARKER.size)
             if not marker:
-                raise _corrupt(src, f"stream ends after {self._consumed} bytes without an end-of-stream marker",
-                               hint="the file is truncated")
+                self._end_without_marker()
+                break
             value, size, kind = _MARKER.unpack(marker)
             marker_at = self._consumed - _MARKER.size
             if size == 0:  # a metadata marker: read what the check needs, skip the rest

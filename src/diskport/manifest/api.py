@@ -149,8 +149,8 @@ def generate(location: str, *, target: str = DEFAULT_TARGET, overrides: Override
 def docker_source(location: str, platform: str | None, registry: RegistryOptions | None,
                    credentials: Credentials | Literal["auto"] | None) -> tuple[BootSource, GuestFacts | None]:
     """The reference pinned by digest, and the verdict from the image config's labels (None: not labelled)."""
-    from diskport.oci.platform import host_architecture
     from diskport.oci.media import INDEX_TYPES
+    from diskport.oci.platform import host_architecture
     from diskport.oci.pull import _choose_manifest, _json
     from diskport.oci.reference import parse_reference
     from diskport.oci.registry import RegistryClient, RegistryOptions

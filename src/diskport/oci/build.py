@@ -242,6 +242,11 @@ def _inspect(path: str, convert_to: str | None) -> _Disk:
         # The conversion opens (and validates) it; opening it here would decompress it twice.
         return _Disk({}, path, compression, compression)
     with open_image(path) as image:
+        if image.appliance is not None:
+            if convert_to is None:
+                raise UsageError("is an OVA appliance; a containerDisk holds one disk file, not the package",
+                                 path=path, hint="pass --convert qcow2 to package its boot disk, converted")
+            return _Disk({}, path, "ova", None)
         if convert_to is None and image.data_in_other_files():
             raise UnsupportedImage(f"is a {image.format} descriptor whose data lies in other files; a containerDisk "
                                    "holds a single file", path=path, fmt=image.format,

@@ -66,31 +66,41 @@ class RandomTarReader:
 
     def skip_to(self, position: int) -> None:
         if position > self.source.size:
-            raise CorruptImage("the layer ends inside a member", path=self.name, fmt="tar")
+            raise CorruptImage("the tar ends inside a member", path=self.name, fmt="tar")
         self.position = position
 
 
 class StreamTarReader:
-    """A tar inside a decompressing stream: skipping a member reads through it."""
+    """A tar inside a decompressing stream: skipping a member reads through it. ``prefix`` is the stream's
+    first bytes when a probe has already taken them from it."""
 
-    def __init__(self, stream: DecompressingStream, name: str) -> None:
+    def __init__(self, stream: DecompressingStream, name: str, prefix: bytes = b"") -> None:
         self.stream = stream
         self.name = name
         self.position = 0
+        self._prefix = prefix
+
+    def readinto(self, buf: memoryview) -> int:
+        """Up to ``len(buf)`` bytes from the current position (fewer only at the end), position advanced."""
+        got = 0
+        if self.position < len(self._prefix):
+            got = min(len(buf), len(self._prefix) - self.position)
+            buf[:got] = self._prefix[self.position: self.position + got]
+        if got < len(buf):
+            got += self.stream.readinto(buf[got:])
+        self.position += got
+        return got
 
     def read(self, n: int) -> bytes:
         buf = bytearray(n)
-        got = self.stream.readinto(memoryview(buf))
-        self.position += got
+        got = self.readinto(memoryview(buf))
         return bytes(buf[:got])
 
     def skip_to(self, position: int) -> None:
         scratch = memoryview(bytearray(min(1 << 20, max(0, position - self.position)) or 1))
         while self.position < position:
-            got = self.stream.readinto(scratch[: position - self.position])
-            if not got:
-                raise CorruptImage("the layer ends inside a member", path=self.name, fmt="tar")
-            self.position += got
+            if not self.readinto(scratch[: position - self.position]):
+                raise CorruptImage("the tar ends inside a member", path=self.name, fmt="tar")
 
 
 def _number(field: bytes, what: str, name: str) -> int:
@@ -139,7 +149,7 @@ def iter_tar(reader: TarReader) -> Iterator[TarEntry]:
         if not header:
             return  # no end-of-archive blocks: tolerated, as every tar reader does
         if len(header) < BLOCK:
-            raise CorruptImage("the layer ends inside a tar header", path=name, fmt="tar")
+            raise CorruptImage("the tar ends inside a tar header", path=name, fmt="tar")
         if header == bytes(BLOCK):
             return
         stored = _number(header[148:156], "checksum", name)
@@ -154,7 +164,7 @@ def iter_tar(reader: TarReader) -> Iterator[TarEntry]:
                 raise UnsafeImage(f"a tar metadata entry of {size} bytes (limit {MAX_META})", path=name, fmt="tar")
             data = reader.read(size)
             if len(data) < size:
-                raise CorruptImage("the layer ends inside a tar metadata entry", path=name, fmt="tar")
+                raise CorruptImage("the tar ends inside a tar metadata entry", path=name, fmt="tar")
             reader.skip_to(end)
             if kind == b"x":
                 pax = _pax(data, name)
@@ -273,10 +283,8 @@ class MemberStream(ReadintoSource):
         end = self._start + self.size
         scratch = memoryview(bytearray(1 << 20))
         while self.reader.position < end:
-            got = self.reader.stream.readinto(scratch[: end - self.reader.position])
-            if not got:
+            if not self.reader.readinto(scratch[: end - self.reader.position]):
                 raise self._short(self.reader.position - self._start)
-            self.reader.position += got
         self.reader.skip_to(end + -self.size % BLOCK)
         found: LayerScan | None = self.scan or LayerScan(None, self.name.rsplit("/", 1)[-1])
         for entry in iter_tar(self.reader):
@@ -295,10 +303,9 @@ class MemberStream(ReadintoSource):
             return k + (self.readinto(offset + k, buf[k:n]) if k < n else 0)
         if self._start + offset != self.reader.position:
             raise CorruptImage(f"a layer stream can only be read in order (asked for {offset:#x})", path=self.name)
-        got = self.reader.stream.readinto(buf[:n])
+        got = self.reader.readinto(buf[:n])
         if not got:
             raise self._short(offset)
-        self.reader.position += got
         return got
 
     def close(self) -> None:
