@@ -151,7 +151,7 @@ def docker_source(location: str, platform: str | None, registry: RegistryOptions
     """The reference pinned by digest, and the verdict from the image config's labels (None: not labelled)."""
     from diskport.oci.media import INDEX_TYPES
     from diskport.oci.platform import host_architecture
-    from diskport.oci.pull import _choose_manifest, _json
+    from diskport.oci.pull import choose_manifest, load_json
     from diskport.oci.reference import parse_reference
     from diskport.oci.registry import RegistryClient, RegistryOptions
 
@@ -159,16 +159,16 @@ def docker_source(location: str, platform: str | None, registry: RegistryOptions
     client = RegistryClient(reference, registry or RegistryOptions(), credentials=credentials)
     try:
         body, media, top = client.get_manifest(reference.reference)
-        obj = _json(body, f"{reference}: the manifest")
+        obj = load_json(body, f"{reference}: the manifest")
         media = obj.get("mediaType", media) if isinstance(obj.get("mediaType"), str) else media
         if media in INDEX_TYPES or "manifests" in obj:
-            entry = _choose_manifest(obj, platform or host_architecture(), str(reference))
+            entry = choose_manifest(obj, platform or host_architecture(), str(reference))
             body, media, _ = client.get_manifest(entry.digest)
-            obj = _json(body, f"{reference}: the manifest")
+            obj = load_json(body, f"{reference}: the manifest")
         config = obj.get("config")
         if not isinstance(config, dict) or not isinstance(config.get("digest"), str):
             raise CorruptImage(f"{reference}: the manifest has no config")
-        config_obj = _json(client.get_blob(config["digest"]), f"{reference}: the image config")
+        config_obj = load_json(client.get_blob(config["digest"]), f"{reference}: the image config")
     finally:
         client.close()
     labels: Any = (config_obj.get("config") or {}).get("Labels") or {}

@@ -54,7 +54,7 @@ class PulledDisk:
     notes: list[str] = field(default_factory=list)
 
 
-def _json(body: bytes, what: str) -> dict[str, Any]:
+def load_json(body: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(body)
     except ValueError as e:
@@ -74,7 +74,7 @@ def _descriptors(obj: dict[str, Any], key: str, what: str) -> list[Descriptor]:
         raise CorruptImage(f"{what}: {e}") from None
 
 
-def _choose_manifest(index: dict[str, Any], wanted: str, where: str) -> Descriptor:
+def choose_manifest(index: dict[str, Any], wanted: str, where: str) -> Descriptor:
     want = parse_platform(wanted)
     entries = _descriptors(index, "manifests", f"{where}: the index")
     offered = []
@@ -100,11 +100,11 @@ class _Puller:
         body, media, digest = self.client.get_manifest(self.reference.reference)
         chosen: str | None = None
         for _ in range(MAX_NESTING + 1):
-            obj = _json(body, f"{self.where}: the manifest")
+            obj = load_json(body, f"{self.where}: the manifest")
             media = obj.get("mediaType", media) if isinstance(obj.get("mediaType"), str) else media
             if media not in INDEX_TYPES and "manifests" not in obj:
                 return obj, digest, chosen
-            entry = _choose_manifest(obj, wanted_platform, self.where)
+            entry = choose_manifest(obj, wanted_platform, self.where)
             chosen = wanted_platform
             body, media, digest = self.client.get_manifest(entry.digest)
         raise CorruptImage(f"{self.where}: indexes nested more than {MAX_NESTING} deep")
