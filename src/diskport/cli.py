@@ -431,6 +431,8 @@ def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> 
               help="Convert the disk to qcow2 first (for formats a containerDisk cannot boot as they are).")
 @click.option("-c", "compress", is_flag=True, help="With --convert: compress the qcow2 clusters.")
 @click.option("--source", "source_url", metavar="URL", help="org.opencontainers.image.source annotation.")
+@click.option("--instancetype", metavar="NAME",
+              help="KubeVirt default-instancetype hint (u1.medium...) in the image; CDI makes it a PVC label.")
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
               help="Folder for a converted disk [default: beside the output] and, for --push without --output, "
                    "the image until it is sent [default: $TMPDIR].")
@@ -448,7 +450,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
           creds: str | None, chunk_size: str | None, quiet: bool, manifest_path: str | None = None,
           target: str = "cpln", name: str | None = None, bus: str | None = None, firmware: str | None = None,
           secure_boot: bool | None = None, volume_set: str | None = None, cpu: int | None = None,
-          memory: str | None = None) -> None:
+          memory: str | None = None, instancetype: str | None = None) -> None:
     """Package DISK as a containerDisk image: FROM scratch, the disk under /disk/ owned by 107:107 (qemu).
 
     Writes an OCI image layout (default ./NAME.oci), a docker-archive (--docker-archive), or pushes (--push -t
@@ -491,7 +493,8 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
                              compression=compression, convert_to=convert_to,
                              convert_compression="zlib" if compress else None, source=source_url, force=force,
                              scratch_dir=scratch, progress=job, phase=job.set_phase,
-                             warn=lambda text: click.echo(f"diskport: warning: {safe_text(text)}", err=True))
+                             warn=lambda text: click.echo(f"diskport: warning: {safe_text(text)}", err=True),
+                             instancetype=instancetype)
         pushed = None
         if push_it and registry is not None and result.output and reference:
             job.set_phase("pushing")

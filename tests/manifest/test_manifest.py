@@ -6,6 +6,7 @@ platform workload's documented fields (tests/manifest/checks.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_windows_without_viostor_is_sata_e1000e_with_a_warning(tmp_path: Path) -
                                                 sys_files=()))
     cp, kv, cp_text, kv_text = both(disk)
     assert cp["spec"]["vm"]["bootDisk"]["bus"] == "sata" and cp["spec"]["vm"]["guestOS"] == "windows"
-    assert cp["spec"]["containers"][0]["cpu"] == "2000m" and cp["spec"]["containers"][0]["memory"] == "4Gi"
+    assert cp["spec"]["containers"][0]["cpu"] == "4000m" and cp["spec"]["containers"][0]["memory"] == "8Gi"
     template = kv["spec"]["template"]["spec"]
     assert template["domain"]["devices"]["disks"][0]["disk"] == {"bus": "sata"}
     assert template["domain"]["devices"]["interfaces"][0]["model"] == "e1000e"
@@ -217,7 +218,7 @@ def test_docker_source_reads_the_labels_not_the_disk(registry: RegistryServer, t
     image = convert(gpt_linux_disk(tmp_path), "qcow2")
     ref = f"{registry.name}/containerdisks/debian:12"
     built = run_cli("build", image, "-t", ref, "--push", "--manifest", tmp_path / "built.yaml", "--target",
-                    "kubevirt", cwd=tmp_path)
+                    "kubevirt", "--instancetype", "u1.medium", cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     pushed = re.search(r"pushed \S+@(sha256:[0-9a-f]{64})", built.stderr)
     assert pushed
@@ -228,6 +229,7 @@ def test_docker_source_reads_the_labels_not_the_disk(registry: RegistryServer, t
                        follow_redirects=True).json()
     # KubeVirt's hint, which CDI turns into the PVC label preference.inferFromVolume reads
     assert "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE=debian" in config["config"]["Env"]
+    assert "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.medium" in config["config"]["Env"]
     before = len(_registry_gets(registry))
     text = manifest(f"docker://{ref}", "--target", "kubevirt")
     gets = _registry_gets(registry)[before:]
@@ -346,3 +348,16 @@ def test_labels_with_values_build_never_writes_are_not_a_verdict() -> None:
     verdict = "Windows 11 Pro; bus: sata (2 warnings: Fast Startup is on (hiberfil.sys))"
     labelled = facts_from_labels({**good, "io.diskport.guest.verdict": verdict}, "r/x@sha256:0")
     assert labelled is not None and labelled.warnings == ["Fast Startup is on (hiberfil.sys)"]
+
+
+def test_instancetype_hint_is_checked(tmp_path: Path) -> None:
+    image = convert(gpt_linux_disk(tmp_path), "qcow2")
+    bad = run_cli("build", image, "--output", tmp_path / "x.oci", "--instancetype", "U1 Medium")
+    assert bad.returncode == 2 and "not a Kubernetes resource name" in bad.stderr
+    plain = run_cli("build", image, "--output", tmp_path / "y.oci", "-q")
+    assert plain.returncode == 0, plain.stderr
+    index = json.loads((tmp_path / "y.oci" / "index.json").read_text())
+    blob = tmp_path / "y.oci/blobs/sha256"
+    manifest_obj = json.loads((blob / index["manifests"][0]["digest"].removeprefix("sha256:")).read_text())
+    config = json.loads((blob / manifest_obj["config"]["digest"].removeprefix("sha256:")).read_text())
+    assert not any(e.startswith("INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=") for e in config["config"]["Env"])

@@ -211,9 +211,10 @@ _TPM_WINDOWS = ("10", "11", "2k16", "2k19", "2k22", "2k25")
 
 def resources_for(guest: GuestFacts) -> tuple[int, str, str]:
     """Default CPUs, memory and why: what a user expects for the guest (and what its preference requires)."""
+    if guest.os_type == "windows" and guest.windows_server:
+        return 4, "8Gi", "default for Windows Server (4 CPUs, 8Gi: a server's roles need more than a desktop's)"
     if guest.os_type == "windows":
-        kind = "Windows Server" if guest.windows_server else "Windows"
-        return 2, "4Gi", f"default for {kind} (2 CPUs, 4Gi: Windows 11's minimum, comfortable for Server)"
+        return 2, "4Gi", "default for Windows (2 CPUs, 4Gi: Windows 11's minimum)"
     return 1, "2Gi", "default for a Linux guest (1 CPU, 2Gi)"
 
 

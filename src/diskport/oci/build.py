@@ -147,17 +147,22 @@ def _one_layer_config(platform: Mapping[str, str], created: str, labels: Mapping
 
 #: The image environment variable CDI turns into the PVC label KubeVirt infers a preference from.
 PREFERENCE_ENV = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_PREFERENCE"
+#: Its instancetype counterpart, written only when asked (``build --instancetype``): sizing is the user's call.
+INSTANCETYPE_ENV = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE"
+_RESOURCE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
-def _hints(guest: GuestReport | None) -> dict[str, str]:
-    """KubeVirt's default-preference hint for the guest, when a common-instancetypes preference fits."""
+def _hints(guest: GuestReport | None, instancetype: str | None = None) -> dict[str, str]:
+    """KubeVirt's default-preference hint for the guest, when a common-instancetypes preference fits, and the
+    default instancetype when one was asked for."""
+    hints = {INSTANCETYPE_ENV: instancetype} if instancetype else {}
     if guest is None:
-        return {}
+        return hints
     from diskport.manifest.model import facts_from_report, preference_for
 
     facts = facts_from_report(guest)
     name = preference_for(facts, str(facts.bus.value))
-    return {PREFERENCE_ENV: name} if name else {}
+    return {**hints, PREFERENCE_ENV: name} if name else hints
 
 
 @dataclass(frozen=True)
@@ -308,7 +313,7 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 compression: str = "gzip", convert_to: str | None = None, convert_compression: str | None = None,
                 source: str | None = None, force: bool = False, scratch_dir: str | None = None,
                 progress: Progress | None = None, phase: Callable[[str], None] | None = None,
-                warn: Callable[[str], None] | None = None) -> BuildResult:
+                warn: Callable[[str], None] | None = None, instancetype: str | None = None) -> BuildResult:
     """Package ``disks`` (architecture -> disk path; a single path means this machine's architecture) as a
     containerDisk image in the OCI layout ``output`` and/or the docker-archive ``docker_archive``.
 
@@ -318,9 +323,13 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
     ``org.opencontainers.image.source`` annotation. ``phase`` hears what is being done ("convert amd64",
     "package amd64"); ``progress`` the bytes done of that phase and its total; ``warn`` each warning (also kept
     in the result). An existing output is replaced only with ``force``. Nothing is left behind on failure.
+    ``instancetype`` (``u1.medium``...) becomes the image's default-instancetype hint for KubeVirt.
     """
     began = time.monotonic()
     _check_options(compression, convert_to, convert_compression, tag)
+    if instancetype is not None and not _RESOURCE_NAME.fullmatch(instancetype):
+        raise UsageError(f"--instancetype {instancetype!r} is not a Kubernetes resource name (lowercase letters, "
+                         "digits, '-' and '.')")
     if isinstance(disks, (str, os.PathLike)):
         disks = {host_architecture(): disks}
     if not disks:
@@ -373,7 +382,7 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
             with _prepared(disk, convert_to, convert_compression, scratch, progress) as (path, name, fmt):
                 guest = _inspect_guest(path, disk.path, warnings, warn)
                 labels = guest.labels() if guest is not None else {}
-                env = _hints(guest)
+                env = _hints(guest, instancetype)
                 if phase is not None:
                     phase(f"package {key}")
                 size = _file_size(path)
