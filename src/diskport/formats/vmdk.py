@@ -71,6 +71,7 @@ from isal import isal_zlib
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
 from diskport.formats.base import DiskImage, Extent, file_runs
 from diskport.formats.compression import INFLATE_ERRORS
+from diskport.formats.runs import RunKind, split_runs
 from diskport.sources.base import HeadSource, Source
 from diskport.sources.stream import DecompressingStream
 
@@ -121,7 +122,7 @@ _GT_CACHE = 16
 _GRAIN_CACHE = 4
 
 # Run kinds inside one extent.
-_ZERO, _DATA, _COMPRESSED = 0, 1, 2
+_ZERO, _DATA, _COMPRESSED = RunKind.ZERO, RunKind.DATA, RunKind.COMPRESSED
 
 # createType values that describe a raw physical device or partition, or ESX-only sparse formats, rather than
 # files diskport can read. ("vmfs", "vmfsThin", "vmfsPreallocated" and "vmfsEagerZeroedThick" are plain flat
@@ -158,16 +159,21 @@ def probe(head: bytes, source: Source) -> int:
 
 
 @contextmanager
-def _malformed_is_corrupt(path: str) -> Iterator[None]:
+def _malformed_is_corrupt(image: DiskImage) -> Iterator[None]:
     """Turn a Python error that malformed input slipped past the checks into a CorruptImage."""
     try:
         yield
     except _MALFORMED_ERRORS as e:
-        raise CorruptImage(f"malformed VMDK structure ({type(e).__name__}: {e})", path=path,
-                           fmt=FMT) from None
+        raise image.corrupt(f"malformed VMDK structure ({type(e).__name__}: {e})") from None
 
 
 def _corrupt(source: Source, message: str, offset: int | None = None, hint: str | None = None) -> CorruptImage:
+    """The error for bad structure in a file that is not (yet) a :class:`DiskImage`, naming that file.
+
+    The image's own checks use :meth:`DiskImage.corrupt`. This one is for the two places where that would name
+    the wrong file or none: the descriptor and sparse headers, parsed before the image exists (and parsed the same
+    way from a stream's head), and the extent readers, whose file is an extent beside the descriptor, not the image.
+    """
     return CorruptImage(message, path=source.name, fmt=FMT, offset=offset, hint=hint)
 
 
@@ -585,14 +591,7 @@ class SparseExtent(ExtentReader):
             last = -(-(stop - base) // grain)
             kinds = table[0][first:last]
             hosts = table[1][first:last]
-            n = len(kinds)
-            breaks = np.ones(n, dtype=bool)
-            if n > 1:
-                breaks[1:] = (kinds[1:] != kinds[:-1]) | (
-                    (kinds[1:] == _DATA) & (hosts[1:] != hosts[:-1] + np.uint64(grain)))
-            run_starts = np.flatnonzero(breaks)
-            run_ends = np.append(run_starts[1:], n)
-            for s, e in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+            for s, e in split_runs(kinds, hosts, np.uint64(grain)):
                 grain_start = base + (first + s) * grain
                 r0 = max(grain_start, pos)
                 r1 = min(base + (first + e) * grain, stop)
@@ -699,7 +698,7 @@ class VmdkImage(DiskImage):
         self.cid: int | None = None
         self.parent_cid: int | None = None
         try:
-            with _malformed_is_corrupt(source.name):
+            with _malformed_is_corrupt(self):
                 self._open()
         except BaseException:
             self._close_extent_sources()
@@ -709,7 +708,7 @@ class VmdkImage(DiskImage):
     def _open(self) -> None:
         src = self.source
         if src.size < 4:
-            raise _corrupt(src, f"file is {src.size} bytes, too short for a VMDK image")
+            raise self.corrupt(f"file is {src.size} bytes, too short for a VMDK image")
         magic = src.read_exact(0, 4, "magic", FMT)
         if magic in (SPARSE_MAGIC, COWD_MAGIC):
             header = read_sparse_header(src)
@@ -725,8 +724,8 @@ class VmdkImage(DiskImage):
             self._append(sparse)
             return
         if src.size > MAX_DESCRIPTOR_BYTES:
-            raise _corrupt(src, f"is {src.size} bytes and has no sparse extent header; a VMDK descriptor file is "
-                           f"at most {MAX_DESCRIPTOR_BYTES // 1024} KiB")
+            raise self.corrupt(f"is {src.size} bytes and has no sparse extent header; a VMDK descriptor file is "
+                               f"at most {MAX_DESCRIPTOR_BYTES // 1024} KiB")
         self._open_descriptor(parse_descriptor(src.read_exact(0, src.size, "descriptor", FMT), src))
 
     def _read_identity(self, desc: Descriptor) -> None:
@@ -734,52 +733,50 @@ class VmdkImage(DiskImage):
         self.cid, self.parent_cid = read_identity(desc, self.source)
 
     def _open_descriptor(self, desc: Descriptor) -> None:
-        src = self.source
         self._read_identity(desc)
         create_type = desc.get("createType")
         if create_type is None:
-            raise _corrupt(src, "descriptor has no createType")
+            raise self.corrupt("descriptor has no createType")
         if create_type in DEVICE_CREATE_TYPES:
-            raise UnsupportedImage(f"createType '{create_type}' describes ESX or raw device storage, which is not "
-                                   "supported", path=src.name, fmt=FMT)
+            raise self.unsupported(f"createType '{create_type}' describes ESX or raw device storage, which is not "
+                                   "supported")
         self.create_type = create_type
         version = desc.get("version")
         self.version = int(version) if version and version.isascii() and version.isdigit() and len(version) < 6 \
             else None
         if len(desc.extents) > MAX_EXTENTS:
-            raise UnsupportedImage(f"descriptor lists {len(desc.extents)} extents, more than the {MAX_EXTENTS} "
-                                   "supported", path=src.name, fmt=FMT)
+            raise self.unsupported(f"descriptor lists {len(desc.extents)} extents, more than the {MAX_EXTENTS} "
+                                   "supported")
         for line in desc.extents:
             self._open_extent(line)
         if not self.layout:
-            raise _corrupt(src, "descriptor lists no extents")
+            raise self.corrupt("descriptor lists no extents")
 
     def _open_extent(self, line: ExtentLine) -> None:
-        src = self.source
         where = f"extent on descriptor line {line.line_number}"
         if line.access == "NOACCESS":
-            raise UnsupportedImage(f"{where} is NOACCESS; its data cannot be read", path=src.name, fmt=FMT)
+            raise self.unsupported(f"{where} is NOACCESS; its data cannot be read")
         if line.sectors == 0:
             return  # an empty extent adds nothing (qemu skips it too)
         size = line.sectors * SECTOR
         if line.kind in ESX_EXTENT_TYPES:
-            raise UnsupportedImage(f"{where} has type {line.kind}, which only ESX hosts read",
-                                   path=src.name, fmt=FMT, hint="convert it on the ESX host (vmkfstools -i) first")
+            raise self.unsupported(f"{where} has type {line.kind}, which only ESX hosts read",
+                                   hint="convert it on the ESX host (vmkfstools -i) first")
         if line.kind == "ZERO":
             if line.filename is not None:
-                raise _corrupt(src, f"ZERO {where} names a file")
+                raise self.corrupt(f"ZERO {where} names a file")
             self._append(ZeroExtent(size))
             return
         if line.kind not in FLAT_EXTENT_TYPES and line.kind != "SPARSE":
-            raise UnsupportedImage(f"{where} has unknown type '{line.kind}'", path=src.name, fmt=FMT)
+            raise self.unsupported(f"{where} has unknown type '{line.kind}'")
         if line.filename is None:
-            raise _corrupt(src, f"{line.kind} {where} names no file")
+            raise self.corrupt(f"{line.kind} {where} names no file")
         extent_source = self._extent_source(line.filename)
         if line.kind in FLAT_EXTENT_TYPES:
             self._append(FlatExtent(extent_source, line.filename, (line.offset_sectors or 0) * SECTOR, size))
             return
         if line.offset_sectors is not None:
-            raise _corrupt(src, f"SPARSE {where} has an offset")
+            raise self.corrupt(f"SPARSE {where} has an offset")
         header = read_sparse_header(extent_source)
         if header.capacity == 0 and header.descriptor_offset:
             raise _corrupt(extent_source, "sparse extent holds only a descriptor; descriptors are not nested")
@@ -799,7 +796,7 @@ class VmdkImage(DiskImage):
     def _append(self, extent: ExtentReader) -> None:
         start = self.virtual_size
         if start + extent.size > MAX_VIRTUAL_SIZE:
-            raise _corrupt(self.source, "the extents add up to an implausibly large disk")
+            raise self.corrupt("the extents add up to an implausibly large disk")
         self.layout.append(extent)
         self._starts.append(start)
         self.virtual_size = start + extent.size
@@ -807,13 +804,10 @@ class VmdkImage(DiskImage):
             self.cluster_size = extent.grain_size
 
     # -- mapping ------------------------------------------------------------------------------------------
-    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-        stop = self.virtual_size if end is None else min(end, self.virtual_size)
-        start = max(start, 0)
-        if start >= stop:
-            return
-        with _malformed_is_corrupt(self.source.name):
-            pending: Extent | None = None
+    def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
+        """Each extent's runs in guest order; DATA runs keep their host only when they lie in this file (the
+        others are read through :meth:`read_mapped`)."""
+        with _malformed_is_corrupt(self):
             index = bisect.bisect_right(self._starts, start) - 1
             while index < len(self.layout) and self._starts[index] < stop:
                 extent = self.layout[index]
@@ -821,30 +815,16 @@ class VmdkImage(DiskImage):
                 mapped = extent.source is self.source
                 for kind, rel, length, host in extent.runs(max(start, base) - base,
                                                            min(stop, base + extent.size) - base):
-                    guest = base + rel
                     if kind == _ZERO:
-                        ext = Extent(guest, length, True, None)
+                        yield Extent(base + rel, length, True, None)
                     else:
-                        ext = Extent(guest, length, False, host if kind == _DATA and mapped else None)
-                    if pending is None:
-                        pending = ext
-                    elif pending.zero and ext.zero:
-                        pending = Extent(pending.start, pending.length + length, True, None)
-                    elif (not pending.zero and not ext.zero and pending.host is None and ext.host is None) or (
-                            pending.host is not None and ext.host is not None
-                            and pending.host + pending.length == ext.host):
-                        pending = Extent(pending.start, pending.length + length, False, pending.host)
-                    else:
-                        yield pending
-                        pending = ext
+                        yield Extent(base + rel, length, False, host if kind == _DATA and mapped else None)
                 index += 1
-            if pending is not None:
-                yield pending
 
     def read_mapped(self, ext: Extent, buf: memoryview) -> None:
         if ext.start < 0 or ext.end > self.virtual_size or len(buf) != ext.length:
             raise ValueError(f"extent {ext.start:#x}+{ext.length:#x} does not fit the image or the buffer")
-        with _malformed_is_corrupt(self.source.name):
+        with _malformed_is_corrupt(self):
             pos = ext.start
             index = bisect.bisect_right(self._starts, pos) - 1
             while pos < ext.end:
@@ -920,14 +900,14 @@ class StreamedVmdkImage(DiskImage):
         header = SparseHeader.unpack(head) if len(head) >= _HEADER.size else None
         if (header is None or header.flags & (FLAG_COMPRESSED_GRAINS | FLAG_MARKERS)
                 != FLAG_COMPRESSED_GRAINS | FLAG_MARKERS or header.compress_algorithm != COMPRESSION_DEFLATE):
-            raise UnsupportedImage("only streamOptimized VMDK can be read as a stream", path=src.name, fmt=FMT)
+            raise self.unsupported("only streamOptimized VMDK can be read as a stream")
         if not 1 <= header.grain_sectors <= MAX_GRAIN_SECTORS or header.grain_sectors & (header.grain_sectors - 1):
-            raise _corrupt(src, f"grain size of {header.grain_sectors} sectors is not a power of two up to "
-                           f"{MAX_GRAIN_SECTORS}", 20)
+            raise self.corrupt(f"grain size of {header.grain_sectors} sectors is not a power of two up to "
+                               f"{MAX_GRAIN_SECTORS}", 20)
         if header.capacity * SECTOR > MAX_VIRTUAL_SIZE:
-            raise _corrupt(src, f"capacity of {header.capacity} sectors is implausibly large", 12)
+            raise self.corrupt(f"capacity of {header.capacity} sectors is implausibly large", 12)
         if not 1 <= header.gtes_per_gt <= MAX_GTES_PER_GT:
-            raise _corrupt(src, f"{header.gtes_per_gt} entries per grain table is outside 1..{MAX_GTES_PER_GT}", 44)
+            raise self.corrupt(f"{header.gtes_per_gt} entries per grain table is outside 1..{MAX_GTES_PER_GT}", 44)
         desc = parse_descriptor(read_embedded_descriptor(src, header), src, with_extents=False)
         self.cid, self.parent_cid = read_identity(desc, src)
         self.header = header
@@ -961,7 +941,7 @@ class StreamedVmdkImage(DiskImage):
         if kind == MARKER_GRAIN_DIRECTORY:
             needed = -(-self.virtual_size // (header.gtes_per_gt * self.grain_size))
             if needed > MAX_GD_ENTRIES or 4 * needed > sectors * SECTOR:
-                raise _corrupt(self.source, f"grain directory of {sectors} sectors does not fit the capacity", at)
+                raise self.corrupt(f"grain directory of {sectors} sectors does not fit the capacity", at)
             raw = self._read(4 * needed)
             self._directories[data_sector] = np.frombuffer(raw, dtype="<u4").copy()
             self._skip(sectors * SECTOR - 4 * needed)
@@ -992,7 +972,7 @@ class StreamedVmdkImage(DiskImage):
             return
         needed = -(-self.virtual_size // (header.gtes_per_gt * self.grain_size))
         if needed > MAX_GD_ENTRIES:
-            raise _corrupt(self.source, f"grain directory of {needed} entries exceeds the {MAX_GD_ENTRIES} limit")
+            raise self.corrupt(f"grain directory of {needed} entries exceeds the {MAX_GD_ENTRIES} limit")
         gd_at = header.gd_offset * SECTOR
         gd_end = gd_at + 4 * needed
         gd = bytearray()
@@ -1003,7 +983,7 @@ class StreamedVmdkImage(DiskImage):
         while pos < end:
             chunk = self._read(min(end - pos, 1 << 20))
             if not chunk:
-                raise _corrupt(self.source, "stream ends inside the header area", hint="the file is truncated")
+                raise self.corrupt("stream ends inside the header area", hint="the file is truncated")
             stop = pos + len(chunk)
             if gd_at < stop and pos < gd_end:
                 gd += chunk[max(gd_at, pos) - pos: min(gd_end, stop) - pos]
@@ -1012,8 +992,8 @@ class StreamedVmdkImage(DiskImage):
                     self._directories[header.gd_offset] = directory
                     wanted = sorted({int(x) * SECTOR for x in directory.tolist() if x})
                     if wanted and wanted[0] < gd_end:
-                        raise _corrupt(self.source, f"{DISAGREE}: a grain table lies before the grain directory, "
-                                       "where a stream cannot check it")
+                        raise self.corrupt(f"{DISAGREE}: a grain table lies before the grain directory, "
+                                           "where a stream cannot check it")
             for at in wanted:
                 if at >= stop:
                     break
@@ -1035,7 +1015,7 @@ class StreamedVmdkImage(DiskImage):
         gd_sector = self._footer_gd if self._footer_gd is not None else self.header.gd_offset
         directory = self._directories.get(gd_sector)
         if directory is None:
-            raise _corrupt(self.source, f"{DISAGREE}: the stream holds no grain directory at sector {gd_sector}")
+            raise self.corrupt(f"{DISAGREE}: the stream holds no grain directory at sector {gd_sector}")
         marker_sums = dict(self._marker_sums)
         for index, table_sector in enumerate(directory.tolist()):
             if table_sector == 0:
@@ -1043,28 +1023,27 @@ class StreamedVmdkImage(DiskImage):
             elif table_sector in self._table_sums:
                 expected = self._table_sums[table_sector]
             else:
-                raise _corrupt(self.source, f"{DISAGREE}: the directory names a grain table at sector "
-                               f"{table_sector}, which the stream does not hold")
+                raise self.corrupt(f"{DISAGREE}: the directory names a grain table at sector "
+                                   f"{table_sector}, which the stream does not hold")
             if marker_sums.pop(index, 0) != expected:
-                raise _corrupt(self.source, f"{DISAGREE}: grain table {index} names other grains than the "
-                               "markers carry")
+                raise self.corrupt(f"{DISAGREE}: grain table {index} names other grains than the "
+                                   "markers carry")
         if marker_sums:
-            raise _corrupt(self.source, f"{DISAGREE}: grains beyond the grain directory")
+            raise self.corrupt(f"{DISAGREE}: grains beyond the grain directory")
 
     def _end_without_marker(self) -> None:
         """The stream ended where a marker was due. qemu-img writes no footer and no end-of-stream marker but puts
         the grain directory and tables before the grains (the header names them): those tables say which grains
         the file holds, so when every one has arrived the stream is complete, and when one is missing it is
         truncated. Without tables read up front (``GD_AT_END``) nothing says what is missing: truncated."""
-        src = self.source
         cut = f"stream ends after {self._consumed} bytes without an end-of-stream marker"
         if self.header.gd_offset == GD_AT_END or self.header.gd_offset not in self._directories:
-            raise _corrupt(src, cut, hint="the file is truncated")
+            raise self.corrupt(cut, hint="the file is truncated")
         try:
             self._check_tables()
         except CorruptImage:
-            raise _corrupt(src, f"{cut}, before all the grains its grain tables name",
-                           hint="the file is truncated") from None
+            raise self.corrupt(f"{cut}, before all the grains its grain tables name",
+                               hint="the file is truncated") from None
 
     def _read(self, n: int) -> bytes:
         """Exactly ``n`` more bytes of the stream (b"" at its very end), from the head first."""
@@ -1077,23 +1056,21 @@ class StreamedVmdkImage(DiskImage):
             out += buf[:got]
         self._consumed += len(out)
         if out and len(out) < n:
-            raise _corrupt(self.source, f"stream ends inside a marker or grain after {self._consumed} bytes",
-                           hint="the file is truncated")
+            raise self.corrupt(f"stream ends inside a marker or grain after {self._consumed} bytes",
+                               hint="the file is truncated")
         return bytes(out)
 
     def _skip(self, n: int) -> None:
         while n > 0:
             step = min(n, 8 * 1024 * 1024)
             if len(self._read(step)) != step:
-                raise _corrupt(self.source, "stream ends inside metadata", hint="the file is truncated")
+                raise self.corrupt("stream ends inside metadata", hint="the file is truncated")
             n -= step
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         if start != 0 or end is not None or self._started:
-            raise UnsupportedImage("a compressed streamOptimized VMDK can only be read once, from the start",
-                                   path=self.source.name, fmt=FMT)
+            raise self.unsupported("a compressed streamOptimized VMDK can only be read once, from the start")
         self._started = True
-        src = self.source
         grain = self.grain_size
         self._read_overhead()
         pos = 0  # guest bytes covered so far
@@ -1108,18 +1085,17 @@ class StreamedVmdkImage(DiskImage):
                 if kind == MARKER_END_OF_STREAM:
                     break
                 if value > MAX_GD_ENTRIES:
-                    raise _corrupt(src, f"metadata marker of {value} sectors is implausibly large", marker_at)
+                    raise self.corrupt(f"metadata marker of {value} sectors is implausibly large", marker_at)
                 self._read_metadata(kind, value, marker_at)
                 continue
             offset = value * SECTOR
             if size > 2 * grain or size < _MARKER.size - _GRAIN_MARKER.size:
-                raise _corrupt(src, f"compressed grain of {size} bytes is smaller than a zlib stream or larger "
-                               "than twice the grain size",
-                               self._consumed - _MARKER.size)
+                raise self.corrupt(f"compressed grain of {size} bytes is smaller than a zlib stream or larger "
+                                   "than twice the grain size",
+                                   self._consumed - _MARKER.size)
             if offset % grain or offset < pos or offset >= self.virtual_size:
-                raise UnsupportedImage(f"grain for sector {value} is out of order or out of range, so the image "
-                                       "cannot be read as a stream", path=src.name, fmt=FMT,
-                                       hint="decompress the file first and convert that")
+                raise self.unsupported(f"grain for sector {value} is out of order or out of range, so the image "
+                                       "cannot be read as a stream", hint="decompress the file first and convert that")
             grain_number = offset // grain
             table = grain_number // self.header.gtes_per_gt
             pair = self._pair(marker_at // SECTOR, grain_number % self.header.gtes_per_gt)
@@ -1127,7 +1103,7 @@ class StreamedVmdkImage(DiskImage):
             compressed = marker[_GRAIN_MARKER.size:] + self._read(size - (_MARKER.size - _GRAIN_MARKER.size))
             self._skip(-(_GRAIN_MARKER.size + size) % SECTOR)
             length = min(grain, self.virtual_size - offset)
-            self._grain = _inflate_grain(compressed, grain, length, src, offset)
+            self._grain = self._inflate_grain(compressed, length, offset)
             if offset > pos:
                 yield Extent(pos, offset - pos, True, None)
             self._grain_start = offset
@@ -1145,23 +1121,23 @@ class StreamedVmdkImage(DiskImage):
         return {"create-type": "streamOptimized", "version": self.header.version, "cluster-size": self.grain_size,
                 "compressed": True, "cid": self.cid, "parent-cid": self.parent_cid}
 
+    def _inflate_grain(self, data: bytes, length: int, offset: int) -> bytes:
+        """One compressed grain (a zlib stream) inflated to exactly ``length`` bytes (the last grain may be
+        short)."""
+        try:
+            inflater = isal_zlib.decompressobj()
+            out = inflater.decompress(data, self.grain_size)
+        except INFLATE_ERRORS as e:
+            raise self.corrupt(f"compressed grain for guest offset {offset:#x} does not inflate: {e}") from None
+        if len(out) < length:
+            out += bytes(length - len(out)) if inflater.eof else b""
+            if len(out) < length:
+                raise self.corrupt(f"compressed grain for guest offset {offset:#x} is truncated")
+        return out[:length]
+
     def close(self) -> None:
         self.stream.close()
         super().close()
-
-
-def _inflate_grain(data: bytes, grain: int, length: int, src: Source, offset: int) -> bytes:
-    """One compressed grain (a zlib stream) inflated to exactly ``length`` bytes (the last grain may be short)."""
-    try:
-        inflater = isal_zlib.decompressobj()
-        out = inflater.decompress(data, grain)
-    except INFLATE_ERRORS as e:
-        raise _corrupt(src, f"compressed grain for guest offset {offset:#x} does not inflate: {e}") from None
-    if len(out) < length:
-        out += bytes(length - len(out)) if inflater.eof else b""
-        if len(out) < length:
-            raise _corrupt(src, f"compressed grain for guest offset {offset:#x} is truncated")
-    return out[:length]
 
 
 def is_stream_optimized(head: bytes) -> bool:
