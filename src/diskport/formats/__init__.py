@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from diskport.errors import DiskportError, UnsupportedImage, UsageError
+from diskport.errors import DiskportError, UnsupportedImage, UsageError, located
 from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
@@ -129,10 +129,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         spooled = spool(stream, head, scratch_dir or tempfile.gettempdir(), limit, what)
         stream.close()
         try:
-            image = FORMATS[name].open(spooled)
-        except DiskportError as e:
-            spooled.close()
-            raise e.locate(source.name, name) from None
+            with located(source.name, name):
+                image = FORMATS[name].open(spooled)
         except BaseException:
             spooled.close()
             raise
@@ -196,11 +194,9 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
         raise UsageError(f"the appliance has {len(disks)} disk(s), numbered 0 to {len(disks) - 1}; there is no "
                          f"disk {index}", path=pkg.name)
     found = pkg.disk_source(disks[index], index)
-    try:
+    with located(found.source.name, None):
         image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
                               random_access=random_access, ova=None)
-    except DiskportError as e:
-        raise e.locate(found.source.name) from None
     if isinstance(pkg, package.StreamedOva) and pkg.stream.kind:
         image.compression.insert(0, pkg.stream.kind)
     image.appliance = pkg

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from diskport.destination import refuse_existing
 from diskport.engine import Progress, write_image
-from diskport.errors import DestinationError, DiskportError, UsageError
+from diskport.errors import UsageError, located
 from diskport.ova.package import OvaPackage
 from diskport.sources.base import Source
 
@@ -120,13 +120,9 @@ def write_disks(source: Source, targets: Targets, *, vm: str | None = None, outp
                     if not block:
                         deferred.extend(image.checks)
                         image.checks = []
-                    try:
+                    with located(pkg.name, image.format):
                         stats, _ = write_image(image, target, output_format=output_format, force=True,
                                                sync=sync, progress=progress)
-                    except (DestinationError, UsageError):
-                        raise
-                    except DiskportError as e:
-                        raise e.locate(pkg.name, image.format) from None
                     if not block:
                         staged[index] = target
                     disk = disks[index]
