@@ -11,12 +11,14 @@ a GRUB from ``grub-mkimage`` that reads them from the distribution's /boot.
 
 GRUB also ``cat``s the root's os-release (from the LV through its ``lvm`` module, from the ``root`` subvolume
 through ``btrfs``) before loading the kernel, so the serial console shows that an independent reader found the
-root where inspection did. Each GRUB is built with only the modules its layout needs, so a missing one fails.
+root where inspection did; on the LV that file's data lies in the second segment (checked when it is built).
+Each GRUB is built with only the modules its layout needs, so a missing one fails.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from tests.guest.boot.disks import GRUB_MARK, SECTOR, Kit, dd
 from tests.guest.boot.initramfs import ROOT_LABEL, build_initramfs, install_modules, module_closure
 from tests.guest.filesystems.btrfs_images import btrfs, mkfs_btrfs, mounted
 from tests.guest.filesystems.images import mkfs_ext
-from tests.guest.filesystems.xfs_images import mkfs_xfs
+from tests.guest.filesystems.xfs_images import fsblock_byte, mkfs_xfs, xfs_db
 from tests.guest.support import blank, sgdisk
 from tests.guest.volumes.lvm_images import extent_size, lvm, pe_starts, pv_files, segments, vg_name, write_linear_lv
 
@@ -111,6 +113,15 @@ def _boot_tree(kit: Kit, tree: Path, name: str, drivers: tuple[str, ...], bls: s
     return tree
 
 
+def _xfs_data_byte(image: Path, path: str) -> int:
+    """Where the first block of ``path``'s data lies in the XFS ``image`` (``xfs_db bmap``, then ``convert``)."""
+    out = xfs_db(image, f"path {path}", "bmap")
+    m = re.search(r"startblock (\d+)", out)
+    if m is None:
+        raise AssertionError(f"xfs_db bmap {path}: {out}")
+    return fsblock_byte(image, int(m[1]))
+
+
 def rocky(kit: Kit, out: Path) -> Layout:
     work = kit.work / "rocky"
     work.mkdir()
@@ -133,6 +144,10 @@ def rocky(kit: Kit, out: Path) -> Layout:
             raise AssertionError(f"lvextend gave {root_segments}, not two segments")
         first = min(root_segments, key=lambda s: s.start)
         lv_offset = pe_starts(vg)[first.pv] + first.first_pe * extent_size(vg)
+        at = _xfs_data_byte(root, "/usr/lib/os-release")
+        if at < first.size:  # mkfs.xfs put /usr/lib in a later allocation group: keep it so
+            raise AssertionError(f"os-release's data is at {at} in the LV, in its first segment: GRUB's read "
+                                 "of it would not show that the second segment is mapped")
         write_linear_lv(vg, "root", root, {dev: pv_file})
         write_linear_lv(vg, "swap", swap, {dev: pv_file})
     options = (f"root=/dev/mapper/{vg}-root ro rd.lvm.lv={vg}/root console=ttyS0 panic=-1 "

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def check_rocky(report: GuestReport, layout: Layout, kit: Kit) -> None:
     assert report.os.type == "linux" and report.os.distribution == "rocky" and report.os.version == "9.3"
-    assert report.os.lv == f"{layout.vg}/root" and report.os.partition is None
+    assert report.os.lv == f"{layout.vg}/root" and report.os.partition is None and report.os.boot_partition == 3
     assert report.os.kernels == [kit.parts.kernel_release]
     assert report.firmware.verdict == "bios+efi" and report.firmware.boot_code == "grub"
     assert [(v.number, v.filesystem) for v in report.volumes] == [
@@ -35,7 +35,7 @@ def check_rocky(report: GuestReport, layout: Layout, kit: Kit) -> None:
     assert (root.lv, root.vg, root.lv_segments) == ("root", layout.vg, 2)
     blk = report.driver("virtio_blk")
     assert blk is not None and (blk.state, blk.initramfs) == ("module", True), blk
-    assert report.advised("bus") == "virtio"
+    assert report.advised("bus") == "virtio" and report.advised("firmware.bootloader") == "efi"
 
 
 def check_fedora(report: GuestReport, kit: Kit) -> None:
