@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.boot import debs, disks
+from tests.guest.boot import debs, disks, layouts
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +44,13 @@ def gpt_initramfs_novirtio_disk(boot_kit: disks.Kit) -> Path:
 @pytest.fixture(scope="session")
 def hybrid_zeroed_disk(boot_kit: disks.Kit, gpt_both_disk: Path) -> Path:
     return disks.hybrid_zeroed(gpt_both_disk, boot_kit.work / "hybrid-zeroed.raw")
+
+
+@pytest.fixture(scope="session")
+def rocky_boot_disk(boot_kit: disks.Kit) -> layouts.Layout:
+    return layouts.rocky(boot_kit, boot_kit.work / "rocky.raw")
+
+
+@pytest.fixture(scope="session")
+def fedora_boot_disk(boot_kit: disks.Kit) -> layouts.Layout:
+    return layouts.fedora(boot_kit, boot_kit.work / "fedora.raw")

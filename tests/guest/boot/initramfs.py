@@ -7,6 +7,10 @@ an initramfs that carries exactly the modules named (and their dependencies, rea
 ``.modinfo`` with ``objcopy``, then laid out by ``busybox depmod`` into a real ``modules.dep`` that ``modprobe``
 follows) says so directly. The same modules, ``modules.builtin`` and the kernel config go onto the root
 filesystem, which is the evidence inspection reads: the two cannot disagree.
+
+A root on an LVM logical volume is beyond a busybox initramfs (no LVM tools, and Debian's device-mapper has no
+``dm-mod.create=``): ``diskport.loop=vda4@OFFSET`` on the command line has /init attach /dev/loop0 at the byte
+offset LVM itself reported for the LV's first extent, which is where the root's superblock and label lie.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ ROOT_FOUND = "DISKPORT-ROOT-FOUND"
 ROOT_MISSING = "DISKPORT-ROOT-MISSING"
 MODPROBE_FAILED = "DISKPORT-MODPROBE-FAILED"
 ROOT_LABEL = "dproot"
+#: Printed when ``diskport.loop=DEV@OFFSET`` on the kernel command line made /dev/loop0 (see INIT).
+LOOPED = "DISKPORT-LOOP"
 
 #: The drivers a disk on each bus needs (the pci transport, the block driver, the SCSI disk for sata).
 VIRTIO_DRIVERS = ("virtio_pci", "virtio_blk")
@@ -39,12 +45,20 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo {started} "$(uname -r)"
 for m in {modules}; do modprobe "$m" || echo {modprobe_failed} "$m"; done
+loop=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in diskport.loop=*) loop="${{arg#diskport.loop=}}" ;; esac
+done
 undriven=""
 for d in /sys/bus/virtio/devices/*; do
     [ -e "$d/device" ] && [ "$(cat "$d/device")" = 0x0002 ] && [ ! -e "$d/driver" ] && undriven="$undriven ${{d##*/}}"
 done
 i=0
 while [ $i -lt {tries} ]; do
+    if [ -n "$loop" ] && [ -b "/dev/${{loop%@*}}" ]; then
+        losetup -o "${{loop#*@}}" /dev/loop0 "/dev/${{loop%@*}}" && echo {looped} "$loop"
+        loop=""
+    fi
     dev=$(findfs LABEL={label} 2>/dev/null) && break
     [ -n "$undriven" ] && break
     sleep 0.25
@@ -128,7 +142,8 @@ def build_initramfs(out: Path, work: Path, modules: Path, release: str, drivers:
     (stage / "bin" / "sh").symlink_to("busybox")
     install_modules(stage, modules, release, module_closure(modules, drivers, work))
     init = stage / "init"
-    init.write_text(INIT.format(started=STARTED, found=ROOT_FOUND, missing=ROOT_MISSING, label=ROOT_LABEL,
+    init.write_text(INIT.format(started=STARTED, found=ROOT_FOUND, looped=LOOPED, missing=ROOT_MISSING,
+                                label=ROOT_LABEL,
                                 modprobe_failed=MODPROBE_FAILED, modules=" ".join(drivers),
                                 tries=int(root_wait_s / 0.25)))
     init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

@@ -21,7 +21,7 @@ from typing import Literal
 
 from tests.conftest import require_tool
 from tests.guest.boot.disks import GRUB_MARK
-from tests.guest.boot.initramfs import MODPROBE_FAILED, ROOT_FOUND, ROOT_MISSING, STARTED
+from tests.guest.boot.initramfs import LOOPED, MODPROBE_FAILED, ROOT_FOUND, ROOT_MISSING, STARTED
 
 Firmware = Literal["bios", "efi", "efi-secure"]
 Bus = Literal["virtio", "sata"]
@@ -58,6 +58,14 @@ class BootResult:
     @property
     def root_device(self) -> str | None:
         return self.detail if self.outcome == "root-found" else None
+
+    @property
+    def root_disk(self) -> str | None:
+        """The disk device under the root: the root device itself, or the device /init attached /dev/loop0 over
+        (its ``diskport.loop=DEV@OFFSET``) when the root was found on that loop."""
+        if self.root_device == "/dev/loop0" and (m := re.search(rf"{LOOPED} (\S+)@\d+", self.serial)):
+            return f"/dev/{m[1]}"
+        return self.root_device
 
     @property
     def failed_modules(self) -> list[str]:

@@ -67,8 +67,8 @@ def boot_and_check(report: GuestReport, disk: Path, tmp_path: Path, firmware: qe
         f"{report.firmware.secure_boot_reason}\n{result}")
     assert not result.failed_modules, result  # every module the root's evidence lists loads in the guest
     if got == "root-found":
-        assert result.root_device is not None
-        assert result.root_device.startswith("/dev/vd" if bus == "virtio" else "/dev/sd"), result
+        assert result.root_disk is not None
+        assert result.root_disk.startswith("/dev/vd" if bus == "virtio" else "/dev/sd"), result
         assert list(result.stages) == ["grub", "kernel"], result
     return result
 
