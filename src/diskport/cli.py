@@ -620,7 +620,8 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
 
     What the guest needs (firmware, secure boot, bus, network, guest OS) is read from inside the image, or
     from the labels `diskport build` wrote into it; every option overrides it, and the YAML's comments say
-    where each value came from.
+    where each value came from. An OVA adds its OVF's firmware (when the disk cannot tell), CPU, memory and
+    data disks; --url then says where its disks (convert --all-disks) are published.
     """
     from diskport.manifest import generate
 

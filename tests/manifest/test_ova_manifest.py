@@ -178,3 +178,37 @@ def test_an_ova_needs_the_url_of_its_disks(tmp_path: Path, nginx: object) -> Non
     assert computed.returncode == 2 and "--compute-checksum reads SOURCE, an OVA" in computed.stderr
     not_ova = run_cli("manifest", tmp_path / "d.raw", "--url", BASE + "d.raw", "--vm", "x")
     assert not_ova.returncode == 2 and "is not an OVA" in not_ova.stderr
+
+
+def test_two_virtual_machines_need_vm(tmp_path: Path) -> None:
+    first = stream_optimized(data_only_disk(tmp_path, "a"))
+    second = stream_optimized(mbr_linux_disk(tmp_path))
+    ova = make_ova(tmp_path / "vapp.ova", [Vm("db", [first], cpus=8), Vm("web", [second], cpus=2, memory_mib=512)])
+    unchosen = run_cli("manifest", ova, "--url", BASE, "--volume-set", "v")
+    assert unchosen.returncode == 1 and "2 virtual machines (db, web)" in unchosen.stderr
+    assert "--vm NAME" in unchosen.stderr
+    text, _ = manifest(ova, "--url", BASE, "--volume-set", "v", "--vm", "web")
+    workload = check_cpln(text)
+    assert workload["name"] == "web" and workload["spec"]["containers"][0]["cpu"] == "2000m"
+    assert workload["spec"]["containers"][0]["memory"] == "512Mi"
+    assert workload["spec"]["vm"]["firmware"] == {"bootloader": "bios"}  # the second VM's disk, not the first's
+    assert workload["spec"]["vm"]["bootDisk"]["source"]["http"]["url"] == BASE + "vapp-disk2.raw"
+
+
+def test_operating_system_and_controller_names() -> None:
+    """The OperatingSystemSection names exporters write, and controllers neither builder above makes."""
+    from diskport.manifest.model import Choice, OvfDisk, OvfFacts, bus_for_controller, guest_os_from_ovf
+
+    def os_of(os_type: str, description: str | None = None) -> str | None:
+        choice = guest_os_from_ovf(OvfFacts("vm", os_type=os_type, os_description=description))
+        return None if choice is None else str(choice.value)
+
+    assert os_of("windows9_64Guest") == "windows" and os_of("Windows2019_64") == "windows"
+    assert os_of("rhel9_64Guest") == "linux" and os_of("Oracle_64", "Oracle Linux 9") == "linux"
+    assert os_of("solaris11_64Guest", "Oracle Solaris 11 (64-bit)") is None
+    assert os_of("darwin19_64Guest") is None and os_of("otherGuest64") is None
+    boot = Choice("sata", "windows-no-viostor")
+    virtio = OvfDisk("d", 1, "other", "virtio-blk")
+    assert bus_for_controller(virtio, boot).value == "virtio"
+    assert bus_for_controller(OvfDisk("d", 1, "scsi", "VirtioSCSI"), boot).value == "scsi"
+    assert bus_for_controller(OvfDisk("d", 1, None, None), boot).value == "sata"

@@ -302,6 +302,10 @@ _LINUX_NAMES = ("linux", "ubuntu", "debian", "rhel", "redhat", "centos", "sles",
                 "turbolinux", "amazonlinux", "amazon linux", "alpine")
 
 
+#: Checked first: "Oracle Solaris" is not Oracle Linux, "darwin" not Windows.
+_NEITHER = ("solaris", "bsd", "darwin", "macos", "mac os", "netware", "os2", "os/2", "dos", "illumos", "haiku")
+
+
 def guest_os_from_ovf(ovf: OvfFacts) -> Choice | None:
     """linux or windows from the OperatingSystemSection's names (VMware's ``vmw:osType``, VirtualBox's OSType,
     the description), None when they name neither (BSDs, Solaris, "other")."""
@@ -311,6 +315,8 @@ def guest_os_from_ovf(ovf: OvfFacts) -> Choice | None:
         ovf.os_description and ovf.os_description != ovf.os_type))
     for name in names:
         low = name.lower()
+        if any(n in low for n in _NEITHER):
+            return None
         if low.startswith("win") or "windows" in low:
             return Choice("windows", f"the OVF's OperatingSystemSection ({where}); inspection found no OS")
         if any(n in low for n in _LINUX_NAMES):
