@@ -212,3 +212,20 @@ def test_operating_system_and_controller_names() -> None:
     assert bus_for_controller(virtio, boot).value == "virtio"
     assert bus_for_controller(OvfDisk("d", 1, "scsi", "VirtioSCSI"), boot).value == "scsi"
     assert bus_for_controller(OvfDisk("d", 1, None, None), boot).value == "sata"
+
+
+def test_an_ova_from_a_server_without_ranges(tmp_path: Path, plain_http: object, serve_dir: Path) -> None:
+    """Read in tar order: the boot disk is spooled for inspection (it needs random access), then removed."""
+    boot, data = stream_optimized(mbr_linux_disk(tmp_path)), stream_optimized(data_only_disk(tmp_path, "data"))
+    data.bus = "sata"
+    ova = make_ova(serve_dir / "vb.ova", [Vm("vb", [boot, data], cpus=3, memory_mib=3072)], style="virtualbox")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    url = plain_http.url(ova.name)  # type: ignore[attr-defined]
+    text, _ = manifest(url, "--url", BASE, "--target", "kubevirt", "--scratch", scratch)
+    vm = check_kubevirt(text, inspect_guest(ova).virtual_size)
+    domain = vm["spec"]["template"]["spec"]["domain"]
+    assert domain["cpu"] == {"cores": 3} and domain["memory"] == {"guest": "3Gi"}
+    assert domain["firmware"]["bootloader"] == {"bios": {}}
+    assert [d["disk"]["bus"] for d in domain["devices"]["disks"]] == ["virtio", "sata"]
+    assert list(scratch.iterdir()) == []
