@@ -7,6 +7,7 @@ the provider's field names (tests/manifest/checks.py).
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import yaml
@@ -229,3 +230,15 @@ def test_an_ova_from_a_server_without_ranges(tmp_path: Path, plain_http: object,
     assert domain["firmware"]["bootloader"] == {"bios": {}}
     assert [d["disk"]["bus"] for d in domain["devices"]["disks"]] == ["virtio", "sata"]
     assert list(scratch.iterdir()) == []
+
+
+def test_names_from_the_ovf_cannot_forge_yaml(tmp_path: Path) -> None:
+    evil = "web\n---\nkind: Secret # "
+    vm = Vm(evil, [stream_optimized(data_only_disk(tmp_path, "d"))], os_type="ubuntu64Guest\nkind: Secret")
+    ova = make_ova(tmp_path / "evil.ova", [vm])
+    text, err = manifest(ova, "--url", BASE, "--target", "kubevirt")
+    docs = list(yaml.safe_load_all(text))
+    assert [d["kind"] for d in docs] == ["VirtualMachine"]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", docs[0]["metadata"]["name"])
+    assert all(line.lstrip().startswith("#") or "Secret" not in line for line in text.splitlines())
+    assert "\nkind: Secret" not in err
