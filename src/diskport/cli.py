@@ -390,6 +390,10 @@ def _import_manifest(result: Any, boot: Any, target: str, overrides: Any, path: 
     if result.guest is None:
         raise DiskportError(f"--manifest: the guest could not be inspected: {result.guest_error}",
                             path=result.destination)
+    if result.appliance_vm is not None:  # the URL is the OVA's, which the platform cannot download
+        raise UsageError(f"--manifest: {result.source} is an OVA, which neither CDI nor the platform downloads; "
+                         f"the disk was imported to {result.destination}, no manifest written",
+                         hint="publish its disks (convert --all-disks) and run `diskport manifest SOURCE --url URL`")
     boot.disk_format = boot.disk_format or result.source_format
     boot.virtual_size = result.virtual_size
     made = manifest_for_report(result.guest, boot, target, overrides, source_text=result.source,

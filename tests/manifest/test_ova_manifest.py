@@ -179,6 +179,11 @@ def test_an_ova_needs_the_url_of_its_disks(tmp_path: Path, nginx: object) -> Non
     assert computed.returncode == 2 and "--compute-checksum reads SOURCE, an OVA" in computed.stderr
     not_ova = run_cli("manifest", tmp_path / "d.raw", "--url", BASE + "d.raw", "--vm", "x")
     assert not_ova.returncode == 2 and "is not an OVA" in not_ova.stderr
+    # import --manifest would point the platform at the OVA's URL: the disk is imported, the manifest refused
+    imported = run_cli("import", url, tmp_path / "out.raw", "--manifest", tmp_path / "w.yaml", "--volume-set", "v",
+                       "-q")
+    assert imported.returncode == 2 and "is an OVA, which neither CDI nor the platform downloads" in imported.stderr
+    assert (tmp_path / "out.raw").exists() and not (tmp_path / "w.yaml").exists()
 
 
 def test_two_virtual_machines_need_vm(tmp_path: Path) -> None:
