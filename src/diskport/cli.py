@@ -390,6 +390,10 @@ def _import_manifest(result: Any, boot: Any, target: str, overrides: Any, path: 
     if result.guest is None:
         raise DiskportError(f"--manifest: the guest could not be inspected: {result.guest_error}",
                             path=result.destination)
+    if result.appliance_vm is not None:  # the URL is the OVA's, which the platform cannot download
+        raise UsageError(f"--manifest: {result.source} is an OVA, which neither CDI nor the platform downloads; "
+                         f"the disk was imported to {result.destination}, no manifest written",
+                         hint="publish its disks (convert --all-disks) and run `diskport manifest SOURCE --url URL`")
     boot.disk_format = boot.disk_format or result.source_format
     boot.virtual_size = result.virtual_size
     made = manifest_for_report(result.guest, boot, target, overrides, source_text=result.source,
@@ -599,7 +603,9 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
               "size rounded up to a whole Gi].")
 @click.option("--checksum", metavar="ALGO:HEX", help="Checksum of the file at the URL (cpln: sha256 or sha512).")
 @click.option("--compute-checksum", "compute", is_flag=True, help="Read the file once and write its sha256.")
-@click.option("--url", metavar="URL", help="With a local image: the URL it will be published at.")
+@click.option("--url", metavar="URL", help="With a local image: the URL it will be published at. With an OVA: "
+              "where its disks (convert --all-disks) are published, a folder URL ending in / or the boot disk's.")
+@click.option("--vm", metavar="NAME", help="OVA with several virtual machines: which one.")
 @FORMAT_OPTION
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML to FILE (atomically) "
               "[default: stdout].")
@@ -613,7 +619,7 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
 @handle_errors
 def manifest(source: str, target: str, name: str | None, bus: str | None, firmware: str | None,
              secure_boot: bool | None, volume_set: str | None, cpu: int | None, memory: str | None,
-             size_text: str | None, checksum: str | None, compute: bool, url: str | None,
+             size_text: str | None, checksum: str | None, compute: bool, url: str | None, vm: str | None,
              source_format: str | None, output: str | None, ca_bundle: str | None, insecure: bool,
              platform: str | None, tls_verify: bool, creds: str | None, scratch: str | None) -> None:
     """Write the manifest that boots SOURCE: docker://REF (a containerDisk, pinned by digest), an http(s) URL,
@@ -621,7 +627,8 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
 
     What the guest needs (firmware, secure boot, bus, network, guest OS) is read from inside the image, or
     from the labels `diskport build` wrote into it; every option overrides it, and the YAML's comments say
-    where each value came from.
+    where each value came from. An OVA adds its OVF's firmware (when the disk cannot tell), CPU, memory and
+    data disks; --url then says where its disks (convert --all-disks) are published.
     """
     from diskport.manifest import generate
 
@@ -633,7 +640,7 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
     http = HttpOptions(ca_bundle=ca_bundle, insecure=insecure)
     result = generate(source, target=target, overrides=overrides, fmt=source_format, url=url, checksum=checksum,
                       compute=compute, http=http, platform=platform, registry=registry, credentials=credentials,
-                      scratch_dir=scratch)
+                      scratch_dir=scratch, vm=vm)
     for warning in result.plan.warnings:
         click.echo(f"diskport: warning: {safe_text(warning)}", err=True)
     _emit_manifest(result.text, output)

@@ -65,6 +65,8 @@ class ImportResult:
     #: With ``inspect``: guest inspection of the disk written, or why it could not be done.
     guest: GuestReport | None = None
     guest_error: str | None = None
+    #: The virtual machine whose disk was imported, when SOURCE was an OVA.
+    appliance_vm: str | None = None
 
 
 def import_image(location: str, destination: str | os.PathLike[str], *, size: int | None = None,
@@ -141,7 +143,9 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                             data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
                             seconds=time.monotonic() - began,
                             checksum=f"{expected[0]}:{expected[1]}" if expected else None,
-                            guest=guest, guest_error=guest_error)
+                            guest=guest, guest_error=guest_error,
+                            appliance_vm=(image.appliance.system(image.appliance_vm).name or "vm")
+                            if image.appliance is not None else None)
 
 
 def _inspect_written(dst: str, output_format: str) -> tuple[GuestReport | None, str | None]:

@@ -1,5 +1,13 @@
 """The work behind :mod:`diskport.manifest`: resolve the source, gather the guest's facts (from the disk or from
-the image's labels), plan, render the target's documents, write the file atomically."""
+the image's labels), plan, render the target's documents, write the file atomically.
+
+An OVA (a local file or at a URL) is not what the platform downloads: neither CDI nor the platform reads one.
+Its disks are, once ``diskport convert X.ova DIR --all-disks`` has written them and DIR is published. So for an
+OVA ``--url`` says where: a folder URL ending in ``/`` (each disk under the name ``convert --all-disks`` gives
+it, raw), or the boot disk's own URL (the data disks then beside it, named the same way, in the format its
+extension names: ``.qcow2`` or raw). The boot disk is inspected inside the OVA; the descriptor's facts
+(:class:`~diskport.manifest.model.OvfFacts`) join the guest's.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ from diskport.manifest.model import (
     BootSource,
     GuestFacts,
     Overrides,
+    OvfDisk,
+    OvfFacts,
     Plan,
     facts_from_labels,
     facts_from_report,
@@ -31,6 +41,7 @@ if TYPE_CHECKING:
     from diskport.guest.facts import GuestReport
     from diskport.oci.auth import Credentials
     from diskport.oci.registry import RegistryOptions
+    from diskport.ova.package import OvaPackage
     from diskport.sources.http import HttpOptions
 
 _HASH_BLOCK = 8 * 1024 * 1024
@@ -103,8 +114,9 @@ def generate(location: str, *, target: str = DEFAULT_TARGET, overrides: Override
              fmt: str | None = None, url: str | None = None, checksum: str | None = None,
              compute: bool = False, http: HttpOptions | None = None, platform: str | None = None,
              registry: RegistryOptions | None = None, credentials: Credentials | Literal["auto"] | None = "auto",
-             scratch_dir: str | None = None) -> ManifestResult:
-    """The manifest for ``location`` (``docker://REF``, an ``http(s)://`` URL, or a path with ``url``)."""
+             scratch_dir: str | None = None, vm: str | None = None) -> ManifestResult:
+    """The manifest for ``location`` (``docker://REF``, an ``http(s)://`` URL, or a path with ``url``); ``vm``
+    chooses the virtual machine of an OVA holding several."""
     from diskport.guest import inspect_guest
 
     if target not in TARGETS:
@@ -122,28 +134,111 @@ def generate(location: str, *, target: str = DEFAULT_TARGET, overrides: Override
             source.disk_format, source.virtual_size = report.format, report.virtual_size
             facts = facts_from_report(report)
             facts.origin = f"guest inspection of the disk in {source.image} ({report.format})"
+        plan = make_plan(source, facts, overrides, target=target)
+        return ManifestResult(render(plan, target, location), target, plan, facts.origin)
     else:
         remote = "://" in location
         if remote and not location.startswith(("http://", "https://")):
             raise UsageError(f"'{location}' is not docker://REF, an http(s) URL or a path")
-        if remote and url:
-            raise UsageError("--url names where a local image will be published; SOURCE is already a URL")
         if not remote and not url:
             raise UsageError(f"{location} is a local file: pass --url URL saying where the platform will download "
                              "it from (or give the URL, or docker://REF after `diskport build --push`)")
-        report = inspect_guest(location, fmt, scratch_dir=scratch_dir, http=http)
+        report, pkg_facts = _inspect(location, fmt, scratch_dir, http, vm)
+        ovf: OvfFacts | None = None
+        if pkg_facts is not None:
+            if not url:
+                raise UsageError(f"{location} is an OVA, which neither CDI nor the platform downloads: pass --url "
+                                 "naming where its disks are published (a folder URL ending in '/', or the boot "
+                                 "disk's URL)", hint="write them with `diskport convert X.ova DIR --all-disks` "
+                                                     "and publish DIR")
+            if compute:
+                raise UsageError("--compute-checksum reads SOURCE, an OVA, not the disk the platform downloads",
+                                 hint="pass --checksum with the sha256 of the converted boot disk")
+            ova_disk_urls(pkg_facts, url)
+            ovf = pkg_facts
+        elif remote and url:
+            raise UsageError("--url names where a local image will be published; SOURCE is already a URL")
         why = ""
         if checksum:
             checksum, why = checked_checksum(checksum), "set by --checksum"
         elif compute:
             checksum = compute_checksum(location, http)
             why = f"computed by --compute-checksum over {'the URL' if remote else location}"
-        source = BootSource("http", report.format, report.virtual_size, url=url or location, checksum=checksum,
+        boot_url = ovf.disks[0].url if ovf is not None and ovf.disks[0].url else url or location
+        disk_format = _published_format(url or "") if ovf is not None else report.format
+        source = BootSource("http", disk_format, report.virtual_size, url=boot_url, checksum=checksum,
                             checksum_why=why)
         facts = facts_from_report(report)
         facts.origin = f"guest inspection of {location} ({report.format})"
-    plan = make_plan(source, facts, overrides, target=target)
-    return ManifestResult(render(plan, target, location), target, plan, facts.origin)
+        if ovf is not None:
+            facts.origin = (f"guest inspection of {location} (its boot disk, {report.format}) and its OVF "
+                            f"descriptor (VM {ovf.vm}, {len(ovf.disks)} disk(s))")
+        plan = make_plan(source, facts, overrides, target=target, ovf=ovf)
+        return ManifestResult(render(plan, target, location), target, plan, facts.origin)
+
+
+def _inspect(location: str, fmt: str | None, scratch_dir: str | None, http: HttpOptions | None,
+             vm: str | None) -> tuple[GuestReport, OvfFacts | None]:
+    """Guest inspection of the disk, or of an OVA's boot disk together with its descriptor's facts (the disk URLs
+    filled in later)."""
+    from diskport.formats import open_image
+    from diskport.guest import inspect_guest
+    from diskport.ova import OvaChoice
+    from diskport.sources import open_source
+
+    remote = "://" in location
+    opened = open_source(location, http) if remote else None
+    try:
+        with open_image(opened or location, fmt, scratch_dir=scratch_dir, random_access=True,
+                        ova=OvaChoice(vm=vm)) as image:
+            report = inspect_guest(image)
+            ovf = ovf_facts(image.appliance, vm) if image.appliance is not None else None
+    finally:
+        if opened is not None:
+            opened.close()
+    if ovf is None and vm is not None:
+        raise UsageError(f"--vm {vm}: {location} is not an OVA")
+    report.filename = location
+    return report, ovf
+
+
+def ovf_facts(pkg: OvaPackage, vm: str | None) -> OvfFacts:
+    """The descriptor's facts on the VM and its disks (boot disk first)."""
+    vs = pkg.system(vm)
+    disks = []
+    for disk in pkg.disks(vm):
+        attachment = next((a for a in vs.attachments if a.disk_id == disk.id), None)
+        controller = attachment.controller if attachment is not None else None
+        disks.append(OvfDisk(disk.id, disk.capacity, controller.bus if controller else None,
+                             controller.subtype if controller else None,
+                             disk.file.href if disk.file is not None else None))
+    return OvfFacts(vm=vs.name or vs.id, cpus=vs.cpus, memory=vs.memory, firmware=vs.firmware,
+                    firmware_source=vs.firmware_source, os_id=vs.os_id, os_type=vs.os_type,
+                    os_description=vs.os_description, disks=disks)
+
+
+def _published_format(url: str) -> str:
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if not url.endswith("/") else ""
+    return "qcow2" if name.lower().endswith(".qcow2") else "raw"
+
+
+def ova_disk_urls(ovf: OvfFacts, url: str) -> None:
+    """Each disk's URL from ``--url``: a folder (``.../``) holds every disk under the name ``convert
+    --all-disks`` gives it; a file URL is the boot disk's, and the data disks are beside it, named the same way
+    with its extension (``.qcow2``, else ``.raw``)."""
+    import re
+
+    fmt = _published_format(url)
+    folder = url if url.endswith("/") else url.split("?", 1)[0].rsplit("/", 1)[0] + "/"
+    for i, disk in enumerate(ovf.disks):
+        if disk.url is None:
+            continue  # an empty disk: no file
+        if i == 0 and not url.endswith("/"):
+            disk.url = url
+            continue
+        stem = re.sub(r"\.(vmdk|qcow2|vhdx?|vdi|img|raw)$", "", disk.url.rsplit("/", 1)[-1], flags=re.IGNORECASE)
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".") or f"disk{i}"
+        disk.url = f"{folder}{stem}.{fmt}"
 
 
 def docker_source(location: str, platform: str | None, registry: RegistryOptions | None,

@@ -12,7 +12,9 @@ No schema is published for it; the field names are the platform's own, from its 
 
 Rules chosen: ``firmware.bootloader`` is always written (a BIOS disk left to the default would not boot);
 ``secureBoot`` only when true; a containerDisk not in raw or qcow2 is imported through a volume set too, so it
-needs ``--volume-set`` as an http source does.
+needs ``--volume-set`` as an http source does. The provider's ``WorkloadVm`` has one disk only (``bootDisk``; no
+data-disk field), so of an OVA's several disks the boot disk is written and the plan's warning, in the header,
+lists the others with the URL and bus each would have.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def build(plan: Plan) -> list[Document]:
     elif needs_persist:
         raise UsageError(f"the workload needs bootDisk.persist.volumeSet: {why_persist}",
                          hint="pass --volume-set NAME (a volume set in the workload's GVC)")
+    if plan.data_disks:
+        doc.note(disk_path, f"the OVA's boot disk; its {len(plan.data_disks)} data disk(s) cannot be attached "
+                            "(see the warning above)")
     boot["bus"] = plan.bus.value
     doc.note((*disk_path, "bus"), f"bus: {plan.bus.value} ({plan.bus.why})")
     firmware: dict[str, object] = {"bootloader": plan.bootloader.value}

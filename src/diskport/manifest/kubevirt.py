@@ -12,7 +12,10 @@ The rules the admission webhooks add, kept here:
 * a DataVolume's requested size must hold the virtual size (CDI: "A larger PVC is required"): the disk's
   virtual size rounded up to a whole Gi, or ``--size``; ``spec.storage`` (not ``pvc``) so CDI adds the
   filesystem overhead itself;
-* a containerDisk is booted as it is: raw or qcow2 only, and always a ``disk`` (never a ``lun``).
+* a containerDisk is booted as it is: raw or qcow2 only, and always a ``disk`` (never a ``lun``);
+* an OVA's data disks (:attr:`Plan.data_disks`) follow the boot disk: a ``disk`` with the bus mapped from the
+  OVF controller, a ``dataVolume`` volume and a ``dataVolumeTemplates`` entry each (no checksum is known for
+  them, so a template is enough), sized from the OVF capacity; only the boot disk has a ``bootOrder``.
 
 Windows gets what KubeVirt's common-instancetypes ``windows`` preferences set (their ``hyperv`` component: the
 Hyper-V enlightenments, a UTC clock with the HPET off, PIT delay, RTC catch-up, the Hyper-V timer; and a
@@ -129,10 +132,24 @@ def build(plan: Plan) -> list[Document]:
     if plan.memory.why != plan.cpu.why:
         doc.note((*domain, "memory"), f"memory: {plan.memory.why}")
     doc.note((*domain, "devices", "disks", 0, "disk"), f"bus: {plan.bus.value} ({plan.bus.why})")
+    volumes = [volume]
+    for data in plan.data_disks:
+        n = len(volumes)
+        dv_name = f"{plan.name}-{data.name}"
+        spec_domain["devices"]["disks"].append({"name": data.name, "disk": {"bus": data.bus.value}})
+        doc.note((*domain, "devices", "disks", n, "disk"), f"{data.disk_id}, bus: {data.bus.value} ({data.bus.why})")
+        volumes.append({"name": data.name, "dataVolume": {"name": dv_name}})
+        doc.note((*vmi, "volumes", n, "dataVolume"), f"data disk {n} of the OVA ({data.disk_id})")
+        k = len(templates)
+        templates.append({"metadata": {"name": dv_name}, "spec": {
+            "source": {"http": {"url": data.url}},
+            "storage": {"resources": {"requests": {"storage": data.size.value}}}}})
+        doc.note(("spec", "dataVolumeTemplates", k, "spec", "storage", "resources", "requests", "storage"),
+                 f"{data.size.why}; CDI adds the filesystem overhead")
     doc.note((*domain, "devices", "interfaces", 0, "model" if "model" in interface else "masquerade"),
              f"network: {plan.network.value} ({plan.network.why})")
     template_spec: dict[str, Any] = {"domain": spec_domain, "networks": [{"name": "default", "pod": {}}],
-                                     "volumes": [volume]}
+                                     "volumes": volumes}
     if windows:
         template_spec = {"terminationGracePeriodSeconds": WINDOWS_GRACE_SECONDS, **template_spec}
         doc.note((*vmi, "terminationGracePeriodSeconds"), "Windows may install updates while it shuts down")

@@ -5,6 +5,18 @@ A :class:`Choice` is a value and the sentence that becomes its YAML comment: inf
 (the guest-inspection rule and its reason, or the image label they were read from), a flag's choice says "set by
 --bus". Targets read choices only, never the guest report, so every field of every target has one reason and the
 same reason in every target.
+
+An OVA adds a second witness, its OVF descriptor (:class:`OvfFacts`), weighed against the disk field by field:
+
+* firmware: the disk's verdict when it has one (its boot loaders are what will run); the OVF's ``vmw:Config
+  firmware`` or ``vbox:Machine`` Firmware when the disk cannot tell (verdict ``unknown``) or boots both ways; when
+  the two disagree the disk wins, and a warning says so;
+* CPU count and memory: the VirtualHardwareSection's (the VM as it ran), before the per-guest defaults; the flags
+  still override;
+* guestOS: the OperatingSystemSection's (``vmw:osType``, VirtualBox's OSType, the description) only when
+  inspection found no operating system;
+* data disks: one :class:`DataDisk` per disk after the boot disk, its bus mapped from the OVF controller it hangs
+  off (:func:`bus_for_controller`) and its size from the DiskSection capacity (the disk itself is not inspected).
 """
 
 from __future__ import annotations
@@ -77,10 +89,49 @@ class GuestFacts:
     virtio_drivers: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
     origin: str = "guest inspection"
+    #: Guest inspection's firmware verdict (bios, efi, bios+efi, unknown); labels carry a decided bootloader.
+    firmware_verdict: str = "unknown"
 
     @property
     def windows_server(self) -> bool:
         return self.os_type == "windows" and (self.installation_type or "").startswith("Server")
+
+
+@dataclass
+class OvfDisk:
+    """One disk of the OVF's virtual system: its DiskSection id, capacity, controller and published URL."""
+
+    disk_id: str
+    capacity: int
+    controller_bus: str | None       # the descriptor's: scsi, sata, ide, nvme, other...
+    controller_type: str | None      # ResourceSubType (lsilogic, VirtualSCSI, AHCI, PIIX4, VirtioSCSI...)
+    url: str | None = None
+
+
+@dataclass
+class OvfFacts:
+    """What an OVA's descriptor says of the VM the disk comes from; disks[0] is the boot disk."""
+
+    vm: str
+    cpus: int | None = None
+    memory: int | None = None          # bytes
+    firmware: str | None = None        # bios, efi
+    firmware_source: str | None = None
+    os_id: int | None = None
+    os_type: str | None = None
+    os_description: str | None = None
+    disks: list[OvfDisk] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DataDisk:
+    """A disk after the boot disk, as the targets attach it."""
+
+    name: str
+    disk_id: str
+    url: str
+    bus: Choice
+    size: Choice
 
 
 @dataclass
@@ -101,6 +152,7 @@ class Plan:
     volume_set: str | None
     preference: Choice | None
     warnings: list[str]
+    data_disks: list[DataDisk] = field(default_factory=list)
 
 
 def facts_from_report(report: GuestReport) -> GuestFacts:
@@ -116,7 +168,8 @@ def facts_from_report(report: GuestReport) -> GuestFacts:
                       pretty_name=report.os.pretty_name, installation_type=report.os.installation_type,
                       build=report.os.build, guest_os=advice("guestOS"), bootloader=advice("firmware.bootloader"),
                       secure_boot_possible=Choice(fw.secure_boot, why), bus=advice("bus"),
-                      network=advice("network"), virtio_drivers=drivers, warnings=list(report.warnings))
+                      network=advice("network"), virtio_drivers=drivers, warnings=list(report.warnings),
+                      firmware_verdict=fw.verdict)
 
 
 #: The values build writes; labels with others are not trusted as a verdict.
@@ -153,6 +206,7 @@ def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
         bus=chosen("bus", "virtio"), network=chosen("network", "virtio"),
         virtio_drivers=tuple(n for n in (label("virtio-drivers") or "").split(",") if n),
         warnings=[m.group(1)] if (m := re.search(r"\(\d+ warnings?: (.*)\)$", verdict)) else [],
+        firmware_verdict=label("bootloader") or "unknown",
         origin=f"the labels of {where} (build's inspection: {verdict})" if verdict else f"the labels of {where}")
 
 
@@ -162,7 +216,7 @@ def default_name(text: str) -> str:
     base = base.split("@", 1)[0].split(":", 1)[0].split("?", 1)[0]
     for suffix in (".gz", ".xz", ".zst", ".bz2"):
         base = base.removesuffix(suffix)
-    base = re.sub(r"\.(qcow2|raw|img|vmdk|vhdx|vhd|vdi|iso)$", "", base, flags=re.IGNORECASE)
+    base = re.sub(r"\.(qcow2|raw|img|vmdk|vhdx|vhd|vdi|iso|ova|ovf)$", "", base, flags=re.IGNORECASE)
     name = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")[:53].strip("-")
     return name or "vm"
 
@@ -218,10 +272,88 @@ def resources_for(guest: GuestFacts) -> tuple[int, str, str]:
     return 1, "2Gi", "default for a Linux guest (1 CPU, 2Gi)"
 
 
-def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, target: str) -> Plan:
-    """Decide every field: the flags first, then what the guest says."""
-    name = check_name(overrides.name) if overrides.name else default_name(source.pinned_from or source.image
-                                                                           or source.url or "vm")
+#: The OVF controller buses the platforms have, by name; the rest (nvme, fc, other) get the boot disk's bus.
+_BUS_OF_CONTROLLER = {"scsi": "scsi", "sata": "sata", "ide": "sata", "virtio": "virtio"}
+
+
+def bus_for_controller(disk: OvfDisk, boot_bus: Choice) -> Choice:
+    """The platform bus for a data disk on the OVF controller it hangs off.
+
+    SCSI (LSI Logic, BusLogic, VMware's pvscsi, VirtualBox's virtio-scsi) becomes ``scsi`` (both platforms'
+    scsi is a virtio-scsi controller), SATA/AHCI ``sata``, IDE ``sata`` (neither platform has IDE; AHCI is the
+    emulated bus every guest that had IDE also reaches), a virtio controller ``virtio``; NVMe and other
+    controllers, which neither platform has, take the boot disk's bus, the one the guest is known to reach."""
+    kind = disk.controller_bus or ""
+    text = f"{kind} {disk.controller_type or ''}".lower()
+    if kind not in ("scsi",) and "virtio" in text:
+        kind = "virtio"
+    named = f"{disk.controller_bus} controller" + (f" ({disk.controller_type})" if disk.controller_type else "")
+    bus = _BUS_OF_CONTROLLER.get(kind)
+    if bus is not None:
+        return Choice(bus, f"the OVF puts {disk.disk_id} on a {named}"
+                      + ("; the platform has no IDE, sata is its nearest bus" if kind == "ide" else ""))
+    if disk.controller_bus is None:
+        return Choice(boot_bus.value, f"the OVF attaches {disk.disk_id} to no controller; the boot disk's bus")
+    return Choice(boot_bus.value, f"the OVF puts {disk.disk_id} on a {named}, which the platform does not have; "
+                                  "the boot disk's bus")
+
+
+_LINUX_NAMES = ("linux", "ubuntu", "debian", "rhel", "redhat", "centos", "sles", "suse", "fedora", "oracle",
+                "rocky", "alma", "arch", "gentoo", "mandriva", "mandrake", "asianux", "photon", "coreos", "mint",
+                "turbolinux", "amazonlinux", "amazon linux", "alpine")
+
+
+#: Checked first: "Oracle Solaris" is not Oracle Linux, "darwin" not Windows.
+_NEITHER = ("solaris", "bsd", "darwin", "macos", "mac os", "netware", "os2", "os/2", "dos", "illumos", "haiku")
+
+
+def guest_os_from_ovf(ovf: OvfFacts) -> Choice | None:
+    """linux or windows from the OperatingSystemSection's names (VMware's ``vmw:osType``, VirtualBox's OSType,
+    the description), None when they name neither (BSDs, Solaris, "other")."""
+    names = [n for n in (ovf.os_type, ovf.os_description) if n]
+    where = ", ".join([f"ovf:id={ovf.os_id}"] * (ovf.os_id is not None) + [f"osType={ovf.os_type}"] * bool(
+        ovf.os_type) + [f"description '{ovf.os_description}'"] * bool(
+        ovf.os_description and ovf.os_description != ovf.os_type))
+    for name in names:
+        low = name.lower()
+        if any(n in low for n in _NEITHER):
+            return None
+        if low.startswith("win") or "windows" in low:
+            return Choice("windows", f"the OVF's OperatingSystemSection ({where}); inspection found no OS")
+        if any(n in low for n in _LINUX_NAMES):
+            return Choice("linux", f"the OVF's OperatingSystemSection ({where}); inspection found no OS")
+    return None
+
+
+def memory_quantity(size: int) -> str:
+    """Bytes as Kubernetes writes memory: whole Gi when it is, else Mi rounded up."""
+    if size % GiB == 0:
+        return f"{size // GiB}Gi"
+    return f"{max(1, math.ceil(size / (1024 * 1024)))}Mi"
+
+
+def _firmware_with_ovf(guest: GuestFacts, ovf: OvfFacts | None, warnings: list[str]) -> Choice:
+    """The disk's firmware verdict, or the OVF's when the disk cannot tell or boots both ways."""
+    if ovf is None or ovf.firmware not in ("bios", "efi"):
+        return guest.bootloader
+    stated = f"{ovf.firmware_source or 'the OVF'}={ovf.firmware}"
+    if guest.firmware_verdict == "unknown":
+        return Choice(ovf.firmware, f"from the OVF, {stated}; the disk cannot tell: {guest.bootloader.why}")
+    if guest.firmware_verdict == "bios+efi":
+        return Choice(ovf.firmware, f"from the OVF, {stated}; the disk boots both ways: {guest.bootloader.why}")
+    if guest.bootloader.value != ovf.firmware:
+        warnings.append(f"the OVF says {stated}, but the disk boots with {guest.bootloader.value} only: the disk "
+                        "wins")
+        return Choice(guest.bootloader.value, f"{guest.bootloader.why}; the OVF's {stated} is overruled by the "
+                                              "disk")
+    return Choice(guest.bootloader.value, f"{guest.bootloader.why}; the OVF agrees ({stated})")
+
+
+def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, target: str,
+              ovf: OvfFacts | None = None) -> Plan:
+    """Decide every field: the flags first, then what the guest says, then what an OVA's descriptor says."""
+    name = check_name(overrides.name) if overrides.name else default_name(
+        (ovf.vm if ovf is not None else None) or source.pinned_from or source.image or source.url or "vm")
     warnings = list(guest.warnings)
 
     def pick(flag: str, given: str | bool | None, inferred: Choice) -> Choice:
@@ -231,7 +363,10 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
                                                  if given != inferred.value else ""), True)
 
     guest_os = guest.guest_os
-    bootloader = pick("--firmware", overrides.firmware, guest.bootloader)
+    ovf_os = guest_os_from_ovf(ovf) if ovf is not None and guest.os_type == "unknown" else None
+    if ovf_os is not None:
+        guest_os = ovf_os
+    bootloader = pick("--firmware", overrides.firmware, _firmware_with_ovf(guest, ovf, warnings))
     bus = pick("--bus", overrides.bus, guest.bus)
     if overrides.secure_boot is not None:
         secure = Choice(overrides.secure_boot, "set by " + ("--secure-boot" if overrides.secure_boot
@@ -253,7 +388,10 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
     if target == "cpln" and overrides.size is not None:
         warnings.append("--size is for KubeVirt's DataVolume: the platform sizes the boot volume from its volume "
                         "set")
-    if guest.os_type == "unknown":
+    if guest.os_type == "unknown" and ovf_os is not None:
+        warnings.append(f"no operating system found in the image: guestOS {ovf_os.value} is the OVF's, bus and "
+                        "network are the platform's defaults; check them or pass --bus/--firmware")
+    elif guest.os_type == "unknown":
         warnings.append("no operating system found in the image: guestOS, bus and network are the platform's "
                         "defaults; check them or pass --bus/--firmware")
     if guest.os_type == "windows" and not bus.by_flag and bus.value == "sata":
@@ -262,8 +400,14 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
     if guest.os_type == "windows" and guest.network.value == "e1000e":
         warnings.append("Windows without netkvm: the network card is an emulated e1000e")
     cpus, memory, why = resources_for(guest)
-    cpu = Choice(overrides.cpu, "set by --cpu", True) if overrides.cpu is not None else Choice(cpus, why)
-    mem = Choice(overrides.memory, "set by --memory", True) if overrides.memory else Choice(memory, why)
+    cpu_default, mem_default = Choice(cpus, why), Choice(memory, why)
+    if ovf is not None and ovf.cpus:
+        cpu_default = Choice(ovf.cpus, f"the OVF's VirtualHardwareSection: {ovf.cpus} virtual CPU(s)")
+    if ovf is not None and ovf.memory:
+        mem_default = Choice(memory_quantity(ovf.memory),
+                             f"the OVF's VirtualHardwareSection: {ovf.memory // (1024 * 1024)} MiB of memory")
+    cpu = Choice(overrides.cpu, "set by --cpu", True) if overrides.cpu is not None else cpu_default
+    mem = Choice(overrides.memory, "set by --memory", True) if overrides.memory else mem_default
     size: Choice | None = None
     if overrides.size is not None:
         if source.virtual_size is not None and overrides.size < source.virtual_size:
@@ -283,9 +427,23 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
     volume_set = overrides.volume_set
     if volume_set is not None and not volume_set.startswith("cpln://"):
         volume_set = f"cpln://volumeset/{volume_set}"
+    data_disks: list[DataDisk] = []
+    for i, disk in enumerate(ovf.disks[1:] if ovf is not None else [], 1):
+        if disk.url is None:
+            warnings.append(f"disk {i} ({disk.disk_id}) has no file in the OVA (an empty disk): not attached")
+            continue
+        data_disks.append(DataDisk(
+            name=f"datadisk{i}", disk_id=disk.disk_id, url=disk.url, bus=bus_for_controller(disk, bus),
+            size=Choice(f"{gi_ceiling(disk.capacity)}Gi", f"the OVF's capacity of {disk.disk_id}, {disk.capacity} "
+                                                          "bytes, rounded up to a whole Gi")))
+    if target == "cpln" and data_disks:
+        listed = "; ".join(f"disk {d.name.removeprefix('datadisk')} {d.disk_id} ({d.size.value}, {d.bus.value}) "
+                           f"at {d.url}" for d in data_disks)
+        warnings.append("the platform's vm workload has one disk, spec.vm.bootDisk (its WorkloadVm has no data-"
+                        f"disk field): only the boot disk is written; not attached: {listed}")
     return Plan(name=name, source=source, guest=guest, guest_os=guest_os, bootloader=bootloader,
                 secure_boot=secure, bus=bus, network=guest.network, cpu=cpu, memory=mem, size=size,
-                volume_set=volume_set, preference=preference, warnings=warnings)
+                volume_set=volume_set, preference=preference, warnings=warnings, data_disks=data_disks)
 
 
 def _text(value: str | bool | int) -> str:
