@@ -59,10 +59,9 @@ import hashlib
 import io
 import struct
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import NoReturn
 
 import google_crc32c
 import lzallright
@@ -71,6 +70,7 @@ import zstandard
 from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.guest.filesystems._superblock import c_string, chunk, uuid_text
 from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Kind, Stat
+from diskport.guest.lru import LRU
 from diskport.guest.view import Readable, read_exact
 
 SUPER_OFFSET = 0x10000
@@ -142,26 +142,6 @@ S_IFMT = 0o170000
 _KINDS: dict[int, Kind] = {0o100000: "file", 0o040000: "dir", 0o120000: "symlink"}
 
 Key = tuple[int, int, int]
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _LRU(Generic[K, V]):
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> V:
-        self.items[key] = value
-        if len(self.items) > self.limit:
-            self.items.popitem(last=False)
-        return value
 
 
 def _key(raw: bytes, at: int) -> Key:
@@ -421,9 +401,9 @@ class BtrfsFilesystem(Filesystem[BtrfsNode]):
     chunks: list[Chunk]
     starts: list[int]
     tree: int
-    _s_nodes: _LRU[int, _Block]
-    _s_inodes: _LRU[tuple[int, int], Inode]
-    _s_extents: _LRU[tuple[int, int], bytes]
+    _s_nodes: LRU[int, _Block]
+    _s_inodes: LRU[tuple[int, int], Inode]
+    _s_extents: LRU[tuple[int, int], bytes]
     _s_roots: dict[int, tuple[int, int, int]]
 
     def __init__(self, volume: Readable, info: FsInfo, *, _shared: BtrfsFilesystem | None = None,
@@ -451,9 +431,9 @@ class BtrfsFilesystem(Filesystem[BtrfsNode]):
         if sb.incompat & ~_READ_INCOMPAT:
             raise UnsupportedImage(f"incompatible features {sb.incompat & ~_READ_INCOMPAT:#x} are not read",
                                    path=volume.name, fmt="btrfs")
-        self._s_nodes = _LRU(NODE_CACHE)
-        self._s_inodes = _LRU(INODE_CACHE)
-        self._s_extents = _LRU(EXTENT_CACHE)
+        self._s_nodes = LRU(NODE_CACHE)
+        self._s_inodes = LRU(INODE_CACHE)
+        self._s_extents = LRU(EXTENT_CACHE)
         self._s_roots = {}
         self.chunks = []
         self.starts = []

@@ -53,15 +53,15 @@ from __future__ import annotations
 import bisect
 import struct
 import uuid as uuidlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Generic, NoReturn, TypeVar
+from typing import NoReturn
 
 import google_crc32c
 
 from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.guest.filesystems.base import Filesystem, FilesystemSpec, FsInfo, Kind, Stat
+from diskport.guest.lru import LRU
 from diskport.guest.view import Readable, read_exact
 
 SUPERBLOCK_OFFSET = 1024
@@ -138,28 +138,6 @@ S_IFMT = 0xF000
 _KINDS: dict[int, Kind] = {0x8000: "file", 0x4000: "dir", 0xA000: "symlink"}
 _OTHER_TYPES = {0x1000, 0x2000, 0x6000, 0xC000}  # fifo, char, block, socket
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _LRU(Generic[K, V]):
-    """A dict of at most ``limit`` entries that forgets the least recently used."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> V:
-        self.items[key] = value
-        if len(self.items) > self.limit:
-            self.items.popitem(last=False)
-        return value
 
 
 def _feature_names(bits: int, names: dict[int, str]) -> list[str]:
@@ -567,10 +545,10 @@ class ExtFilesystem(Filesystem[ExtNode]):
             self._corrupt(f"{sb.inodes_count} inodes in {self.groups} groups of {sb.inodes_per_group}")
         self.itable_blocks = -(-sb.inodes_per_group * isz // bs)
         self.filetype = bool(sb.incompat & INCOMPAT_FILETYPE)
-        self._inodes: _LRU[int, Inode] = _LRU(INODE_CACHE)
-        self._nodes: _LRU[int, _ExtentNode] = _LRU(NODE_CACHE)
-        self._pointers: _LRU[int, tuple[int, ...]] = _LRU(NODE_CACHE)
-        self._tables: _LRU[int, int] = _LRU(GROUP_CACHE)
+        self._inodes: LRU[int, Inode] = LRU(INODE_CACHE)
+        self._nodes: LRU[int, _ExtentNode] = LRU(NODE_CACHE)
+        self._pointers: LRU[int, tuple[int, ...]] = LRU(NODE_CACHE)
+        self._tables: LRU[int, int] = LRU(GROUP_CACHE)
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _corrupt(self, message: str) -> NoReturn:
