@@ -101,24 +101,8 @@ def reseal_superblock(image: Path, offset: int = 0x10000) -> None:
         f.write(sb)
 
 
-def host_tree(root: Path) -> dict[str, tuple[str, str]]:
-    """``path -> (kind, sha256 or link target)`` of a mounted or host tree (following no links)."""
-    out: dict[str, tuple[str, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = Path(dirpath) / name
-            rel = "/" + str(full.relative_to(root))
-            if full.is_symlink():
-                out[rel] = ("symlink", os.readlink(full))
-            elif full.is_dir():
-                out[rel] = ("dir", "")
-            else:
-                out[rel] = ("file", sha256(full.read_bytes()))
-    return out
-
-
 def fs_tree(fs: Filesystem[Any], path: str = "/", limit: int = 1 << 30) -> dict[str, tuple[str, str]]:
-    """The same map as :func:`host_tree`, read by a diskport filesystem reader."""
+    """The same map as :func:`tests.guest.filesystems.images.tree_of`, read by a diskport filesystem reader."""
     out: dict[str, tuple[str, str]] = {}
     for name in fs.listdir(path):
         full = path.rstrip("/") + "/" + name

@@ -20,7 +20,6 @@ from tests.guest.filesystems.btrfs_images import (
     btrfs,
     dump_tree,
     fs_tree,
-    host_tree,
     mkfs_btrfs,
     mounted,
     patch_tree_block,
@@ -28,7 +27,7 @@ from tests.guest.filesystems.btrfs_images import (
     remount,
     reseal_superblock,
 )
-from tests.guest.filesystems.images import blkid, make_tree
+from tests.guest.filesystems.images import blkid, make_tree, tree_of
 from tests.guest.support import patch, view_of
 
 MiB = 1024 * 1024
@@ -67,7 +66,7 @@ def test_flat_rootdir_image_matches_its_tree(flat: tuple[Path, Path]) -> None:
     image, tree = flat
     for fs in open_btrfs(image):
         ours = fs_tree(fs)
-        want = host_tree(tree)
+        want = tree_of(tree)
         assert ours == want
         probe = blkid(image)
         assert fs.info.uuid == probe["UUID"] and fs.info.label == probe["LABEL"] == "fedora"
@@ -126,8 +125,8 @@ def kernel_image(base: Path) -> tuple[Path, dict[str, tuple[str, str]], dict[str
         btrfs("subvolume", "snapshot", "-r", mnt / "root", mnt / "root/.snapshots/1")
         run_sync = os.sync
         run_sync()
-        top = host_tree(mnt)
-        subs = {name: host_tree(mnt / name) for name in ("root", "home")}
+        top = tree_of(mnt)
+        subs = {name: tree_of(mnt / name) for name in ("root", "home")}
     return image, top, subs
 
 
@@ -225,7 +224,7 @@ def test_bad_primary_superblock_uses_the_mirror(flat: tuple[Path, Path], tmp_pat
     for fs in open_btrfs(image):
         assert fs.info.details["superblock"] == "mirror at 64 MiB"
         assert fs.info.details["primary_superblock"] == "bad checksum"
-        assert fs_tree(fs) == host_tree(flat[1])
+        assert fs_tree(fs) == tree_of(flat[1])
 
 
 def test_wiped_primary_uses_the_mirror_other_bytes_do_not(flat: tuple[Path, Path], tmp_path: Path) -> None:
@@ -305,7 +304,7 @@ def test_mkfs_variants_match_their_tree(flat: tuple[Path, Path], tmp_path: Path,
         tree = make_tree(tmp_path / "tree", many=8000, big=64 * 1024)
     image = mkfs_btrfs(tmp_path / "v.img", 400 * MiB, tree, *VARIANTS[variant])
     for fs in open_btrfs(image):
-        assert fs_tree(fs) == host_tree(tree)
+        assert fs_tree(fs) == tree_of(tree)
         if variant == "nodesize-4k":
             assert re.search(r"node \d+ level 2 ", dump_tree(image, "-t", "5")), "a three-level FS tree"
         if variant == "data-dup":
