@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from tests.servers import NginxServer  # noqa: E402
+from tests.support.servers import NginxServer  # noqa: E402
 
 from common import DISKPORT, MiB, derived, need, sample_images  # noqa: E402
 

@@ -10,7 +10,7 @@ then:
   ``sha256sum`` too, for context (Debian's sha256sum has no SHA-NI code; OpenSSL, like Python's hashlib, does).
   gzip and zstd builds are timed against ``sha256sum`` as well and reported as throughput (GB/s of the disk file).
 - push: one OCI layout (``diskport build --compression gzip``) pushed to Debian's docker-registry on loopback
-  (``tests.registry_servers.RegistryServer``: plain http, no auth) by ``diskport push`` and by ``skopeo copy
+  (``tests.support.registry.RegistryServer``: plain http, no auth) by ``diskport push`` and by ``skopeo copy
   oci:LAYOUT:v1 docker://...``. Every run goes to a repository of its own, so nothing is skipped as already
   there. Between runs the blobs of the repositories pushed so far are deleted from them (the registry keeps one
   copy of each blob in its storage whatever the repository): skopeo remembers where it pushed a blob (its blob
@@ -70,7 +70,7 @@ def blob_digests(layout: Path) -> list[str]:
 
 
 class Registry:
-    """Debian's docker-registry on loopback: ``tests.registry_servers.RegistryServer`` (plain http, no auth,
+    """Debian's docker-registry on loopback: ``tests.support.registry.RegistryServer`` (plain http, no auth,
     storage and log in ``prefix``) run by a child process of this script (``--serve-registry``)."""
 
     def __init__(self, prefix: Path) -> None:
@@ -108,7 +108,7 @@ class Registry:
 
 def serve_registry(prefix: Path) -> int:
     """The child of :class:`Registry`: start the registry, print its port, serve until stdin closes."""
-    from tests.registry_servers import RegistryServer
+    from tests.support.registry import RegistryServer
 
     with RegistryServer(prefix, label="bench registry") as registry:
         print(registry.port, flush=True)

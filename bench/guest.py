@@ -30,7 +30,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk  # noqa: E402
 from tests.guest.windows.disks import windows_disk  # noqa: E402
-from tests.servers import NginxServer  # noqa: E402
+from tests.support.servers import NginxServer  # noqa: E402
 
 from common import DISKPORT, Case, alternate, need, timed  # noqa: E402
 

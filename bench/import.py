@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from tests.servers import NginxServer  # noqa: E402
+from tests.support.servers import NginxServer  # noqa: E402
 
 from common import DISKPORT, Case, alternate, derived, need, remove, sample_images, timed  # noqa: E402
 

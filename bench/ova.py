@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from tests.ova.build import Disk, Vm, vmware_ovf  # noqa: E402
-from tests.servers import NginxServer  # noqa: E402
+from tests.support.servers import NginxServer  # noqa: E402
 
 from common import DISKPORT, Case, GiB, alternate, derived, need, remove, sample_images, timed  # noqa: E402
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = [
-    "tests.servers",           # real servers on loopback: nginx, plain http, TLS, fault injection, proxy
-    "tests.registry_servers",  # docker-registry (plain, TLS + htpasswd, token auth), token server, fault proxy
+    "tests.support.servers",   # real servers on loopback: nginx, plain http, TLS, fault injection, proxy
+    "tests.support.registry",  # docker-registry (plain, TLS + htpasswd, token auth), token server, fault proxy
     "tests.guest.boot.fixtures",  # bootable disks (Debian's shim, GRUB, kernel) for the qemu boot tests
 ]
 

@@ -11,8 +11,8 @@ from diskport.guest.facts import LABEL_PREFIX
 from tests.conftest import require_tool, run, run_cli
 from tests.guest.support import convert
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
-from tests.registry_servers import RegistryServer
-from tests.test_registry import skopeo
+from tests.oci.test_registry import skopeo
+from tests.support.registry import RegistryServer
 
 
 def test_import_inspect_prints_the_verdict_of_the_disk_written(tmp_path: Path, nginx: object) -> None:

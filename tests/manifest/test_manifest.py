@@ -23,7 +23,7 @@ from tests.guest.support import convert, patch
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
 from tests.guest.windows.disks import WindowsLayout, windows_disk
 from tests.manifest.checks import check_cpln, check_kubevirt, comments_before, data_volume, quantity_bytes
-from tests.registry_servers import RegistryServer
+from tests.support.registry import RegistryServer
 
 MiB = 1024 * 1024
 ESP_OFFSET = 2048 * 512  # where gpt_linux_disk's and windows_disk's ESP starts

@@ -1,6 +1,6 @@
 """RegistryClient's branches (token auth, retries with a capped Retry-After, 413 and 416 during an upload,
 redirects of blobs to storage) over ``httpx.MockTransport``: a registry that answers what each branch needs,
-in milliseconds. The live docker-registry tests in tests/test_registry.py remain the end-to-end checks.
+in milliseconds. The live docker-registry tests in tests/oci/test_registry.py remain the end-to-end checks.
 Waits are recorded, not slept.
 """
 

@@ -22,9 +22,9 @@ from diskport.oci.media import Descriptor
 from diskport.ova import OvaChoice
 from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
+from tests.oci.test_build import image_of, layer_tar
 from tests.ova.build import Disk, Vm, make_ova, manifest, vmware_ovf, write_tar
-from tests.servers import NginxServer, PlainHTTPServer
-from tests.test_oci_build import image_of, layer_tar
+from tests.support.servers import NginxServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
 TAR_FORMATS = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}

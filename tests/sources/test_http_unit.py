@@ -1,7 +1,7 @@
 """HttpSource's branches (retry, resume, If-Range, 206 validators, 416, redirects and credentials) over
 ``httpx.MockTransport``: fast, and able to misbehave in ways a live server cannot be made to (an https URL
 that redirects to plain http on the same host and port needs one port speaking both). The live nginx and
-fault-server tests in tests/test_import.py remain the end-to-end checks. Waits are recorded, not slept.
+fault-server tests in tests/sources/test_import.py remain the end-to-end checks. Waits are recorded, not slept.
 """
 
 from __future__ import annotations

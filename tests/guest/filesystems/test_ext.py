@@ -29,7 +29,7 @@ from tests.guest.filesystems.images import (
     sha256,
     tree_of,
 )
-from tests.imagecheck import mutate
+from tests.support.images import mutate
 
 # id -> (mkfs tool, options): every layout the reader has a path for
 VARIANTS = {

@@ -17,7 +17,7 @@ from diskport.guest.filesystems.fat import FatFilesystem, lfn_checksum
 from diskport.guest.filesystems.fat import identify as fat_identify
 from diskport.guest.view import GuestView
 from tests.guest.filesystems.images import BytesVolume, blkid, fat_tree, mdir_paths, mkfs_fat, mtools, run, sha256
-from tests.imagecheck import mutate
+from tests.support.images import mutate
 
 # (bits, size in KiB, sectors per cluster): FAT12 floppy-like, FAT16 with 2 KiB clusters, FAT32 at its minimum
 LAYOUTS = [(12, 4000, 4), (16, 40000, 4), (32, 70000, 1)]

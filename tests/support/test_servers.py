@@ -1,4 +1,4 @@
-"""The test servers of tests/servers.py do what they claim: each behaviour an import test relies on, checked
+"""The test servers of tests/support/servers.py do what they claim: each behaviour an import test relies on, checked
 with httpx against the real server."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import servers
-from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer, ProxyServer, parse_range
+from tests.support import servers
+from tests.support.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer, ProxyServer, parse_range
 
-# The fixtures, by name (redundant, and harmless, once conftest.py has ``pytest_plugins = ["tests.servers"]``).
+# The fixtures, by name (redundant, and harmless, once conftest.py has ``pytest_plugins = ["tests.support.servers"]``).
 serve_dir = servers.serve_dir
 nginx = servers.nginx
 plain_http = servers.plain_http

@@ -35,7 +35,7 @@ from tests.conftest import (
     sha256_file,
     write_pattern_raw,
 )
-from tests.imagecheck import check_extent_contract, exercise, full_read, mutate
+from tests.support.images import check_extent_contract, exercise, full_read, mutate
 
 EXT2_SHA256 = "870be7ae16c1fa8faab05c6eb9205dc9a7ae35c5f552c5cf8a267c0bc6a5cb99"
 EXT2_SIZE = 4212736

@@ -23,7 +23,7 @@ from diskport.importer import import_image, parse_size
 from diskport.net import read_bounded
 from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, loop_device, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
-from tests.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
+from tests.support.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=4, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
 
@@ -306,7 +306,7 @@ def test_interrupted_import_leaves_nothing(fault_server: FaultServer, qcow2: tup
 
 def test_proxy_from_environment(proxy_server: object, nginx: NginxServer, qcow2: tuple[Path, str],
                                 tmp_path: Path) -> None:
-    from tests.servers import ProxyServer
+    from tests.support.servers import ProxyServer
 
     assert isinstance(proxy_server, ProxyServer)
     _, expected = qcow2

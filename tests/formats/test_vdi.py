@@ -18,7 +18,7 @@ from diskport.formats.base import DiskImage, Extent
 from diskport.formats.vdi import open_vdi
 from diskport.sources.base import Source
 from tests.conftest import MiB, diskport_raw_sha256, make_image, qemu_img, qemu_io, qemu_raw_sha256
-from tests.imagecheck import check_extent_contract, exercise, full_read, mutate
+from tests.support.images import check_extent_contract, exercise, full_read, mutate
 
 BLOCK = MiB  # qemu's VDI block size
 # Header offsets (pre-header + header 1.1; see the vdi module docstring).

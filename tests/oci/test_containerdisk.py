@@ -20,8 +20,8 @@ from diskport.oci.pull import open_registry_disk
 from diskport.oci.registry import RegistryClient, RegistryOptions
 from diskport.sources.http import HttpOptions
 from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
-from tests.registry_servers import RegistryFaultProxy, RegistryServer, Rule
-from tests.test_registry import TOKEN_PASSWORD, TOKEN_USER, skopeo
+from tests.oci.test_registry import TOKEN_PASSWORD, TOKEN_USER, skopeo
+from tests.support.registry import RegistryFaultProxy, RegistryServer, Rule
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The registry client (diskport.oci.registry, auth, reference) against real registries on loopback.
 
 docker-registry (distribution 2.8) is the server, skopeo the independent client that checks what was pushed, and
-the fault proxy of tests/registry_servers.py makes the network and the registry misbehave on cue. Reference
+the fault proxy of tests/support/registry.py makes the network and the registry misbehave on cue. Reference
 parsing, challenge parsing and credential lookup are checked on their own, with real files and real
 credential-helper programs the tests write.
 """
@@ -54,8 +54,8 @@ from diskport.oci.reference import Reference, parse_reference
 from diskport.oci.registry import MAX_ANSWER, RegistryClient, RegistryOptions, UploadResult
 from diskport.sources.http import HttpOptions, HttpSource
 from tests.conftest import MiB, require_tool, run, sha256_file
-from tests.registry_servers import RegistryFaultProxy, RegistryServer, Rule
-from tests.servers import FaultServer, NginxServer, ProxyServer
+from tests.support.registry import RegistryFaultProxy, RegistryServer, Rule
+from tests.support.servers import FaultServer, NginxServer, ProxyServer
 
 FAST: dict[str, Any] = dict(retries=4, backoff=0.05, max_backoff=0.5, retry_time=30.0, timeout=20.0,
                             connect_timeout=5.0)
@@ -648,7 +648,7 @@ def test_416_and_the_registry_minimum_chunk(registry_proxy: RegistryFaultProxy, 
 
 
 def test_unreachable_registry(tmp_path: Path) -> None:
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     started = time.monotonic()
