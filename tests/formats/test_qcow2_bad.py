@@ -1,4 +1,6 @@
-"""Every class of bad input gets a one-line error naming file, format and problem; exit 1; nothing at DST."""
+"""Every class of bad qcow2 gets a one-line error naming file, format and problem; exit 1; nothing at DST.
+
+The cases that are not about one format (a missing source, usage errors) are in tests/test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -161,22 +163,6 @@ def test_garbage_compressed_cluster(tmp_path: Path) -> None:
     patch(image, size - 4096, os.urandom(4096))
     line = assert_clean_failure(tmp_path, image, "qcow2")
     assert "compressed cluster" in line
-
-
-def test_missing_source() -> None:
-    proc = run_cli("convert", "/nonexistent/disk.qcow2", "/tmp/never.raw")
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "diskport: /nonexistent/disk.qcow2: no such file"
-
-
-def test_usage_errors_exit_2(tmp_path: Path) -> None:
-    assert run_cli("convert").returncode == 2
-    assert run_cli("convert", "a", "b", "-O", "vmdk").returncode == 2
-    raw = make_image(tmp_path, "raw", MiB)
-    proc = run_cli("convert", "-q", "-c", raw, tmp_path / "x.raw")
-    assert proc.returncode == 2
-    assert "compression needs -O qcow2" in proc.stderr
-    assert not (tmp_path / "x.raw").exists()
 
 
 def test_every_error_is_a_diskport_error(tmp_path: Path) -> None:
