@@ -12,6 +12,7 @@ import pytest
 
 from diskport import CorruptImage, UnsafeImage, UnsupportedImage, convert
 from diskport.errors import DiskportError
+from diskport.formats import open_image
 from tests.conftest import MiB, make_image, qemu_img, qemu_io, run_cli
 
 
@@ -179,3 +180,41 @@ def test_corrupt_image_class(tmp_path: Path) -> None:
     os.truncate(image, 100)
     with pytest.raises(CorruptImage):
         convert(image, tmp_path / "x.raw")
+
+
+# -- shared clusters (issue 10, 8) ---------------------------------------------------------------------------
+def test_qcow2_sharing_host_clusters_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "shared.qcow2"
+    qemu_img("create", "-f", "qcow2", image, "2G")
+    qemu_io(image, "qcow2", "write -P 0x11 0 128k", "write -P 0x22 1G 64k")
+    pristine = image.read_bytes()
+    l1_offset = struct.unpack_from(">Q", pristine, 40)[0]
+    l1 = struct.unpack_from(">4Q", pristine, l1_offset)
+    l2 = l1[0] & 0x00FF_FFFF_FFFF_FE00
+    first = struct.unpack_from(">Q", pristine, l2)[0]
+    assert first and l1[2]
+
+    data = bytearray(pristine)  # every guest cluster of the first 512 MiB names the first data cluster
+    struct.pack_into(">8192Q", data, l2, *([first] * 8192))
+    image.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="more than one guest cluster"):
+        convert(image, tmp_path / "a.raw")
+
+    data = bytearray(pristine)  # every L1 entry names the first L2 table
+    struct.pack_into(">4Q", data, l1_offset, *([l1[0]] * 4))
+    image.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="same L2 table"):
+        open_image(image)
+
+    data = bytearray(pristine)  # the second L2 table maps its first cluster onto the first table's data
+    l2b = l1[2] & 0x00FF_FFFF_FFFF_FE00
+    struct.pack_into(">Q", data, l2b, first)
+    image.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="another guest cluster or an L2 table already uses"):
+        convert(image, tmp_path / "b.raw", output_format="qcow2")
+    assert not (tmp_path / "a.raw").exists() and not (tmp_path / "b.raw").exists()
+
+    image.write_bytes(pristine)  # and the image as qemu wrote it converts, read twice (inspect, then convert)
+    with open_image(image) as opened:
+        list(opened.extents())
+        assert opened.read(0, 4) == b"\x11" * 4 and opened.read(1 << 30, 4) == b"\x22" * 4

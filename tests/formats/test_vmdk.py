@@ -6,6 +6,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -710,3 +712,32 @@ def test_fuzz_mutated_images(tmp_path: Path) -> None:
     assert 0.1 < sum(outcomes) / len(outcomes) < 0.9
     assert slowest < 2, f"one mutated image took {slowest:.1f} s"
     assert time.monotonic() - began < 50
+
+
+# -- descriptors diskport refuses (issue 10) ----------------------------------------------------------------
+def test_sesparse_descriptors_are_refused(tmp_path: Path) -> None:
+    extent = tmp_path / "disk-sesparse.vmdk"
+    extent.write_bytes(bytes(4096))
+    for create_type, kind in (("seSparse", "SESPARSE"), ("vmfsSparse", "VMFSSPARSE")):
+        desc = tmp_path / f"{create_type}.vmdk"
+        desc.write_text(f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                        f'createType="{create_type}"\nRW 8 {kind} "disk-sesparse.vmdk"\n')
+        with pytest.raises(UnsupportedImage, match=create_type):
+            open_image(desc)
+        text = desc.read_text().replace(f'createType="{create_type}"', 'createType="monolithicFlat"')
+        desc.write_text(text)
+        with pytest.raises(UnsupportedImage, match=f"type {kind}, which only ESX hosts read"):
+            open_image(desc)
+
+
+def test_an_extent_that_is_a_named_pipe_does_not_block(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "disk-flat.vmdk")
+    desc = tmp_path / "disk.vmdk"
+    desc.write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                    'createType="monolithicFlat"\nRW 2048 FLAT "disk-flat.vmdk" 0\n')
+    # In a child with a timeout: before the fix open() waited for a writer forever.
+    proc = subprocess.run([sys.executable, "-m", "diskport", "convert", "-q", str(desc), str(tmp_path / "o.raw")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "named pipe" in proc.stderr, proc.stderr
+    with pytest.raises(UnsafeImage, match="is a named pipe; only regular files"):
+        open_image(desc)
