@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import MiB, make_image, run_cli
+from tests.support import MiB
+from tests.support.clients import run_cli
+from tests.support.images import make_image
 
 
 def test_missing_source() -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, loop_device, make_image, qemu_img, qemu_io, run, run_cli, sha256_file
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io, run, run_cli
+from tests.support.images import loop_device, make_image, sha256_file
 
 
 def test_inspect_json_uses_qemu_field_names(tmp_path: Path, testdata: Path) -> None:

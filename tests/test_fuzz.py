@@ -18,13 +18,15 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import REPO, make_image, require_tool, run
 from tests.guest.filesystems.images import mkfs_fat, mtools
 from tests.guest.filesystems.xfs_images import mkfs_xfs
 from tests.guest.initramfs_images import initramfs
 from tests.guest.support import blank, sgdisk
 from tests.guest.volumes.lvm_images import lvm, pv_files, vg_name, write_linear_lv
 from tests.guest.windows.hives import build_hive, dword, sz
+from tests.support import REPO
+from tests.support.clients import require_tool, run
+from tests.support.images import make_image
 
 HARNESS = REPO / "fuzz" / "harness.py"
 FINDINGS = REPO / "fuzz" / "findings"

@@ -18,7 +18,9 @@ import zstandard
 from diskport import UnsafeImage, convert
 from diskport.errors import CorruptImage
 from diskport.inspect import inspect_image
-from tests.conftest import MiB, make_image, qemu_raw_sha256, run_cli, sha256_file
+from tests.support import MiB
+from tests.support.clients import run_cli
+from tests.support.images import make_image, qemu_raw_sha256, sha256_file
 
 CODECS: dict[str, Callable[[bytes], bytes]] = {
     "gz": gzip.compress,
@@ -61,7 +63,7 @@ def test_streamed_raw_to_qcow2_learns_size_at_the_end(tmp_path: Path) -> None:
     packed = compress_in_parts(raw, "gz")
     out = tmp_path / "out.qcow2"
     convert(packed, out, output_format="qcow2")
-    from tests.conftest import qemu_img
+    from tests.support.clients import qemu_img
 
     assert qemu_img("check", out, check=False).returncode == 0
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, out, check=False).returncode == 0
@@ -149,7 +151,7 @@ def test_truncated_stream_is_an_error(tmp_path: Path) -> None:
 
 def test_fixed_vhd_inside_gzip_streams_and_drops_its_footer(tmp_path: Path) -> None:
     """A fixed VHD is a raw disk plus a trailing footer: streamed, recognised at the end, footer not written."""
-    from tests.conftest import qemu_img
+    from tests.support.clients import qemu_img
 
     vhd = make_image(tmp_path, "vpc", 10 * MiB, "subformat=fixed")
     expected = qemu_raw_sha256(vhd, tmp_path, fmt="vpc")
@@ -231,7 +233,7 @@ def test_every_variant_in_every_codec(tmp_path: Path, fmt: str, options: str, ex
 
 
 def xz_cli(path: Path, *args: str) -> Path:
-    from tests.conftest import require_tool
+    from tests.support.clients import require_tool
 
     out = path.with_name(path.name + ".xz")
     with open(out, "wb") as f:

@@ -16,7 +16,9 @@ import pytest
 from diskport import CorruptImage, UnsupportedImage, convert
 from diskport.errors import DestinationError
 from diskport.formats import open_image
-from tests.conftest import MiB, qemu_img, qemu_io, require_tool, run, run_cli, write_pattern_raw
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io, require_tool, run, run_cli
+from tests.support.images import write_pattern_raw
 
 
 def one_line_failure(*args: str | os.PathLike[str], exit_code: int = 1) -> str:

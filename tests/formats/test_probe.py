@@ -13,7 +13,9 @@ import zstandard
 from diskport.formats import open_image, probe_scores, read_head
 from diskport.formats.compression import detect_compression
 from diskport.sources import FileSource
-from tests.conftest import MiB, make_image, qemu_img
+from tests.support import MiB
+from tests.support.clients import qemu_img
+from tests.support.images import make_image
 
 QEMU_FORMATS = [
     ("qcow2", "", "qcow2"),

@@ -9,15 +9,9 @@ import pytest
 
 from diskport import convert
 from diskport.formats import open_image
-from tests.conftest import (
-    MiB,
-    diskport_raw_sha256,
-    make_image,
-    qemu_img,
-    qemu_io,
-    qemu_raw_sha256,
-    sha256_file,
-)
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io
+from tests.support.images import diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file
 
 # (name, qemu-img convert arguments, -o options)
 VARIANTS = [

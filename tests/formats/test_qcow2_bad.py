@@ -13,7 +13,9 @@ import pytest
 from diskport import CorruptImage, UnsafeImage, UnsupportedImage, convert
 from diskport.errors import DiskportError
 from diskport.formats import open_image
-from tests.conftest import MiB, make_image, qemu_img, qemu_io, run_cli
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io, run_cli
+from tests.support.images import make_image
 
 
 def qcow2_image(tmp_path: Path, name: str = "good.qcow2", size: str = "16M") -> Path:

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diskport import convert
-from tests.conftest import diskport_raw_sha256, qemu_img, qemu_io, qemu_raw_sha256
+from tests.support.clients import qemu_img, qemu_io
+from tests.support.images import diskport_raw_sha256, qemu_raw_sha256
 
 SIZE = 4 * 1024 * 1024
 SECTOR = 512

@@ -17,8 +17,17 @@ from diskport.formats import open_detected
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.vdi import open_vdi
 from diskport.sources.base import Source
-from tests.conftest import MiB, diskport_raw_sha256, make_image, qemu_img, qemu_io, qemu_raw_sha256
-from tests.support.images import check_extent_contract, exercise, full_read, mutate
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io
+from tests.support.images import (
+    check_extent_contract,
+    diskport_raw_sha256,
+    exercise,
+    full_read,
+    make_image,
+    mutate,
+    qemu_raw_sha256,
+)
 
 BLOCK = MiB  # qemu's VDI block size
 # Header offsets (pre-header + header 1.1; see the vdi module docstring).

@@ -25,17 +25,19 @@ from diskport.formats.vhd import (
     vhd_checksum,
 )
 from diskport.sources.base import Source
-from tests.conftest import (
-    MiB,
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io
+from tests.support.images import (
+    check_extent_contract,
     diskport_raw_sha256,
+    exercise,
+    full_read,
     make_image,
-    qemu_img,
-    qemu_io,
+    mutate,
     qemu_raw_sha256,
     sha256_file,
     write_pattern_raw,
 )
-from tests.support.images import check_extent_contract, exercise, full_read, mutate
 
 EXT2_SHA256 = "870be7ae16c1fa8faab05c6eb9205dc9a7ae35c5f552c5cf8a267c0bc6a5cb99"
 EXT2_SIZE = 4212736

@@ -28,15 +28,9 @@ from diskport.formats import open_image
 from diskport.formats import vhdx as vhdx_module
 from diskport.formats.base import Extent
 from diskport.sources.base import Source
-from tests.conftest import (
-    MiB,
-    diskport_raw_sha256,
-    make_image,
-    qemu_img,
-    qemu_io,
-    qemu_raw_sha256,
-    sha256_file,
-)
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io
+from tests.support.images import diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file
 
 KiB = 1024
 GiB = 1024 * MiB

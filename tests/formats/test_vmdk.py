@@ -23,16 +23,9 @@ from diskport.formats import open_image, probe_scores
 from diskport.formats.base import DiskImage
 from diskport.formats.vmdk import GD_AT_END
 from diskport.sources import open_source
-from tests.conftest import (
-    MiB,
-    diskport_raw_sha256,
-    make_image,
-    qemu_img,
-    qemu_io,
-    qemu_raw_sha256,
-    sha256_file,
-    write_pattern_raw,
-)
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io
+from tests.support.images import diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file, write_pattern_raw
 
 EXT2_SHA256 = "a6c2f0e39afe6c6ab432ca5465349fcefe8dc944398e97b2d957d3f89dbb5d80"
 HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")

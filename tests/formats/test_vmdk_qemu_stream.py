@@ -15,7 +15,8 @@ from diskport import convert
 from diskport.errors import CorruptImage
 from diskport.importer import import_image
 from diskport.sources.http import HttpOptions
-from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, sha256_file
+from tests.support import MiB
+from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
 from tests.support.servers import PlainHTTPServer
 
 FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)

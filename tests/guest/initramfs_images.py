@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import require_tool
+from tests.support.clients import require_tool
 
 COMPRESSORS = {
     "gzip": ["gzip", "-9", "-n", "-c"],

@@ -19,7 +19,7 @@ from typing import Any
 
 from diskport.formats import open_image
 from diskport.guest.view import GuestView
-from tests.conftest import qemu_img, require_tool, run
+from tests.support.clients import qemu_img, require_tool, run
 
 MiB = 1024 * 1024
 

@@ -14,7 +14,7 @@ import pytest
 
 from diskport.errors import CorruptImage
 from diskport.guest.authenticode import MAX_SIGNATURES, pe_layout, read_signature
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 
 class FileReadable:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from diskport.guest import inspect_guest
-from tests.conftest import require_tool, run, run_cli
 from tests.guest.filesystems.images import mkfs_ext, mkfs_fat, mtools
 from tests.guest.support import blank, convert, patch, sfdisk, sgdisk
+from tests.support.clients import require_tool, run, run_cli
 
 MiB = 1024 * 1024
 SECTOR = 512

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from diskport.guest import inspect_guest
 from diskport.guest.facts import LABEL_PREFIX
-from tests.conftest import require_tool, run, run_cli
 from tests.guest.support import convert
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
 from tests.oci.test_registry import skopeo
+from tests.support.clients import require_tool, run, run_cli
 from tests.support.registry import RegistryServer
 
 

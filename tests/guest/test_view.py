@@ -13,8 +13,8 @@ from diskport.errors import CorruptImage
 from diskport.guest.filesystems import identify
 from diskport.guest.view import BLOCK, CACHE_BLOCKS, Readable, read_exact
 from diskport.guest.volumes import read_volumes
-from tests.conftest import require_tool, run
 from tests.guest.support import MiB, blank, convert, sfdisk, sgdisk, view_of
+from tests.support.clients import require_tool, run
 from tests.support.servers import NginxServer
 
 SIZE = 5 * BLOCK + 25 * 512  # not a multiple of the block (qcow2 sizes are multiples of 512)

@@ -17,12 +17,12 @@ import yaml
 
 from diskport.guest import inspect_guest
 from diskport.manifest import TARGETS
-from tests.conftest import require_tool, run, run_cli
 from tests.guest.filesystems.images import mtools
 from tests.guest.support import convert, patch
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
 from tests.guest.windows.disks import WindowsLayout, windows_disk
 from tests.manifest.checks import check_cpln, check_kubevirt, comments_before, data_volume, quantity_bytes
+from tests.support.clients import require_tool, run, run_cli
 from tests.support.registry import RegistryServer
 
 MiB = 1024 * 1024

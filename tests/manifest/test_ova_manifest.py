@@ -13,12 +13,13 @@ from pathlib import Path
 import yaml
 
 from diskport.guest import inspect_guest
-from tests.conftest import MiB, run_cli
 from tests.guest.filesystems.images import mkfs_ext
 from tests.guest.support import blank, convert, sgdisk
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk, put
 from tests.manifest.checks import check_cpln, check_kubevirt, comments_before
 from tests.ova.build import Disk, Vm, make_ova
+from tests.support import MiB
+from tests.support.clients import run_cli
 
 SECTOR = 512
 BASE = "https://disks.example.com/web01/"

@@ -44,7 +44,9 @@ from diskport.oci.media import (
 )
 from diskport.oci.platform import parse_platform
 from diskport.writers import RawWriter
-from tests.conftest import MiB, make_image, qemu_img, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
+from tests.support import MiB
+from tests.support.clients import qemu_img, require_tool, run, run_cli
+from tests.support.images import make_image, qemu_raw_sha256, sha256_file
 
 GiB = 1024 * MiB
 MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}

@@ -19,8 +19,10 @@ from diskport.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_js
 from diskport.oci.pull import open_registry_disk
 from diskport.oci.registry import RegistryClient, RegistryOptions
 from diskport.sources.http import HttpOptions
-from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
 from tests.oci.test_registry import TOKEN_PASSWORD, TOKEN_USER, skopeo
+from tests.support import MiB
+from tests.support.clients import run_cli
+from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
 from tests.support.registry import RegistryFaultProxy, RegistryServer, Rule
 
 

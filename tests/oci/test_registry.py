@@ -53,7 +53,9 @@ from diskport.oci.media import (
 from diskport.oci.reference import Reference, parse_reference
 from diskport.oci.registry import MAX_ANSWER, RegistryClient, RegistryOptions, UploadResult
 from diskport.sources.http import HttpOptions, HttpSource
-from tests.conftest import MiB, require_tool, run, sha256_file
+from tests.support import MiB
+from tests.support.clients import require_tool, run
+from tests.support.images import sha256_file
 from tests.support.registry import RegistryFaultProxy, RegistryServer, Rule
 from tests.support.servers import FaultServer, NginxServer, ProxyServer
 
@@ -209,7 +211,8 @@ def test_parse_reference_refuses(text: str, problem: str) -> None:
 def test_one_grammar_for_build_tags_and_archive_names(tmp_path: Path) -> None:
     """-t, the layout's tag and a docker-archive's RepoTags all go through parse_reference."""
     from diskport.oci.reference import repo_tag
-    from tests.conftest import make_image, run_cli
+    from tests.support.clients import run_cli
+    from tests.support.images import make_image
 
     assert repo_tag("quay.io/org/disk") == "quay.io/org/disk:latest"
     assert repo_tag("disk:v1") == "disk:v1"

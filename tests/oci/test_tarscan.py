@@ -15,7 +15,7 @@ from diskport.oci.tarscan import LayerScan, MemberStream, RandomTarReader, Strea
 from diskport.sources.base import SliceSource
 from diskport.sources.file import FileSource
 from diskport.sources.stream import DecompressingStream
-from tests.conftest import MiB
+from tests.support import MiB
 
 GiB = 1024 * MiB
 

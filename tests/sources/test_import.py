@@ -22,7 +22,9 @@ from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
 from diskport.net import read_bounded
 from diskport.sources.http import HttpOptions
-from tests.conftest import MiB, loop_device, make_image, pvc_dir, qemu_raw_sha256, run_cli, sha256_file
+from tests.support import MiB
+from tests.support.clients import run_cli
+from tests.support.images import loop_device, make_image, pvc_dir, qemu_raw_sha256, sha256_file
 from tests.support.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=4, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)

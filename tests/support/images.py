@@ -1,14 +1,107 @@
-"""Checks and fuzzing helpers that every reader's tests share."""
+"""Images for the tests: builders (qemu-img from a patterned raw file), the oracle's answer, an in-memory
+source, and the checks and fuzzing helpers that every reader's tests share."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import random
 import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from diskport.formats.base import DiskImage, Extent
+from tests.support import MiB
+from tests.support.clients import qemu_img, require_tool, run
 
-MiB = 1024 * 1024
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def qemu_raw_sha256(image: Path, tmp_path: Path, fmt: str | None = None) -> str:
+    """sha256 of ``qemu-img convert -O raw`` of the image: the oracle's answer."""
+    out = tmp_path / f"oracle-{image.name}.raw"
+    args = ["convert"] + (["-f", fmt] if fmt else []) + ["-O", "raw", str(image), str(out)]
+    qemu_img(*args)
+    digest = sha256_file(out)
+    out.unlink()
+    return digest
+
+
+def diskport_raw_sha256(image: Path, tmp_path: Path) -> str:
+    from diskport import convert
+
+    out = tmp_path / f"diskport-{image.name}.raw"
+    convert(image, out, output_format="raw")
+    digest = sha256_file(out)
+    out.unlink()
+    return digest
+
+
+def write_pattern_raw(path: Path, size: int, seed: int = 1, layout: Sequence[tuple[int, int, str]] = ()) -> Path:
+    """A raw file of ``size`` bytes: zeros except the ``(offset, length, kind)`` runs in ``layout``.
+
+    kind is ``random`` (incompressible), ``text`` (compressible) or a single byte value like ``0xab``.
+    Without a layout, a default mix of all three with zero gaps is written.
+    """
+    rng = random.Random(seed)
+    if not layout:
+        step = max(size // 16, 4096)
+        layout = [(o, min(step // 2, size - o), ("random", "text", "0x5a")[i % 3])
+                  for i, o in enumerate(range(0, size, step))]
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length, kind in layout:
+            if kind == "random":
+                data = rng.randbytes(length)
+            elif kind == "text":
+                line = b"diskport test data line %d\n" % rng.randrange(1000)
+                data = (line * (length // len(line) + 1))[:length]
+            else:
+                data = bytes([int(kind, 16)]) * length
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def make_image(tmp_path: Path, fmt: str, size: int = 8 * MiB, options: str = "", name: str | None = None,
+               seed: int = 1, layout: Sequence[tuple[int, int, str]] = ()) -> Path:
+    """A ``fmt`` image made by ``qemu-img convert`` from a patterned raw file."""
+    raw = write_pattern_raw(tmp_path / f"pattern-{seed}.raw", size, seed, layout)
+    out = tmp_path / (name or f"image-{fmt}-{seed}.{fmt}")
+    args = ["convert", "-f", "raw", "-O", fmt] + (["-o", options] if options else []) + [str(raw), str(out)]
+    qemu_img(*args)
+    raw.unlink()
+    return out
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, size: int, fill: int = 0xFF) -> Iterator[str]:
+    """A real block device (a loop device over ``backing``, filled with ``fill``), detached afterwards."""
+    require_tool("losetup")
+    with open(backing, "wb") as f:
+        for _ in range(0, size, MiB):
+            f.write(bytes([fill]) * MiB)
+    dev = run("losetup", "--find", "--show", backing).stdout.strip()
+    try:
+        yield dev
+    finally:
+        run("losetup", "-d", dev, check=False)
+
+
+def pvc_dir(tmp_path: Path) -> Path:
+    """A folder standing for a persistent volume: after an import it must hold the disk and nothing else."""
+    folder = tmp_path / "pvc"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 INTERESTING_32 = [0, 1, 0x7F, 0x80, 0x1FF, 0x200, 0x400, 0xFFFF, 0x10000, 0x100000, 0x7FFFFFFF, 0x80000000,
                   0xFFFFFFFE, 0xFFFFFFFF]
 INTERESTING_64 = [0, 0x200, 0x600, 1 << 20, 1 << 32, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 from tests.support.servers import (
     LOOPBACK,
     MAX_WAIT,

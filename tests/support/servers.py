@@ -55,7 +55,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 LOOPBACK = "127.0.0.1"
 OTHER_NAME = "localhost"    # the same loopback address under another host name (a different origin)

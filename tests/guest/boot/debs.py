@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 CACHE = Path(os.environ.get("DISKPORT_BOOT_CACHE", "/tmp/diskport-boot-cache"))
 

@@ -14,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import require_tool, run
 from tests.guest.boot import grub_bios
 from tests.guest.boot.debs import BootParts
 from tests.guest.boot.initramfs import (
@@ -27,6 +26,7 @@ from tests.guest.boot.initramfs import (
 )
 from tests.guest.filesystems.images import mkfs_ext, mkfs_fat, mtools
 from tests.guest.support import blank, sfdisk, sgdisk
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 SECTOR = 512

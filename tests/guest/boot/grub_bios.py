@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 GRUB_PC = Path("/usr/lib/grub/i386-pc")
 SECTOR = 512

@@ -22,7 +22,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 #: What /init prints; a test reads these on the serial console.
 STARTED = "DISKPORT-INIT-STARTED"

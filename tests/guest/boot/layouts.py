@@ -23,7 +23,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import require_tool, run
 from tests.guest.boot import grub_bios
 from tests.guest.boot.disks import GRUB_MARK, SECTOR, Kit, dd
 from tests.guest.boot.initramfs import ROOT_LABEL, build_initramfs, install_modules, module_closure
@@ -32,6 +31,7 @@ from tests.guest.filesystems.images import mkfs_ext
 from tests.guest.filesystems.xfs_images import fsblock_byte, mkfs_xfs, xfs_db
 from tests.guest.support import blank, sgdisk
 from tests.guest.volumes.lvm_images import extent_size, lvm, pe_starts, pv_files, segments, vg_name, write_linear_lv
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 ESP_SECTORS = 65536

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tests.conftest import require_tool
 from tests.guest.boot.disks import GRUB_MARK
 from tests.guest.boot.initramfs import LOOPED, MODPROBE_FAILED, ROOT_FOUND, ROOT_MISSING, STARTED
+from tests.support.clients import require_tool
 
 Firmware = Literal["bios", "efi", "efi-secure"]
 Bus = Literal["virtio", "sata"]

@@ -20,8 +20,8 @@ from typing import Any
 import google_crc32c
 
 from diskport.guest.filesystems.base import Filesystem
-from tests.conftest import require_tool, run
 from tests.guest.filesystems.images import sha256
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 

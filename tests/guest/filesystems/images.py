@@ -13,7 +13,7 @@ import random
 import subprocess
 from pathlib import Path
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 KiB = 1024
 MiB = 1024 * KiB

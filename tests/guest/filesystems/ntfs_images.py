@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.conftest import require_tool
+from tests.support.clients import require_tool
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[bytes]:

@@ -17,7 +17,6 @@ from diskport.guest.filesystems.base import MAX_DEPTH, Filesystem, FsInfo
 from diskport.guest.filesystems.ext import ExtFilesystem
 from diskport.guest.filesystems.ext import identify as ext_identify
 from diskport.guest.view import GuestView
-from tests.conftest import TESTDATA, qemu_img
 from tests.guest.filesystems.images import (
     BytesVolume,
     blkid,
@@ -29,6 +28,8 @@ from tests.guest.filesystems.images import (
     sha256,
     tree_of,
 )
+from tests.support import TESTDATA
+from tests.support.clients import qemu_img
 from tests.support.images import mutate
 
 # id -> (mkfs tool, options): every layout the reader has a path for

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from diskport.guest.filesystems import FILESYSTEMS, FsInfo, identify
-from tests.conftest import require_tool, run
 from tests.guest.support import MiB, blank, blkid, loop_device, patch, view_of
+from tests.support.clients import require_tool, run
 
 
 def probe(path: Path) -> FsInfo | None:

@@ -20,7 +20,6 @@ from diskport.guest.filesystems import FILESYSTEMS, identify, open_filesystem
 from diskport.guest.filesystems.ntfs import NtfsFilesystem
 from diskport.guest.filesystems.ntfs import identify as ntfs_identify
 from diskport.guest.view import GuestView
-from tests.conftest import TESTDATA, require_tool
 from tests.guest.filesystems.ntfs_images import (
     build_ntfs_volume,
     data_runs,
@@ -29,6 +28,8 @@ from tests.guest.filesystems.ntfs_images import (
     ntfsls_names,
     write_fragmented,
 )
+from tests.support import TESTDATA
+from tests.support.clients import require_tool
 
 MiB = 1024 * 1024
 BIG_DIR_ENTRIES = 3000

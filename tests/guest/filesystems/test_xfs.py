@@ -21,7 +21,6 @@ from diskport.guest.filesystems import FILESYSTEMS, Filesystem, identify, open_f
 from diskport.guest.filesystems.base import MAX_DEPTH
 from diskport.guest.filesystems.xfs import XfsFilesystem
 from diskport.guest.view import GuestView
-from tests.conftest import require_tool, run
 from tests.guest.filesystems.images import blkid, sha256, tree_of
 from tests.guest.filesystems.test_ext import walk
 from tests.guest.filesystems.xfs_images import (
@@ -35,6 +34,7 @@ from tests.guest.filesystems.xfs_images import (
     xfs_ls,
 )
 from tests.guest.support import patch, read
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 VARIANTS = {

@@ -13,7 +13,7 @@ import re
 import stat
 from pathlib import Path
 
-from tests.conftest import require_tool, run
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import require_tool, run
 from tests.guest.support import blank, loop_device, patch, read
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}

@@ -11,7 +11,6 @@ import pytest
 
 from diskport.guest.volumes import PartitionTable, read_volumes
 from diskport.guest.volumes.mbr import boot_code_kind
-from tests.conftest import require_tool, run
 from tests.guest.support import (
     MiB,
     blank,
@@ -24,6 +23,7 @@ from tests.guest.support import (
     sfdisk_json,
     view_of,
 )
+from tests.support.clients import require_tool, run
 
 # Three primaries (the first active), an extended partition in slot 4, three logical partitions in it.
 SCRIPT = """label: dos

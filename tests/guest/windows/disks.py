@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import require_tool, run
 from tests.guest.filesystems.images import mkfs_fat, mtools
 from tests.guest.filesystems.ntfs_images import build_ntfs_volume
 from tests.guest.support import blank, patch, sgdisk
 from tests.guest.test_inspect import efi_loader
 from tests.guest.windows import hives
+from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
 SECTOR = 512

@@ -15,11 +15,11 @@ import pytest
 
 from diskport.guest import inspect_guest
 from diskport.guest.facts import GuestReport
-from tests.conftest import run_cli
 from tests.guest.filesystems.ntfs_images import ntfscat
 from tests.guest.support import convert, read
 from tests.guest.windows import hives
 from tests.guest.windows.disks import ESP_MIB, MSR_MIB, MiB, WindowsLayout, windows_disk
+from tests.support.clients import run_cli
 
 NTFS_AT = (1 + ESP_MIB + MSR_MIB) * MiB
 
