@@ -16,10 +16,10 @@ from diskport import CorruptImage, DiskportError, UnsafeImage, UnsupportedImage,
 from diskport.formats import open_detected
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.vdi import open_vdi
-from diskport.sources.base import Source
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io
 from tests.support.images import (
+    BytesSource,
     check_extent_contract,
     diskport_raw_sha256,
     exercise,
@@ -44,18 +44,6 @@ AT_BLOCKS_ALLOCATED = 0x184
 AT_UUID_IMAGE = 0x188
 AT_UUID_LINK = 0x1A8
 AT_UUID_PARENT_MODIFY = 0x1B8
-
-
-class BytesSource(Source):
-    """An in-memory source, so the fuzz loop does not touch the disk."""
-
-    def __init__(self, data: bytes, name: str = "memory.vdi") -> None:
-        self.data = data
-        self.name = name
-        self.size = len(data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.data[offset: offset + length]
 
 
 def qemu_virtual_size(image: Path) -> int:

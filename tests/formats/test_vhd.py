@@ -24,10 +24,10 @@ from diskport.formats.vhd import (
     open_vhd,
     vhd_checksum,
 )
-from diskport.sources.base import Source
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io
 from tests.support.images import (
+    BytesSource,
     check_extent_contract,
     diskport_raw_sha256,
     exercise,
@@ -46,18 +46,6 @@ BITMAP = 512  # sector bitmap of a 2 MiB block, padded to a sector
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-class BytesSource(Source):
-    """An in-memory source, so the fuzz loop does not touch the disk."""
-
-    def __init__(self, data: bytes, name: str = "memory.vhd") -> None:
-        self.data = data
-        self.name = name
-        self.size = len(data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.data[offset: offset + length]
-
-
 def qemu_info(image: Path) -> dict[str, object]:
     info: dict[str, object] = json.loads(qemu_img("info", "-f", "vpc", "--output=json", image).stdout)
     return info

@@ -27,10 +27,9 @@ from diskport.errors import CorruptImage, DiskportError, UnsafeImage, Unsupporte
 from diskport.formats import open_image
 from diskport.formats import vhdx as vhdx_module
 from diskport.formats.base import Extent
-from diskport.sources.base import Source
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io
-from tests.support.images import diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file
+from tests.support.images import BytesSource, diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file
 
 KiB = 1024
 GiB = 1024 * MiB
@@ -792,23 +791,13 @@ def test_not_a_vhdx(tmp_path: Path) -> None:
 # -- fuzzing --------------------------------------------------------------------------------------------------
 
 
-class BytesSource(Source):
-    def __init__(self, data: bytes | bytearray, name: str = "fuzzed.vhdx") -> None:
-        self.data = data
-        self.size = len(data)
-        self.name = name
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset: offset + length])
-
-
 READ_BUDGET = 16 * MiB
 
 
 def exercise(data: bytes | bytearray) -> bool:
     """Open and read all of an image the way the engine does; True if it opened."""
     try:
-        img = vhdx_module.open_vhdx(BytesSource(data))
+        img = vhdx_module.open_vhdx(BytesSource(data, "fuzzed.vhdx"))
     except DiskportError:
         return False
     budget = READ_BUDGET

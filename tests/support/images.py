@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from diskport.formats.base import DiskImage, Extent
+from diskport.sources.base import Source
 from tests.support import MiB
 from tests.support.clients import qemu_img, require_tool, run
 
@@ -105,6 +106,21 @@ def pvc_dir(tmp_path: Path) -> Path:
 INTERESTING_32 = [0, 1, 0x7F, 0x80, 0x1FF, 0x200, 0x400, 0xFFFF, 0x10000, 0x100000, 0x7FFFFFFF, 0x80000000,
                   0xFFFFFFFE, 0xFFFFFFFF]
 INTERESTING_64 = [0, 0x200, 0x600, 1 << 20, 1 << 32, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+
+
+class BytesSource(Source):
+    """An in-memory source, so a fuzz loop or a hand-built image never touches the disk.
+
+    ``data`` is not copied: a ``bytearray`` may be mutated between opens (not while an image is open).
+    """
+
+    def __init__(self, data: bytes | bytearray, name: str = "memory.img") -> None:
+        self.data = data
+        self.name = name
+        self.size = len(data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset: offset + length])
 
 
 def full_read(image: DiskImage) -> bytes:
