@@ -29,7 +29,7 @@ from diskport.formats import vhdx as vhdx_module
 from diskport.formats.base import Extent
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io
-from tests.support.images import BytesSource, diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file
+from tests.support.images import BytesSource, diskport_raw_sha256, make_image, mutate, qemu_raw_sha256, sha256_file
 
 KiB = 1024
 GiB = 1024 * MiB
@@ -872,23 +872,6 @@ INTERESTING = [0, 1, 2, 3, 6, 7, 0x7F, 0x80, 0xFF, 0x1000, 0xFFFF, 0x10000, MiB,
                0x80000000, 0xFFFFFFFF, 1 << 32, 1 << 44, 1 << 52, 1 << 63, (1 << 64) - 1]
 
 
-def mutate(rng: random.Random, buf: bytearray, areas: list[tuple[int, int]]) -> None:
-    for _ in range(rng.choice((1, 1, 2, 3))):
-        offset, length = rng.choice(areas)
-        at = offset + rng.randrange(max(length, 1))
-        kind = rng.randrange(4)
-        if kind == 0:
-            buf[at] = rng.randrange(256)
-        elif kind == 1:
-            buf[at] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == 2 else 8
-            at -= at % width
-            value = rng.choice(INTERESTING) if rng.random() < 0.7 else rng.getrandbits(width * 8)
-            value = (value + rng.choice((-1, 0, 0, 1))) % (1 << (width * 8))
-            struct.pack_into("<I" if width == 4 else "<Q", buf, at, value)
-
-
 def test_fuzz_mutations_only_raise_diskport_errors(tmp_path: Path) -> None:
     bases = fuzz_bases(tmp_path)
     for base in bases:  # every base opens and reads before it is mutated
@@ -898,7 +881,7 @@ def test_fuzz_mutations_only_raise_diskport_errors(tmp_path: Path) -> None:
     for _ in range(5000):
         base = rng.choice(bases)
         buf = bytearray(base.data)
-        mutate(rng, buf, base.areas)
+        mutate(buf, [(o, o + n) for o, n in base.areas], rng, interesting=INTERESTING)
         if rng.random() < 0.6:
             base.fix(buf)
         if rng.random() < 0.05:

@@ -25,7 +25,14 @@ from diskport.formats.vmdk import GD_AT_END
 from diskport.sources import open_source
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io
-from tests.support.images import diskport_raw_sha256, make_image, qemu_raw_sha256, sha256_file, write_pattern_raw
+from tests.support.images import (
+    diskport_raw_sha256,
+    make_image,
+    mutate,
+    qemu_raw_sha256,
+    sha256_file,
+    write_pattern_raw,
+)
 
 EXT2_SHA256 = "a6c2f0e39afe6c6ab432ca5465349fcefe8dc944398e97b2d957d3f89dbb5d80"
 HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
@@ -606,26 +613,6 @@ INTERESTING = [0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x200, 0x1000, 0xFFFF, 0x10000,
                0xFFFFFFFF, 1 << 32, (1 << 63) - 1, (1 << 64) - 1]
 
 
-def mutate(data: bytearray, regions: list[tuple[int, int]], rng: random.Random) -> bytearray:
-    for _ in range(rng.randint(1, 4)):
-        start, end = rng.choice(regions)
-        pos = rng.randrange(start, max(start + 1, end))
-        choice = rng.random()
-        if choice < 0.35:
-            width = rng.choice((1, 2, 4, 8))
-            value = rng.choice(INTERESTING) & ((1 << (8 * width)) - 1)
-            data[pos:pos + width] = value.to_bytes(width, "little")[: max(0, len(data) - pos)]
-        elif choice < 0.7:
-            if pos < len(data):
-                data[pos] ^= 1 << rng.randrange(8)
-        elif choice < 0.9:
-            if pos < len(data):
-                data[pos] = rng.randrange(256)
-        else:
-            del data[rng.randrange(len(data) // 2, len(data)):]
-    return data
-
-
 def sparse_regions(data: bytes) -> list[tuple[int, int]]:
     """Header, embedded descriptor, grain directory, grain tables and the first grain marker."""
     (_, _, _, capacity, grain, desc_off, desc_size, gtes, _, gd, _, _, _, _) = HEADER.unpack_from(data, 0)
@@ -689,7 +676,7 @@ def test_fuzz_mutated_images(tmp_path: Path) -> None:
         regions = sparse_regions(original)
         target = tmp_path / "fuzz.vmdk"
         for _ in range(iterations):
-            target.write_bytes(mutate(bytearray(original), regions, rng))
+            target.write_bytes(mutate(bytearray(original), regions, rng, interesting=INTERESTING, truncate=True))
             run(target)
     # Descriptor text mutations over a two-extent descriptor (sparse extent + flat extent).
     make_image(tmp_path, "vmdk", 2 * MiB, "subformat=twoGbMaxExtentSparse", name="ds.vmdk", layout=small)
@@ -698,7 +685,7 @@ def test_fuzz_mutated_images(tmp_path: Path) -> None:
                            create_type="twoGbMaxExtentSparse").encode()
     for _ in range(600):
         target = tmp_path / "fuzz-desc.vmdk"
-        target.write_bytes(mutate(bytearray(text), [(0, len(text))], rng))
+        target.write_bytes(mutate(bytearray(text), [(0, len(text))], rng, interesting=INTERESTING, truncate=True))
         run(target)
     assert len(outcomes) == 3500
     # The mutations must both break images and leave some readable, or the fuzz tests nothing.

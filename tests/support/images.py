@@ -145,22 +145,36 @@ def check_extent_contract(image: DiskImage, start: int = 0, end: int | None = No
     return exts
 
 
-def mutate(buf: bytearray, regions: list[tuple[int, int]], rng: random.Random, byteorder: str = "<") -> None:
-    """A few random edits inside ``regions``: bit flips, random bytes, and boundary values in 32/64-bit fields."""
+def mutate(buf: bytearray, regions: Sequence[tuple[int, int]], rng: random.Random, byteorder: str = "<", *,
+           interesting: Sequence[int] | None = None, truncate: bool = False) -> bytearray:
+    """A few random edits inside ``regions`` (``[start, end)`` byte ranges): bit flips, random bytes, boundary
+    values in aligned 32/64-bit fields and random 32-bit words; with ``truncate``, now and then a cut tail.
+
+    ``interesting`` replaces the default boundary values with a format's own (each is masked to the field's
+    width). Edits that fall past the end of ``buf`` (after a cut, or a region read from a damaged header) are
+    skipped. Returns ``buf``, edited in place.
+    """
     for _ in range(rng.randint(1, 4)):
         lo, hi = rng.choice(regions)
-        at = rng.randrange(lo, hi)
-        kind = rng.randrange(5)
+        at = rng.randrange(lo, max(lo + 1, hi))
+        kind = rng.randrange(6 if truncate else 5)
+        if at >= len(buf) and kind != 5:
+            continue
         if kind == 0:
             buf[at] ^= 1 << rng.randrange(8)
         elif kind == 1:
             buf[at] = rng.randrange(256)
         elif kind == 2 and at - at % 4 + 4 <= len(buf):
-            struct.pack_into(byteorder + "I", buf, at - at % 4, rng.choice(INTERESTING_32))
+            value = rng.choice(INTERESTING_32 if interesting is None else interesting) & 0xFFFFFFFF
+            struct.pack_into(byteorder + "I", buf, at - at % 4, value)
         elif kind == 3 and at - at % 8 + 8 <= len(buf):
-            struct.pack_into(byteorder + "Q", buf, at - at % 8, rng.choice(INTERESTING_64))
-        elif at + 4 <= len(buf):
+            value = rng.choice(INTERESTING_64 if interesting is None else interesting) & ((1 << 64) - 1)
+            struct.pack_into(byteorder + "Q", buf, at - at % 8, value)
+        elif kind == 4 and at + 4 <= len(buf):
             struct.pack_into(byteorder + "I", buf, at, rng.randrange(1 << 32))
+        elif kind == 5 and len(buf) > 1:
+            del buf[rng.randrange(len(buf) // 2, len(buf)):]
+    return buf
 
 
 def exercise(image: DiskImage) -> None:
