@@ -8,10 +8,9 @@ from pathlib import Path
 
 from diskport.guest import inspect_guest
 from diskport.guest.facts import LABEL_PREFIX
-from tests.guest.support import convert
 from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
-from tests.oci.test_registry import skopeo
-from tests.support.clients import require_tool, run, run_cli
+from tests.guest.support import convert
+from tests.support.clients import require_tool, run, run_cli, skopeo_json
 from tests.support.registry import RegistryServer
 
 
@@ -48,13 +47,13 @@ def test_build_records_the_verdict_and_pull_prints_it(registry: RegistryServer, 
     assert built.returncode == 0, built.stderr
     assert f"guest: {expected.verdict_line()}" in built.stderr
 
-    config = json.loads(skopeo(tmp_path, "inspect", "--config", "--tls-verify=false", f"docker://{ref}").stdout)
+    config = skopeo_json(tmp_path, "inspect", "--config", "--tls-verify=false", f"docker://{ref}")
     labels = config["config"]["Labels"]
     assert labels == expected.labels()
     assert labels[LABEL_PREFIX + "firmware"] == "bios+efi" and labels[LABEL_PREFIX + "bootloader"] == "efi"
     assert labels[LABEL_PREFIX + "os"] == "linux" and labels[LABEL_PREFIX + "bus"] == "virtio"
     assert labels[LABEL_PREFIX + "virtio-drivers"] == "virtio_blk,virtio_net"
-    raw_manifest = json.loads(skopeo(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").stdout)
+    raw_manifest = skopeo_json(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}")
     assert {k: v for k, v in raw_manifest["annotations"].items() if k.startswith(LABEL_PREFIX)} == labels
 
     dest = tmp_path / "pulled.raw"

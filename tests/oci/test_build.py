@@ -45,7 +45,7 @@ from diskport.oci.media import (
 from diskport.oci.platform import parse_platform
 from diskport.writers import RawWriter
 from tests.support import MiB
-from tests.support.clients import qemu_img, require_tool, run, run_cli
+from tests.support.clients import qemu_img, require_tool, run, run_cli, skopeo, skopeo_json, umoci
 from tests.support.images import make_image, qemu_raw_sha256, sha256_file
 
 GiB = 1024 * MiB
@@ -55,14 +55,6 @@ MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
 @pytest.fixture(autouse=True)
 def _no_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-
-
-def skopeo(*args: str | os.PathLike[str]) -> str:
-    return run(require_tool("skopeo"), *args).stdout
-
-
-def skopeo_json(*args: str | os.PathLike[str]) -> Any:
-    return json.loads(skopeo(*args))
 
 
 def decompress(data: bytes, media_type: str) -> bytes:
@@ -159,17 +151,17 @@ def test_layout_accepted_by_skopeo_and_umoci(tmp_path: Path, fmt: str, compressi
     manifest = json.loads((out / "blobs" / "sha256" / entry["digest"][7:]).read_bytes())
     assert manifest["annotations"][ANNOTATION_SOURCE] == "https://example.com/fedora"
 
-    inspected = skopeo_json("inspect", f"oci:{out}:v1")
+    inspected = skopeo_json(tmp_path, "inspect", f"oci:{out}:v1")
     assert (inspected["Architecture"], inspected["Os"]) == ("amd64", "linux")
     assert inspected["Layers"] == [layer.digest]
     assert inspected["Digest"] == entry["digest"]
     copied = tmp_path / "copied"
-    skopeo("copy", f"oci:{out}:v1", f"dir:{copied}")
+    skopeo(tmp_path, "copy", f"oci:{out}:v1", f"dir:{copied}")
     assert sha256_file(copied / layer.digest[7:]) == layer.digest[7:]
 
     # containers/storage (what podman and CRI-O use) applies the layer: owners, modes and bytes as asked.
     store = tmp_path / "store"
-    skopeo("copy", f"oci:{out}:v1", f"containers-storage:[vfs@{store}/root+{store}/run]localhost/fedora:v1")
+    skopeo(tmp_path, "copy", f"oci:{out}:v1", f"containers-storage:[vfs@{store}/root+{store}/run]localhost/fedora:v1")
     [applied] = (store / "root" / "vfs" / "dir").glob(f"*/disk/fedora.{fmt}")
     info = applied.stat()
     assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (107, 107, 0o444)
@@ -178,9 +170,9 @@ def test_layout_accepted_by_skopeo_and_umoci(tmp_path: Path, fmt: str, compressi
 
     if compression != "zstd":  # umoci 0.4.7 reads gzip and uncompressed layers only
         bundle = tmp_path / "bundle"
-        run(require_tool("umoci"), "unpack", "--rootless", "--image", f"{out}:v1", bundle)
+        umoci("unpack", "--rootless", "--image", f"{out}:v1", bundle)
         assert (bundle / "rootfs" / "disk" / f"fedora.{fmt}").read_bytes() == disk.read_bytes()
-        assert "v1" in run(require_tool("umoci"), "ls", "--layout", out).stdout.split()
+        assert "v1" in umoci("ls", "--layout", out).stdout.split()
 
 
 def test_gnu_tar_reads_the_layer(tmp_path: Path) -> None:
@@ -293,7 +285,7 @@ def test_docker_archive_read_by_skopeo(tmp_path: Path) -> None:
     built = result.images["amd64"].archive
     assert built is not None and built.size == archive.stat().st_size
 
-    inspected = skopeo_json("inspect", f"docker-archive:{archive}")
+    inspected = skopeo_json(tmp_path, "inspect", f"docker-archive:{archive}")
     assert inspected["Architecture"] == "amd64"
     assert inspected["Layers"] == [built.diff_id]
 
@@ -309,10 +301,10 @@ def test_docker_archive_read_by_skopeo(tmp_path: Path) -> None:
     assert "sha256:" + hashlib.sha256(inner).hexdigest() == built.diff_id
     assert_container_disk(inner, "rhel.qcow2", disk.read_bytes())
 
-    by_name = skopeo_json("inspect", f"docker-archive:{archive}:example.com/vm/rhel:9")  # found by its RepoTag
+    by_name = skopeo_json(tmp_path, "inspect", f"docker-archive:{archive}:example.com/vm/rhel:9")  # by its RepoTag
     assert by_name["Digest"] == inspected["Digest"]
     copied = tmp_path / "copied.oci"
-    skopeo("copy", f"docker-archive:{archive}", f"oci:{copied}:9")
+    skopeo(tmp_path, "copy", f"docker-archive:{archive}", f"oci:{copied}:9")
     layout = read_layout(copied)  # a layout skopeo wrote: the reader is general
     manifest_json, _, config = image_of(layout, "9")
     assert config["rootfs"]["diff_ids"] == [built.diff_id]
@@ -330,7 +322,7 @@ def test_layout_and_archive_together(tmp_path: Path) -> None:
     assert image.layer is not None and image.archive is not None
     assert image.layer.diff_id == image.archive.diff_id  # the same tar in both
     assert image.config is not None and image.config.digest == image.archive.config_digest
-    assert skopeo_json("inspect", f"docker-archive:{tmp_path / 'a.tar'}")["Layers"] == [image.archive.diff_id]
+    assert skopeo_json(tmp_path, "inspect", f"docker-archive:{tmp_path / 'a.tar'}")["Layers"] == [image.archive.diff_id]
 
 
 # --- several architectures ----------------------------------------------------------------------------------------
@@ -347,13 +339,13 @@ def test_multi_arch_index(tmp_path: Path) -> None:
     index_json = json.loads((out / "index.json").read_text())
     [entry] = index_json["manifests"]
     assert entry["mediaType"] == OCI_INDEX and entry["annotations"][ANNOTATION_REF_NAME] == "40"
-    raw = skopeo_json("inspect", "--raw", f"oci:{out}:40")
+    raw = skopeo_json(tmp_path, "inspect", "--raw", f"oci:{out}:40")
     assert raw["mediaType"] == OCI_INDEX
     assert sorted((m["platform"]["architecture"], m["platform"]["os"]) for m in raw["manifests"]) == [
         ("amd64", "linux"), ("arm64", "linux")]
     for arch, disk in (("amd64", amd), ("arm64", arm)):
         layer, _ = check_layout_image(out, "40", disk.name, disk, "zstd", arch=arch)
-        inspected = skopeo_json("inspect", "--override-arch", arch, f"oci:{out}:40")
+        inspected = skopeo_json(tmp_path, "inspect", "--override-arch", arch, f"oci:{out}:40")
         assert inspected["Architecture"] == arch and inspected["Layers"] == [layer.digest]
     layout = read_layout(out)
     walked = list(layout.walk(layout.resolve("40")))
@@ -421,7 +413,7 @@ def test_sparse_9_gib_disk(tmp_path: Path) -> None:
             assert content.read(len(expected)) == expected
     listed = run(require_tool("tar"), "--numeric-owner", "-tvf", blob).stdout
     assert str(9 * GiB) in listed and "disk/big.raw" in listed
-    assert skopeo_json("inspect", f"oci:{out}")["Layers"] == [layer.descriptor.digest]
+    assert skopeo_json(tmp_path, "inspect", f"oci:{out}")["Layers"] == [layer.descriptor.digest]
 
 
 # --- refusals, warnings, conversion -------------------------------------------------------------------------------

@@ -19,11 +19,10 @@ from diskport.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_js
 from diskport.oci.pull import open_registry_disk
 from diskport.oci.registry import RegistryClient, RegistryOptions
 from diskport.sources.http import HttpOptions
-from tests.oci.test_registry import TOKEN_PASSWORD, TOKEN_USER, skopeo
 from tests.support import MiB
-from tests.support.clients import run_cli
+from tests.support.clients import run_cli, skopeo, skopeo_json
 from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
-from tests.support.registry import RegistryFaultProxy, RegistryServer, Rule
+from tests.support.registry import TOKEN_PASSWORD, TOKEN_USER, RegistryFaultProxy, RegistryServer, Rule
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def test_build_push_pull_round_trip(registry: RegistryServer, disk: tuple[Path, 
     assert list(tmp_path.glob(".diskport-*")) == [] and not (tmp_path / "vm.oci").exists(), "temp layout removed"
 
     # an independent client reads it: one layer holding disk/ and disk/vm.qcow2, 107:107, 0555/0444
-    inspected = json.loads(skopeo(tmp_path, "inspect", "--tls-verify=false", f"docker://{ref}").stdout)
+    inspected = skopeo_json(tmp_path, "inspect", "--tls-verify=false", f"docker://{ref}")
     assert len(inspected["Layers"]) == 1 and inspected["Os"] == "linux"
     copied = tmp_path / "copied"
     skopeo(tmp_path, "copy", "--src-tls-verify=false", f"docker://{ref}", f"dir:{copied}")
@@ -87,7 +86,7 @@ def test_platforms_of_an_index(registry: RegistryServer, tmp_path: Path) -> None
     proc = run_cli("build", "--disk", f"amd64={amd}", "--disk", f"arm64={arm}", "-t", ref, "--push",
                    "--compression", "zstd")
     assert proc.returncode == 0, proc.stderr
-    raw = json.loads(skopeo(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").stdout)
+    raw = skopeo_json(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}")
     assert sorted(m["platform"]["architecture"] for m in raw["manifests"]) == ["amd64", "arm64"]
     out = pvc_dir(tmp_path) / "arm.raw"
     assert run_cli("pull", "--platform", "linux/arm64", ref, out).returncode == 0
@@ -176,7 +175,7 @@ def test_corrupted_layer_in_the_registry_leaves_nothing(registry: RegistryServer
     raw = make_image(tmp_path, "raw", 6 * MiB, name="vm.img")
     ref = f"{registry.name}/cd/rot:v1"
     assert run_cli("build", raw, "-t", ref, "--push", "--compression", "zstd").returncode == 0
-    inspected = json.loads(skopeo(tmp_path, "inspect", "--tls-verify=false", f"docker://{ref}").stdout)
+    inspected = skopeo_json(tmp_path, "inspect", "--tls-verify=false", f"docker://{ref}")
     hexdigest = inspected["Layers"][0].removeprefix("sha256:")
     data = registry.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
     blob = bytearray(data.read_bytes())
@@ -205,7 +204,7 @@ def test_cli_outputs_name_the_image(disk: tuple[Path, str], tmp_path: Path) -> N
         member = tar.extractfile("manifest.json")
         assert member is not None
         assert json.loads(member.read())[0]["RepoTags"] == ["vms/vm:1"]
-    assert json.loads(skopeo(tmp_path, "inspect", f"docker-archive:{archive}").stdout)["Architecture"]
+    assert skopeo_json(tmp_path, "inspect", f"docker-archive:{archive}")["Architecture"]
     usage = run_cli("build", image, "--push")
     assert usage.returncode == 2 and "--push needs -t" in usage.stderr
 

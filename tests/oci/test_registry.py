@@ -14,7 +14,6 @@ import os
 import random
 import re
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -54,14 +53,13 @@ from diskport.oci.reference import Reference, parse_reference
 from diskport.oci.registry import MAX_ANSWER, RegistryClient, RegistryOptions, UploadResult
 from diskport.sources.http import HttpOptions, HttpSource
 from tests.support import MiB
-from tests.support.clients import require_tool, run
+from tests.support.clients import skopeo, skopeo_json
 from tests.support.images import sha256_file
-from tests.support.registry import RegistryFaultProxy, RegistryServer, Rule
+from tests.support.registry import TOKEN_PASSWORD, TOKEN_USER, RegistryFaultProxy, RegistryServer, Rule
 from tests.support.servers import FaultServer, NginxServer, ProxyServer
 
 FAST: dict[str, Any] = dict(retries=4, backoff=0.05, max_backoff=0.5, retry_time=30.0, timeout=20.0,
                             connect_timeout=5.0)
-TOKEN_USER, TOKEN_PASSWORD = "alice", "s3cret-token"
 
 
 def options(**kw: Any) -> RegistryOptions:
@@ -118,18 +116,6 @@ def push_image(client: RegistryClient, folder: Path, layer: Blob, tag: str = "v1
     digest = client.put_manifest(tag, manifest, DOCKER_MANIFEST if docker else OCI_MANIFEST)
     assert digest == sha256_digest(manifest)
     return Pushed(layer, config, manifest, digest)
-
-
-def skopeo(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """skopeo with a private HOME and auth file (nothing of the user's is read)."""
-    home = tmp_path / "skopeo-home"
-    (home / "run").mkdir(parents=True, exist_ok=True)
-    auth = home / "auth.json"
-    if not auth.exists():
-        auth.write_text("{}")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"),
-           "REGISTRY_AUTH_FILE": str(auth), "TMPDIR": str(home)}
-    return run(require_tool("skopeo"), "--insecure-policy", *args, check=check, env=env)
 
 
 def cert_dir(tmp_path: Path, ca: Path) -> Path:
@@ -435,8 +421,8 @@ def test_push_is_seen_by_skopeo(registry: RegistryServer, tmp_path: Path) -> Non
         assert client.base_url == f"http://{registry.name}"  # https found no TLS: plain http on loopback
         assert client.blob_exists(layer.digest) == layer.size
         assert client.blob_exists("sha256:" + "0" * 64) is None
-    inspected = json.loads(skopeo(tmp_path, "inspect", "--tls-verify=false",
-                                  f"docker://{registry.name}/containerdisks/demo:v1").stdout)
+    inspected = skopeo_json(tmp_path, "inspect", "--tls-verify=false",
+                            f"docker://{registry.name}/containerdisks/demo:v1")
     assert inspected["Digest"] == pushed.digest
     assert inspected["Layers"] == [layer.digest]
     raw = skopeo(tmp_path, "inspect", "--raw", "--tls-verify=false", f"docker://{registry.name}/containerdisks/demo:v1")
@@ -932,8 +918,8 @@ def test_manifests_of_all_four_types(registry: RegistryServer, tmp_path: Path) -
         assert client.get_blob(oci.config.digest) == oci.config.data
         with pytest.raises(RegistryError, match="more than the 100 allowed"):
             client.get_blob(oci.config.digest, limit=100)
-    inspected = json.loads(skopeo(tmp_path, "inspect", "--raw", "--tls-verify=false",
-                                  f"docker://{registry.name}/many/types:list").stdout)
+    inspected = skopeo_json(tmp_path, "inspect", "--raw", "--tls-verify=false",
+                            f"docker://{registry.name}/many/types:list")
     assert inspected["manifests"][0]["digest"] == docker.digest
 
 

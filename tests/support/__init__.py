@@ -1,7 +1,7 @@
 """What the tests share, in one package: nothing here is a test, and no test module imports another.
 
 - ``clients``: the command-line tools the tests drive or ask as oracles (``run``, ``require_tool``,
-  ``qemu_img``, ``qemu_io``) and ``run_cli`` for diskport itself.
+  ``qemu_img``, ``qemu_io``, ``skopeo``, ``umoci``) and ``run_cli`` for diskport itself.
 - ``images``: image builders and checks (``make_image``, ``write_pattern_raw``, the qemu-img oracle's sha256,
   ``BytesSource``, ``mutate`` for fuzz loops, the extent-contract check).
 - ``servers``: nginx, plain HTTP, TLS (a test CA), fault-injecting and proxy servers on loopback, with fixtures.

@@ -1,15 +1,18 @@
-"""The tools the tests drive: qemu-img/qemu-io (the oracle) and diskport's own command line, run as a user would.
+"""The tools the tests drive: qemu-img/qemu-io (the oracle), skopeo and umoci (independent OCI clients), and
+diskport's own command line, run as a user would.
 
 A missing tool is a test failure, never a skip: ``make test`` installs them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +45,24 @@ def qemu_io(image: Path, fmt: str, *commands: str) -> None:
 def run_cli(*args: str | os.PathLike[str], check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run the ``diskport`` command line in a subprocess, as a user would."""
     return run(sys.executable, "-m", "diskport", *args, check=check, **kw)
+
+
+def skopeo(tmp_path: Path, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """skopeo with a private HOME and auth file under ``tmp_path`` (nothing of the user's is read)."""
+    home = tmp_path / "skopeo-home"
+    (home / "run").mkdir(parents=True, exist_ok=True)
+    auth = home / "auth.json"
+    if not auth.exists():
+        auth.write_text("{}")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"),
+           "REGISTRY_AUTH_FILE": str(auth), "TMPDIR": str(home)}
+    return run(require_tool("skopeo"), "--insecure-policy", *args, check=check, env=env)
+
+
+def skopeo_json(tmp_path: Path, *args: str | os.PathLike[str]) -> Any:
+    """What ``skopeo`` prints, parsed as JSON (``inspect`` and friends)."""
+    return json.loads(skopeo(tmp_path, *args).stdout)
+
+
+def umoci(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return run(require_tool("umoci"), *args)

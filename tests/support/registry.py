@@ -69,6 +69,7 @@ from tests.support.servers import (
 )
 
 REGISTRY_BINARY = "docker-registry"
+TOKEN_USER, TOKEN_PASSWORD = "alice", "s3cret-token"  # the token server's one user, unless told otherwise
 TOKEN_LEEWAY = 60                 # seconds distribution 2.8 accepts a token past its exp (and before its nbf)
 CHUNK = 64 * 1024
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -252,7 +253,7 @@ class TokenServer(_ThreadedServer):
         self.signer = signer
         self.service = service
         self.issuer = issuer
-        self.users = dict(users if users is not None else {"alice": "s3cret-token"})
+        self.users = dict(users if users is not None else {TOKEN_USER: TOKEN_PASSWORD})
         self.refresh_tokens: dict[str, str] = {}
         self.anonymous = True
         self.denied_actions: set[str] = set()
