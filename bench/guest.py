@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk  # noqa: E402
+from tests.guest.linux_disks import gpt_linux_disk, mbr_linux_disk  # noqa: E402
 from tests.guest.windows.disks import windows_disk  # noqa: E402
 from tests.support.servers import NginxServer  # noqa: E402
 

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 from diskport.guest import inspect_guest
-from tests.guest.filesystems.btrfs_images import btrfs, mkfs_btrfs, mounted
+from tests.guest.filesystems.btrfs_images import btrfs, mkfs_btrfs, mounted, open_btrfs
 from tests.guest.filesystems.images import mkfs_ext
-from tests.guest.filesystems.test_btrfs import open_btrfs
 from tests.guest.initramfs_images import initramfs
+from tests.guest.linux_disks import KERNEL, linux_tree, put
 from tests.guest.support import blank, sfdisk
-from tests.guest.test_inspect import KERNEL, linux_tree, put
 
 MiB = 1024 * 1024
 

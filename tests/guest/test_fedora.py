@@ -16,8 +16,8 @@ from diskport.guest import inspect_guest
 from tests.guest.filesystems.btrfs_images import btrfs, mkfs_btrfs, mounted
 from tests.guest.filesystems.images import blkid, mkfs_ext, mkfs_fat, mtools
 from tests.guest.initramfs_images import initramfs
+from tests.guest.linux_disks import efi_loader, put
 from tests.guest.support import blank, convert, sgdisk
-from tests.guest.test_inspect import efi_loader, put
 from tests.support.clients import run_cli
 
 MiB = 1024 * 1024

@@ -14,8 +14,8 @@ from diskport.guest import inspect_guest
 from diskport.guest.render import render_guest
 from tests.guest.filesystems.images import mkfs_fat, mtools
 from tests.guest.filesystems.xfs_images import mkfs_xfs
+from tests.guest.linux_disks import efi_loader
 from tests.guest.support import blank, convert, patch, sgdisk
-from tests.guest.test_inspect import efi_loader
 from tests.guest.volumes.lvm_images import lvm, pv_files, segments, vg_name, write_linear_lv
 from tests.support.clients import require_tool, run
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diskport.guest import inspect_guest
 from diskport.guest.facts import LABEL_PREFIX
-from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
+from tests.guest.linux_disks import gpt_linux_disk, mbr_linux_disk
 from tests.guest.support import convert
 from tests.support.clients import require_tool, run, run_cli, skopeo_json
 from tests.support.registry import RegistryServer

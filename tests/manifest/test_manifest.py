@@ -18,8 +18,8 @@ import yaml
 from diskport.guest import inspect_guest
 from diskport.manifest import TARGETS
 from tests.guest.filesystems.images import mtools
+from tests.guest.linux_disks import gpt_linux_disk, mbr_linux_disk
 from tests.guest.support import convert, patch
-from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk
 from tests.guest.windows.disks import WindowsLayout, windows_disk
 from tests.manifest.checks import check_cpln, check_kubevirt, comments_before, data_volume, quantity_bytes
 from tests.support.clients import require_tool, run, run_cli

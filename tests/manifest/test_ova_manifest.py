@@ -14,8 +14,8 @@ import yaml
 
 from diskport.guest import inspect_guest
 from tests.guest.filesystems.images import mkfs_ext
+from tests.guest.linux_disks import gpt_linux_disk, mbr_linux_disk, put
 from tests.guest.support import blank, convert, sgdisk
-from tests.guest.test_inspect import gpt_linux_disk, mbr_linux_disk, put
 from tests.manifest.checks import check_cpln, check_kubevirt, comments_before
 from tests.ova.build import Disk, Vm, make_ova
 from tests.support import MiB

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from diskport.errors import CorruptImage, DiskportError, SourceError, UnsafeImage, UnsupportedImage, UsageError
 from diskport.oci import layer as layer_mod
@@ -28,7 +27,7 @@ from diskport.oci.build import (
     source_date_epoch,
 )
 from diskport.oci.layer import check_disk_name, layer_header, tar_size, write_layer, write_tar
-from diskport.oci.layout import Layout, read_layout
+from diskport.oci.layout import read_layout
 from diskport.oci.media import (
     ANNOTATION_CREATED,
     ANNOTATION_REF_NAME,
@@ -47,6 +46,7 @@ from diskport.writers import RawWriter
 from tests.support import MiB
 from tests.support.clients import qemu_img, require_tool, run, run_cli, skopeo, skopeo_json, umoci
 from tests.support.images import make_image, qemu_raw_sha256, sha256_file
+from tests.support.oci import decompress, image_of, layer_tar
 
 GiB = 1024 * MiB
 MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
@@ -55,21 +55,6 @@ MEDIA = {"none": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
 @pytest.fixture(autouse=True)
 def _no_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-
-
-def decompress(data: bytes, media_type: str) -> bytes:
-    if media_type.endswith("+gzip") or data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if media_type.endswith("+zstd") or data[:4] == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    return data
-
-
-def layer_tar(layout: Layout, layer: Descriptor) -> bytes:
-    path = layout.check_blob(layer)
-    blob = Path(path).read_bytes()
-    assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer.digest
-    return decompress(blob, layer.media_type)
 
 
 def assert_container_disk(tar_bytes: bytes, name: str, disk: bytes, mtime: int = 0) -> None:
@@ -86,18 +71,6 @@ def assert_container_disk(tar_bytes: bytes, name: str, disk: bytes, mtime: int =
         extracted = tf.extractfile(file)
         assert extracted is not None
         assert extracted.read() == disk
-
-
-def image_of(layout: Layout, tag: str | None, arch: str | None = None) -> tuple[dict[str, Any], Descriptor, Any]:
-    """(manifest JSON, its descriptor, config JSON) of ``tag`` (and ``arch`` inside an index)."""
-    desc = layout.resolve(tag)
-    if desc.media_type == OCI_INDEX:
-        index = layout.read_json_blob(desc.digest, size=desc.size)
-        entries = [Descriptor.from_json(m) for m in index["manifests"]]
-        desc = next(d for d in entries if d.platform and d.platform["architecture"] == arch)
-    manifest = layout.read_json_blob(desc.digest, size=desc.size)
-    config_desc = Descriptor.from_json(manifest["config"])
-    return manifest, desc, layout.read_json_blob(config_desc.digest, size=config_desc.size)
 
 
 def check_layout_image(out: Path, tag: str | None, name: str, disk: Path, compression: str, *,

@@ -21,11 +21,11 @@ from diskport.oci.layout import read_layout
 from diskport.oci.media import Descriptor
 from diskport.ova import OvaChoice
 from diskport.sources.http import HttpOptions
-from tests.oci.test_build import image_of, layer_tar
 from tests.ova.build import Disk, Vm, make_ova, manifest, vmware_ovf, write_tar
 from tests.support import MiB
 from tests.support.clients import require_tool, run, run_cli
 from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
+from tests.support.oci import image_of, layer_tar
 from tests.support.servers import NginxServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)

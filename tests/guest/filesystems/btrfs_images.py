@@ -19,8 +19,11 @@ from typing import Any
 
 import google_crc32c
 
+from diskport.guest.filesystems import identify, open_filesystem
 from diskport.guest.filesystems.base import Filesystem
+from diskport.guest.filesystems.btrfs import BtrfsFilesystem
 from tests.guest.filesystems.images import sha256
+from tests.guest.support import view_of
 from tests.support.clients import require_tool, run
 
 MiB = 1024 * 1024
@@ -118,3 +121,12 @@ def fs_tree(fs: Filesystem[Any], path: str = "/", limit: int = 1 << 30) -> dict[
             assert data is not None and len(data) == st.size, full
             out[full] = ("file", sha256(data))
     return out
+
+
+def open_btrfs(path: Path) -> Iterator[BtrfsFilesystem]:
+    with view_of(path) as view:
+        info = identify(view)
+        assert info is not None and info.type == "btrfs", info
+        fs = open_filesystem(view, info)
+        assert isinstance(fs, BtrfsFilesystem)
+        yield fs

@@ -13,6 +13,7 @@ import random
 import subprocess
 from pathlib import Path
 
+from diskport.guest.filesystems.base import Filesystem
 from tests.support.clients import require_tool, run
 
 KiB = 1024
@@ -210,4 +211,35 @@ def mdir_paths(image: Path) -> set[str]:
             path = line[2:].rstrip("/")
             if path and not path.endswith(("/.", "/..")):
                 out.add(path)
+    return out
+
+
+def walk(fs: Filesystem[object], path: str = "/", out: dict[str, tuple[str, str]] | None = None,
+         limit: int = 1 << 30) -> dict[str, tuple[str, str]]:
+    """``path -> (kind, sha256 or link target)`` of everything under ``path``, through the node operations
+    (a path lookup per file would rescan a directory of thousands for each of its entries)."""
+    out = {} if out is None else out
+    start = fs.lookup(path)
+    assert start is not None
+    todo: list[tuple[str, object]] = [(path.rstrip("/"), start)]
+    seen = {start}      # a damaged tree can link a directory into itself: a walker cuts the cycle
+    while todo:
+        where, node = todo.pop()
+        for name, child in fs.entries(node):
+            full = f"{where}/{name}"
+            if full == "/lost+found":
+                continue
+            st = fs.stat_node(child)
+            if st.kind == "dir":
+                out[full] = ("dir", "")
+                if child not in seen:
+                    seen.add(child)
+                    todo.append((full, child))
+            elif st.kind == "symlink":
+                out[full] = ("symlink", fs.readlink_node(child))
+            else:
+                handle = fs.open_node(child)
+                data = handle.pread(0, min(limit, handle.size))
+                assert len(data) == min(limit, st.size), full
+                out[full] = ("file", sha256(data))
     return out

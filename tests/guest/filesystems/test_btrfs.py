@@ -7,7 +7,6 @@ import os
 import random
 import re
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,14 @@ import pytest
 
 from diskport.errors import CorruptImage, DiskportError, UnsupportedImage
 from diskport.guest.filesystems import identify, open_filesystem
-from diskport.guest.filesystems.btrfs import BtrfsFilesystem, name_hash
+from diskport.guest.filesystems.btrfs import name_hash
 from tests.guest.filesystems.btrfs_images import (
     btrfs,
     dump_tree,
     fs_tree,
     mkfs_btrfs,
     mounted,
+    open_btrfs,
     patch_tree_block,
     physical,
     remount,
@@ -31,15 +31,6 @@ from tests.guest.filesystems.images import blkid, make_tree, tree_of
 from tests.guest.support import patch, view_of
 
 MiB = 1024 * 1024
-
-
-def open_btrfs(path: Path) -> Iterator[BtrfsFilesystem]:
-    with view_of(path) as view:
-        info = identify(view)
-        assert info is not None and info.type == "btrfs", info
-        fs = open_filesystem(view, info)
-        assert isinstance(fs, BtrfsFilesystem)
-        yield fs
 
 
 def small_tree(root: Path) -> Path:

@@ -25,8 +25,8 @@ from tests.guest.filesystems.images import (
     debugfs_rdump,
     make_tree,
     mkfs_ext,
-    sha256,
     tree_of,
+    walk,
 )
 from tests.support import TESTDATA
 from tests.support.clients import qemu_img
@@ -57,37 +57,6 @@ def ext_image(request: pytest.FixtureRequest, tree: Path, tmp_path_factory: pyte
     tool, options = VARIANTS[request.param]
     size = "400M" if "65536" in options else "96M"     # 3000 small files take a 64 KiB block each
     return mkfs_ext(tmp_path_factory.mktemp(request.param) / "fs.img", tree, tool, size, options)
-
-
-def walk(fs: Filesystem[object], path: str = "/", out: dict[str, tuple[str, str]] | None = None,
-         limit: int = 1 << 30) -> dict[str, tuple[str, str]]:
-    """``path -> (kind, sha256 or link target)`` of everything under ``path``, through the node operations
-    (a path lookup per file would rescan a directory of thousands for each of its entries)."""
-    out = {} if out is None else out
-    start = fs.lookup(path)
-    assert start is not None
-    todo: list[tuple[str, object]] = [(path.rstrip("/"), start)]
-    seen = {start}      # a damaged tree can link a directory into itself: a walker cuts the cycle
-    while todo:
-        where, node = todo.pop()
-        for name, child in fs.entries(node):
-            full = f"{where}/{name}"
-            if full == "/lost+found":
-                continue
-            st = fs.stat_node(child)
-            if st.kind == "dir":
-                out[full] = ("dir", "")
-                if child not in seen:
-                    seen.add(child)
-                    todo.append((full, child))
-            elif st.kind == "symlink":
-                out[full] = ("symlink", fs.readlink_node(child))
-            else:
-                handle = fs.open_node(child)
-                data = handle.pread(0, min(limit, handle.size))
-                assert len(data) == min(limit, st.size), full
-                out[full] = ("file", sha256(data))
-    return out
 
 
 def open_fs(image: Path) -> tuple[GuestView, Filesystem[object]]:

@@ -21,8 +21,7 @@ from diskport.guest.filesystems import FILESYSTEMS, Filesystem, identify, open_f
 from diskport.guest.filesystems.base import MAX_DEPTH
 from diskport.guest.filesystems.xfs import XfsFilesystem
 from diskport.guest.view import GuestView
-from tests.guest.filesystems.images import blkid, sha256, tree_of
-from tests.guest.filesystems.test_ext import walk
+from tests.guest.filesystems.images import blkid, sha256, tree_of, walk
 from tests.guest.filesystems.xfs_images import (
     bmap_offsets,
     fork_format,

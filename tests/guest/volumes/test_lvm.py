@@ -17,8 +17,7 @@ from diskport.guest.filesystems import identify, open_filesystem
 from diskport.guest.view import GuestView
 from diskport.guest.volumes.lvm import VolumeGroup, assemble, find_pv, open_lv, parse_vg
 from diskport.guest.volumes.lvm_config import MAX_DEPTH, MAX_NODES, parse_config
-from tests.guest.filesystems.images import mkfs_ext, tree_of
-from tests.guest.filesystems.test_ext import walk
+from tests.guest.filesystems.images import mkfs_ext, tree_of, walk
 from tests.guest.support import blank, patch, sgdisk
 from tests.guest.volumes.lvm_images import (
     add_lvs,

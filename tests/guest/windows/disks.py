@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tests.guest.filesystems.images import mkfs_fat, mtools
 from tests.guest.filesystems.ntfs_images import build_ntfs_volume
+from tests.guest.linux_disks import efi_loader
 from tests.guest.support import blank, patch, sgdisk
-from tests.guest.test_inspect import efi_loader
 from tests.guest.windows import hives
 from tests.support.clients import require_tool, run
 
