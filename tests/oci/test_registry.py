@@ -2,8 +2,7 @@
 
 docker-registry (distribution 2.8) is the server, skopeo the independent client that checks what was pushed, and
 the fault proxy of tests/support/registry.py makes the network and the registry misbehave on cue. Reference
-parsing, challenge parsing and credential lookup are checked on their own, with real files and real
-credential-helper programs the tests write.
+parsing is checked on its own; challenge parsing and credential lookup are in tests/oci/test_auth.py.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import json
 import os
 import random
 import re
-import stat
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,11 +27,7 @@ from diskport.errors import RegistryError, SourceError, UsageError
 from diskport.oci.auth import (
     Credentials,
     RegistryAuth,
-    auth_files,
-    parse_challenges,
-    parse_creds,
     repository_scope,
-    resolve_credentials,
 )
 from diskport.oci.media import (
     DOCKER_CONFIG,
@@ -55,6 +48,7 @@ from diskport.sources.http import HttpOptions, HttpSource
 from tests.support import MiB
 from tests.support.clients import skopeo, skopeo_json
 from tests.support.images import sha256_file
+from tests.support.oci import b64, write_helper, write_json
 from tests.support.registry import TOKEN_PASSWORD, TOKEN_USER, RegistryFaultProxy, RegistryServer, Rule
 from tests.support.servers import FaultServer, NginxServer, ProxyServer
 
@@ -228,182 +222,6 @@ def test_plain_http_only_for_loopback() -> None:
     assert (ref.tag, ref.digest) == (None, "sha256:" + "c" * 64)
     with pytest.raises(UsageError):
         ref.with_reference("not a tag")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Challenges, credentials, helpers
-# ---------------------------------------------------------------------------------------------------------
-
-def test_parse_challenges() -> None:
-    value = ('Bearer realm="https://auth.example.com/token",service="registry.example.com",'
-             'scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope", '
-             'Basic realm="quoted \\"name\\", with comma"')
-    bearer, basic = parse_challenges(value)
-    assert bearer.scheme == "bearer"
-    assert bearer.params == {"realm": "https://auth.example.com/token", "service": "registry.example.com",
-                             "scope": "repository:a/b:pull,push repository:c:pull", "error": "insufficient_scope"}
-    assert basic.scheme == "basic" and basic.params == {"realm": 'quoted "name", with comma'}
-    assert [c.scheme for c in parse_challenges("Basic")] == ["basic"]
-    assert parse_challenges("Bearer realm=unquoted,service=svc")[0].params == {"realm": "unquoted",
-                                                                                "service": "svc"}
-
-
-def test_scopes_merge_per_repository() -> None:
-    auth = RegistryAuth("127.0.0.1:5000")
-    auth.add_scopes("repository:a/b:pull", "repository:a/b:push,pull", "repository:c:pull repository:a/b:pull")
-    assert auth.scopes == ("repository:a/b:pull,push", "repository:c:pull")
-    assert auth.covers(httpx.URL("http://127.0.0.1:5000/v2/"))
-    assert not auth.covers(httpx.URL("http://127.0.0.1:5001/v2/"))
-    assert not auth.covers(httpx.URL("http://localhost:5000/v2/"))
-    hub = RegistryAuth("registry-1.docker.io")
-    assert hub.covers(httpx.URL("https://registry-1.docker.io/v2/"))
-    assert not hub.covers(httpx.URL("http://registry-1.docker.io/v2/"))  # never credentials over plain http
-    assert not hub.covers(httpx.URL("https://registry-1.docker.io:8443/v2/"))
-
-
-def write_json(path: Path, obj: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
-
-
-def b64(text: str) -> str:
-    import base64
-
-    return base64.b64encode(text.encode()).decode()
-
-
-def test_credentials_order_and_keys(tmp_path: Path) -> None:
-    home = tmp_path / "h"
-    docker_default = write_json(home / ".docker" / "config.json", {"auths": {
-        "https://index.docker.io/v1/": {"auth": b64("hubuser:hubpass")},
-        "quay.io": {"auth": b64("home:quay")},
-        "http://reg.example:5000/v2/": {"auth": b64("old:style")},
-        "reg.example:6000": {"username": "plain", "password": "fields"},
-        "empty.example": {},
-    }})
-    env = {"HOME": str(home), "PATH": os.defpath}
-    assert auth_files(env) == [docker_default]
-    hub = resolve_credentials(parse_reference("alpine"), environ=env)
-    assert hub is not None and (hub.username, hub.password) == ("hubuser", "hubpass")
-    assert hub.source.startswith(str(docker_default))
-    found = resolve_credentials("reg.example:5000", environ=env)
-    assert found is not None and (found.username, found.password) == ("old", "style")
-    found = resolve_credentials("reg.example:6000", environ=env)
-    assert found is not None and (found.username, found.password) == ("plain", "fields")
-    assert resolve_credentials("empty.example", environ=env) is None
-    assert resolve_credentials("other.example", environ=env) is None
-
-    # podman's file (XDG_RUNTIME_DIR) comes before ~/.docker; its namespace keys match the longest path
-    run_dir = tmp_path / "run"
-    write_json(run_dir / "containers" / "auth.json", {"auths": {
-        "quay.io": {"auth": b64("podman:any")},
-        "quay.io/team": {"auth": b64("podman:team")},
-        "quay.io/team/special": {"auth": b64("podman:special")},
-        "docker.io": {"auth": b64("podman:hub")},
-    }})
-    env["XDG_RUNTIME_DIR"] = str(run_dir)
-    pick = {t: resolve_credentials(parse_reference(t), environ=env) for t in (
-        "quay.io/other/x", "quay.io/team/x", "quay.io/team/special", "quay.io/team/specialist", "alpine")}
-    assert {t: c.password for t, c in pick.items() if c} == {
-        "quay.io/other/x": "any", "quay.io/team/x": "team", "quay.io/team/special": "special",
-        "quay.io/team/specialist": "team", "alpine": "hub"}
-
-    # DOCKER_CONFIG replaces ~/.docker and comes before XDG_RUNTIME_DIR; REGISTRY_AUTH_FILE before everything
-    write_json(tmp_path / "dc" / "config.json", {"auths": {"quay.io": {"auth": b64("dockerconfig:x")}}})
-    env["DOCKER_CONFIG"] = str(tmp_path / "dc")
-    write_json(tmp_path / "raf.json", {"auths": {"quay.io/team": {"auth": b64("raf:x")}}})
-    env["REGISTRY_AUTH_FILE"] = str(tmp_path / "raf.json")
-    assert auth_files(env) == [tmp_path / "raf.json", tmp_path / "dc" / "config.json",
-                               run_dir / "containers" / "auth.json"]
-    users = {t: getattr(resolve_credentials(parse_reference(t), environ=env), "username", None)
-             for t in ("quay.io/team/x", "quay.io/other/x", "alpine")}
-    assert users == {"quay.io/team/x": "raf", "quay.io/other/x": "dockerconfig", "alpine": "podman"}
-
-    # the environment beats the files, --creds beats everything
-    env |= {"DISKPORT_USERNAME": "envuser", "DISKPORT_PASSWORD": "env:pass"}
-    from_env = resolve_credentials("quay.io", environ=env)
-    assert from_env is not None and (from_env.username, from_env.password) == ("envuser", "env:pass")
-    explicit = resolve_credentials("quay.io", creds="me:pa:ss", environ=env)
-    assert explicit is not None and (explicit.username, explicit.password, explicit.source) == ("me", "pa:ss",
-                                                                                                 "--creds")
-    with pytest.raises(UsageError, match="USER:PASSWORD"):
-        parse_creds("no-colon")
-    assert "pa:ss" not in repr(explicit)  # secrets stay out of reprs and logs
-
-
-def test_credentials_identity_token_and_bad_files(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "c" / "config.json", {"auths": {
-        "reg.example": {"auth": b64("alice:"), "identitytoken": "refresh-me"},
-        "bad.example": {"auth": "%%%not base64%%%"},
-    }})
-    env = {"DOCKER_CONFIG": str(path.parent), "PATH": os.defpath}
-    found = resolve_credentials("reg.example", environ=env)
-    assert found is not None and (found.username, found.identity_token) == ("alice", "refresh-me")
-    with pytest.raises(RegistryError, match="not base64") as err:
-        resolve_credentials("bad.example", environ=env)
-    assert str(path) in str(err.value)
-    path.write_text("{not json")
-    with pytest.raises(RegistryError, match="not valid JSON"):
-        resolve_credentials("reg.example", environ=env)
-
-
-def write_helper(bin_dir: Path, name: str, answers: dict[str, tuple[str, str]], log: Path) -> Path:
-    """A real ``docker-credential-<name>`` program: logs the server URL it is asked for, answers from ``answers``
-    or says "credentials not found" (exit 1), as docker's helpers do."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    path = bin_dir / f"docker-credential-{name}"
-    path.write_text(f"""#!{sys.executable}
-import json, sys
-if sys.argv[1:] != ["get"]:
-    sys.exit(2)
-server = sys.stdin.read().strip()
-with open({str(log)!r}, "a") as f:
-    f.write(server + "\\n")
-answers = {answers!r}
-if server in answers:
-    user, secret = answers[server]
-    print(json.dumps({{"ServerURL": server, "Username": user, "Secret": secret}}))
-else:
-    print("credentials not found in native keychain")
-    sys.exit(1)
-""")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
-def test_credential_helpers(tmp_path: Path) -> None:
-    log = tmp_path / "helper.log"
-    bin_dir = tmp_path / "bin"
-    write_helper(bin_dir, "test", {"reg.example:5000": ("helper-user", "helper-pass"),
-                                   "https://index.docker.io/v1/": ("<token>", "hub-identity")}, log)
-    write_helper(bin_dir, "store", {"store.example": ("store-user", "store-pass")}, log)
-    config = write_json(tmp_path / "dc" / "config.json", {
-        "credHelpers": {"reg.example:5000": "test", "docker.io": "test", "nothing.example": "test",
-                        "missing.example": "absent"},
-        "credsStore": "store",
-        "auths": {"nothing.example": {"auth": b64("inline:fallback")}},
-    })
-    env = {"DOCKER_CONFIG": str(config.parent), "PATH": f"{bin_dir}{os.pathsep}{os.defpath}"}
-    found = resolve_credentials("reg.example:5000", environ=env)
-    assert found is not None and (found.username, found.password) == ("helper-user", "helper-pass")
-    assert "docker-credential-test" in found.source
-    hub = resolve_credentials(parse_reference("busybox"), environ=env)
-    assert hub is not None and (hub.identity_token, hub.password) == ("hub-identity", "")
-    # the helper has none: the inline entry is next
-    fallback = resolve_credentials("nothing.example", environ=env)
-    assert fallback is not None and fallback.username == "inline"
-    # no credHelpers entry: the credsStore helper
-    stored = resolve_credentials("store.example", environ=env)
-    assert stored is not None and (stored.username, stored.password) == ("store-user", "store-pass")
-    assert resolve_credentials("unknown.example", environ=env) is None
-    assert log.read_text().splitlines() == ["reg.example:5000", "https://index.docker.io/v1/", "nothing.example",
-                                            "store.example", "unknown.example"]
-    with pytest.raises(RegistryError, match="docker-credential-absent is not installed"):
-        resolve_credentials("missing.example", environ=env)
-    # a credsStore helper that is not installed is skipped (docker desktop configs in containers)
-    write_json(config, {"credsStore": "desktop", "auths": {}})
-    assert resolve_credentials("store.example", environ=env) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
