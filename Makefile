@@ -29,6 +29,7 @@ bench: $(STAMP) system-deps
 	$(PY) bench/convert.py
 	$(PY) bench/import.py
 	$(PY) bench/containerdisk.py
+	$(PY) bench/cpu.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

@@ -1,6 +1,7 @@
 """diskport build and push (containerDisk images) against their natural peers, same run, alternating.
 
-    python bench/containerdisk.py [--size-gib 4] [--rounds 3] [--dir bench-out]
+    python bench/containerdisk.py [--size-gib 2] [--rounds 3] [--quick] [--regimes warm,settled]
+                                  [--diskport-arg=ARG] [--markdown] [--dir bench-out]
 
 Makes a qcow2 of about half data (the sample raw image of the other benchmarks, through ``qemu-img convert``),
 then:
@@ -23,7 +24,11 @@ helpers import pytest and cryptography, and a child's peak RSS (wait4) counts wh
 starts, so importing them here would raise every measured peak RSS to about 56 MiB. Even so, every peak RSS has
 a floor of about 27 MiB, this process's own with numpy (bench/common.py).
 
-Prints the ratio of the medians (below 1.0 means diskport is faster) and each one's peak RSS. The layouts and the
+Every case is timed in the warm regime (no pause, the previous output just deleted) and the settled one (sync and
+a pause first), and reported on the wall clock (until the command exits) and the durable one (its output fsynced
+too: the layout for a build, the registry's storage for a push; sha256sum writes nothing, so its clocks are one);
+see bench/common.py. Prints the ratio of the medians (below 1.0 means diskport is faster) and each one's peak
+RSS. ``openssl dgst`` against ``sha256sum`` is timed settled only (neither writes anything). The layouts and the
 registry's storage are removed at the end; the sample images are kept for later runs, as the others do.
 """
 
@@ -45,13 +50,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import DISKPORT, Case, MiB, Timing, alternate, need, sample_images, timed  # noqa: E402
+from common import (  # noqa: E402
+    DISKPORT_EXTRA,
+    Compare,
+    MiB,
+    Run,
+    add_arguments,
+    compare,
+    configure,
+    details,
+    diskport,
+    measure,
+    need,
+    sample_images,
+    table,
+)
 
 GB = 1e9
 
 
-def median(timings: list[Timing]) -> float:
-    return statistics.median(t.seconds for t in timings)
+def median(runs: list[Run]) -> float:
+    return statistics.median(r.wall for r in runs)
 
 
 def rmtree(*paths: Path) -> None:
@@ -142,13 +161,12 @@ def check_uploaded(registry: Registry, repository: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gib", type=float, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=Path("bench-out"))
+    add_arguments(parser)
     parser.add_argument("--serve-registry", type=Path, metavar="PREFIX", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_registry is not None:
         return serve_registry(args.serve_registry)
+    regimes = configure(args)
     qemu_img, skopeo, sha256sum, openssl = need("qemu-img"), need("skopeo"), need("sha256sum"), need("openssl")
     need("docker-registry")
     work: Path = args.dir.resolve()
@@ -157,29 +175,29 @@ def main() -> int:
     out = work / "containerdisk-build.oci"
     layout = work / "containerdisk-push.oci"
     try:
-        return run(args, disk, disk_bytes, out, layout, skopeo, sha256sum, openssl)
+        return run(args, regimes, disk, disk_bytes, out, layout, skopeo, sha256sum, openssl)
     finally:
         rmtree(out, layout)
 
 
-def run(args: argparse.Namespace, disk: Path, disk_bytes: int, out: Path, layout: Path, skopeo: str,
-        sha256sum: str, openssl: str) -> int:
-    build_cases: list[tuple[str, Case]] = []
+def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_bytes: int, out: Path, layout: Path,
+        skopeo: str, sha256sum: str, openssl: str) -> int:
+    build_cases: list[tuple[str, Compare]] = []
     for compression in ("none", "gzip", "zstd"):
         print(f"timing build --compression {compression} vs sha256sum ...", flush=True)
-        build_cases.append((compression, alternate(
-            Case(f"build --compression {compression}"), args.rounds,
-            lambda c=compression: timed([*DISKPORT, "build", "-q", "--compression", c, "--output", out, "--force",
-                                         disk]),
-            lambda: timed([sha256sum, disk]),
-            lambda: rmtree(out))))
+        build_cases.append((compression, compare(
+            Compare(f"build --compression {compression}"), args.rounds,
+            lambda c=compression: measure(diskport("build", "-q", "--compression", c, "--output", out, "--force",
+                                                   disk), [out]),
+            lambda: measure([sha256sum, disk]),
+            lambda: rmtree(out), regimes, prime_peer=False)))
     print("timing openssl dgst -sha256 vs sha256sum ...", flush=True)
-    hashes = alternate(Case("openssl dgst -sha256"), args.rounds, lambda: timed([openssl, "dgst", "-sha256", disk]),
-                       lambda: timed([sha256sum, disk]), lambda: None)
+    hashes = compare(Compare("openssl dgst -sha256"), args.rounds, lambda: measure([openssl, "dgst", "-sha256", disk]),
+                     lambda: measure([sha256sum, disk]), lambda: None, ("settled",))
 
     print("building the layout to push (gzip) ...", flush=True)
     rmtree(layout)
-    timed([*DISKPORT, "build", "-q", "--compression", "gzip", "--output", layout, "-t", "v1", disk])
+    measure(diskport("build", "-q", "--compression", "gzip", "--output", layout, "-t", "v1", disk))
     digests = blob_digests(layout)
     layer_bytes = sum(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
     with tempfile.TemporaryDirectory(dir=out.parent, prefix="containerdisk-registry-") as prefix, \
@@ -194,16 +212,16 @@ def run(args: argparse.Namespace, disk: Path, disk_bytes: int, out: Path, layout
         pushed: list[str] = []
         cleaned: set[str] = set()
 
-        def push_with(tool: str) -> Callable[[], Timing]:
-            def push() -> Timing:
+        def push_with(tool: str) -> Callable[[], Run]:
+            def push() -> Run:
                 repository = f"bench/{tool}-{len(pushed) + 1}"
                 target = f"{registry.name}/{repository}:v1"
                 pushed.append(repository)
                 if tool == "dp":
-                    result = timed([*env, *DISKPORT, "push", "-q", layout, target])
+                    result = measure([*env, *diskport("push", "-q", layout, target)], [registry.storage])
                 else:
-                    result = timed([*env, skopeo, "--insecure-policy", "copy", "--dest-tls-verify=false",
-                                    f"oci:{layout}:v1", f"docker://{target}"])
+                    result = measure([*env, skopeo, "--insecure-policy", "copy", "--dest-tls-verify=false",
+                                      f"oci:{layout}:v1", f"docker://{target}"], [registry.storage])
                 check_uploaded(registry, repository)
                 return result
             return push
@@ -215,7 +233,7 @@ def run(args: argparse.Namespace, disk: Path, disk_bytes: int, out: Path, layout
                     cleaned.add(repository)
 
         # Once, not timed: diskport says it sent the bytes (a fresh repository has none of them).
-        probe = subprocess.run([*env, *DISKPORT, "push", str(layout), f"{registry.name}/bench/dp-probe:v1"],
+        probe = subprocess.run([*env, *map(str, diskport("push", layout, f"{registry.name}/bench/dp-probe:v1"))],
                                capture_output=True, text=True, check=True)
         summary = probe.stderr.strip().splitlines()[-1]
         sent = re.search(r": (.+) sent, (.+) already there", summary)
@@ -223,37 +241,40 @@ def run(args: argparse.Namespace, disk: Path, disk_bytes: int, out: Path, layout
             raise SystemExit(f"diskport push did not send the whole image to a fresh repository: {summary}")
         pushed.append("bench/dp-probe")
         print(f"timing push (layout {layer_bytes / MiB:.0f} MiB) ...", flush=True)
-        push_case = alternate(Case("push (gzip layout)"), args.rounds, push_with("dp"), push_with("sk"),
-                              clean_repositories)
+        push_case = compare(Compare("push (gzip layout)"), args.rounds, push_with("dp"), push_with("sk"),
+                            clean_repositories, regimes)
         storage = sum(f.stat().st_size for f in registry.storage.rglob("*") if f.is_file())
 
-    sha = [t for _, case in build_cases for t in case.peer] + hashes.peer
+    extra = f", diskport {' '.join(DISKPORT_EXTRA)}" if DISKPORT_EXTRA else ""
     print(f"\n{args.size_gib} GiB qcow2 ({disk_bytes / GB:.2f} GB file, about half data), {args.rounds} alternating "
-          "rounds, medians (peer: sha256sum of the disk for builds, skopeo copy for push):")
-    for _, case in build_cases:
-        print(case.row("sha256sum"))
-    o, p = median(hashes.ours), median(hashes.peer)
-    print(f"{hashes.name:<28} openssl  {o:7.2f} s  sha256sum {p:7.2f} s  ratio {o / p:5.2f}x  "
-          f"peak RSS {max(t.peak_rss for t in hashes.ours) / MiB:5.0f} MiB vs "
-          f"{max(t.peak_rss for t in hashes.peer) / MiB:5.0f} MiB\n"
-          f"{'':<28} runs: openssl {' '.join(f'{t.seconds:.2f}' for t in hashes.ours)}; "
-          f"sha256sum {' '.join(f'{t.seconds:.2f}' for t in hashes.peer)}")
-    print(push_case.row("skopeo"))
-    print(f"{'':<28} diskport (untimed probe): {summary}")
-    print(f"\nthroughput, GB/s of the {disk_bytes / GB:.2f} GB disk file (medians):")
+          f"rounds per regime{extra}; medians (peer: sha256sum of the disk for builds, skopeo copy for push):")
+    cases = [case for _, case in build_cases] + [push_case]
+    print(table(cases, "peer", regimes))
+    if args.markdown:
+        print("\n" + table(cases, "peer", regimes, markdown=True))
+    o, p = median(hashes.ours["settled"]), median(hashes.peer["settled"])
+    print(f"{hashes.name:<32} settled  wall    openssl {o:.2f} s, sha256sum {p:.2f} s, ratio {o / p:.2f}x")
+    print("\nruns (wall/durable seconds):")
+    print(details(cases, "peer", regimes))
+    print(f"  {'':<28} diskport (untimed probe): {summary}")
+    first = regimes[-1]  # settled when it was run
+    sha = [r for _, case in build_cases for r in case.peer[first]] + hashes.peer["settled"]
+    print(f"\nthroughput, GB/s of the {disk_bytes / GB:.2f} GB disk file (medians, {first}, wall clock):")
     for compression, case in build_cases:
-        print(f"  build --compression {compression:<5} {disk_bytes / GB / median(case.ours):5.2f} GB/s   "
-              f"{case.ratio():5.2f}x sha256sum's time (same rounds)")
+        print(f"  build --compression {compression:<5} {disk_bytes / GB / median(case.ours[first]):5.2f} GB/s   "
+              f"{case.ratio(first, 'wall'):5.2f}x sha256sum's time (same rounds)")
     print(f"  sha256sum                  {disk_bytes / GB / median(sha):5.2f} GB/s   (all {len(sha)} runs)")
-    print(f"  openssl dgst -sha256       {disk_bytes / GB / median(hashes.ours):5.2f} GB/s")
+    print(f"  openssl dgst -sha256       {disk_bytes / GB / median(hashes.ours['settled']):5.2f} GB/s")
     none_case = build_cases[0][1]
-    print(f"  build --compression none vs openssl dgst: {median(none_case.ours) / median(hashes.ours):.2f}x")
-    print(f"  push: diskport {layer_bytes / GB / median(push_case.ours):.2f} GB/s, skopeo "
-          f"{layer_bytes / GB / median(push_case.peer):.2f} GB/s of the {layer_bytes / GB:.2f} GB layout; "
+    print(f"  build --compression none vs openssl dgst: "
+          f"{median(none_case.ours[first]) / median(hashes.ours['settled']):.2f}x")
+    print(f"  push: diskport {layer_bytes / GB / median(push_case.ours[first]):.2f} GB/s, skopeo "
+          f"{layer_bytes / GB / median(push_case.peer[first]):.2f} GB/s of the {layer_bytes / GB:.2f} GB layout; "
           f"registry storage at the end {storage / GB:.2f} GB")
-    print(f"\ntargets: build(none) <= 1.5x sha256sum: {none_case.ratio():.2f}x "
-          f"{'met' if none_case.ratio() <= 1.5 else 'MISSED'}; push <= 1.0x skopeo: {push_case.ratio():.2f}x "
-          f"{'met' if push_case.ratio() <= 1.0 else 'MISSED'}")
+    for regime in regimes:
+        b, q = none_case.ratio(regime, "wall"), push_case.ratio(regime, "wall")
+        print(f"targets ({regime}, wall): build(none) <= 1.5x sha256sum: {b:.2f}x {'met' if b <= 1.5 else 'MISSED'}; "
+              f"push <= 1.0x skopeo: {q:.2f}x {'met' if q <= 1.0 else 'MISSED'}")
     return 0
 
 

@@ -1,12 +1,16 @@
 """diskport import vs the pipeline a platform importer runs without it (KubeVirt CDI's): download to a scratch
-file with curl, then ``qemu-img convert -O raw``. Same inputs, same run, alternating.
+file with curl, then ``qemu-img convert -O raw``. Same inputs, same run, alternating, in both regimes and clocks.
 
-    python bench/import.py [--size-gib 4] [--rounds 3] [--dir bench-out]
+    python bench/import.py [--size-gib 2] [--rounds 3] [--quick] [--regimes warm,settled]
+                           [--diskport-arg=--cache=none] [--rate-per-connection 200m] [--markdown] [--dir bench-out]
 
 Serves a qcow2 of about half data and its .gz from Debian's nginx on loopback, and the qcow2 again from an
 nginx that caps each connection's rate (``--rate-per-connection``), as CDNs and object stores do. For the .gz
-the pipeline is ``curl | gzip -dc > scratch`` then ``qemu-img convert``. Prints the ratio of the medians, each
-one's peak RSS, and diskport's access path (a ranged qcow2 must use no scratch at all).
+the pipeline is ``curl | gzip -dc > scratch`` then ``qemu-img convert``. Prints, for each case, regime (warm: no
+pause; settled: sync and a pause first) and clock (wall; durable: the output fsynced too), the medians and
+their ratio, each one's peak RSS, and diskport's access path (a ranged qcow2 must use no scratch at all). See
+bench/common.py for the vocabulary. diskport import flushes its output before it exits, so its two clocks are
+close; the pipeline's qemu-img leaves the flush to the durable clock.
 """
 
 from __future__ import annotations
@@ -22,18 +26,31 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from tests.support.servers import NginxServer  # noqa: E402
 
-from common import DISKPORT, Case, alternate, derived, need, remove, sample_images, timed  # noqa: E402
+from common import (  # noqa: E402
+    DISKPORT_EXTRA,
+    Compare,
+    add_arguments,
+    compare,
+    configure,
+    derived,
+    details,
+    diskport,
+    measure,
+    need,
+    remove,
+    sample_images,
+    table,
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gib", type=float, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=Path("bench-out"))
+    add_arguments(parser)
     parser.add_argument("--rate-per-connection", metavar="RATE", default="200m",
                         help="also serve the qcow2 from an nginx that caps each connection at RATE (nginx syntax, "
                              "as CDNs and object stores do); 'none' to skip [default: 200m]")
     args = parser.parse_args()
+    regimes = configure(args)
     qemu_img, curl = need("qemu-img"), need("curl")
     need("gzip")
     work: Path = args.dir.resolve()
@@ -41,7 +58,7 @@ def main() -> int:
     derived(raw, "sample.qcow2.gz", ["gzip", "-c", str(work / "sample.qcow2")])
     out = work / "import-out.raw"
     scratch = work / "import-scratch.img"
-    cases = []
+    cases: list[tuple[Compare, str]] = []
     download = f"'{curl}' -sf -o '{scratch}' '{{url}}'"
     runs = [("sample.qcow2", None, download),
             ("sample.qcow2.gz", None, f"'{curl}' -sf '{{url}}' | gzip -dc > '{scratch}'")]
@@ -51,24 +68,29 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as prefix, NginxServer(work, Path(prefix),
                                                                   rate_per_connection=rate) as nginx:
             url = nginx.url(name)
-            probe = subprocess.run([*DISKPORT, "import", "--force", url, str(out)], capture_output=True, text=True,
-                                   check=True)
+            probe = subprocess.run([str(a) for a in diskport("import", "--force", url, out)], capture_output=True,
+                                   text=True, check=True)
             access = probe.stderr.splitlines()[0]
             remove(out)
             peer = (pipeline.format(url=url) + f" && '{qemu_img}' convert -f qcow2 -O raw '{scratch}' '{out}'"
                     f" && rm -f '{scratch}'")
             label = f"{name}, {rate}B/s a connection" if rate else name
             print(f"timing {label} ...", flush=True)
-            case = alternate(Case(f"import {label}"), args.rounds,
-                             lambda u=url: timed([*DISKPORT, "import", "-q", u, out]),
-                             lambda c=peer: timed(["bash", "-c", c]),
-                             lambda: remove(out, scratch))
+            case = compare(Compare(f"import {label}"), args.rounds,
+                           lambda u=url: measure(diskport("import", "-q", u, out), [out]),
+                           lambda c=peer: measure(["bash", "-c", c], [out]),
+                           lambda: remove(out, scratch), regimes)
             cases.append((case, access))
-    print(f"\n{args.size_gib} GiB image, {args.rounds} alternating rounds, medians "
+    extra = f", diskport {' '.join(DISKPORT_EXTRA)}" if DISKPORT_EXTRA else ""
+    print(f"\n{args.size_gib} GiB image, {args.rounds} alternating rounds per regime{extra}; medians "
           "(peer: curl to a scratch file, then qemu-img convert):")
+    print(table([c for c, _ in cases], "pipeline", regimes))
+    if args.markdown:
+        print("\n" + table([c for c, _ in cases], "pipeline", regimes, markdown=True))
+    print("\nruns (wall/durable seconds):")
+    print(details([c for c, _ in cases], "pipeline", regimes))
     for case, access in cases:
-        print(case.row("pipeline"))
-        print(f"{'':<28} diskport: {access.split(': ', 1)[1]}")
+        print(f"{case.name}: diskport {access.split(': ', 1)[1]}")
     return 0
 
 

@@ -9,6 +9,23 @@ from diskport.formats.runs import split_runs
 ZERO_RUN, DATA_RUN = True, False
 
 
+def nonzero_blocks(rows: np.ndarray) -> np.ndarray:
+    """Which rows (blocks of unsigned words) hold a nonzero word.
+
+    A block of data almost always has a nonzero first word, so the first words settle most blocks at the cost
+    of one cache line each; only the blocks they leave open are scanned whole, with ``max`` (``any`` casts every
+    word to bool first and is several times slower). When many are open (zero clusters interleaved with data),
+    scanning every block beats copying the open ones out.
+    """
+    nonzero: np.ndarray = rows[:, 0] != 0
+    open_ = np.flatnonzero(~nonzero)
+    if len(open_) > len(rows) // 4:
+        return np.asarray(rows.max(axis=1) != 0)
+    if len(open_):
+        nonzero[open_] = rows[open_].max(axis=1) != 0
+    return nonzero
+
+
 def zero_runs(view: memoryview, offset: int, granularity: int) -> list[tuple[int, int, bool]]:
     """Split ``view`` (guest bytes starting at ``offset``) into ``(start, end, is_zero)`` runs.
 
@@ -21,7 +38,7 @@ def zero_runs(view: memoryview, offset: int, granularity: int) -> list[tuple[int
     if body == 0:
         return [(0, n, DATA_RUN)]
     blocks = np.frombuffer(view, dtype=np.uint8, count=body, offset=head).view(np.uint64)
-    nonzero = np.asarray(blocks.reshape(-1, granularity // 8).any(axis=1))
+    nonzero = nonzero_blocks(blocks.reshape(-1, granularity // 8))
     runs: list[tuple[int, int, bool]] = []
     if head:
         runs.append((0, head, DATA_RUN))

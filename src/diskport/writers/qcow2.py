@@ -214,7 +214,7 @@ class Qcow2Writer(Writer):
         buf, index = self.pending, self.pending_index
         self.pending = None
         self.pending_index = -1
-        if any(buf):
+        if np.frombuffer(buf, dtype=np.uint64).any():  # the cluster size is a multiple of 8
             self._write_full(index, memoryview(buf))
 
     # -- Writer API ----------------------------------------------------------------------------------------
