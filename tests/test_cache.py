@@ -214,8 +214,9 @@ def test_import_reports_the_mode_in_json_and_v(tmp_path: Path) -> None:
     proc = run_cli("import", "--progress", "json", "--cache", "writeback", "-O", "qcow2", raw, tmp_path / "i.qcow2")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
-    cache = [x["cache"] for x in lines if "cache" in x]
-    assert len(cache) == 1 and cache[0]["mode"] == "writeback" and "asked for" in cache[0]["reason"]
+    assert lines[-1]["phase"] == "done" and lines[-1]["converted"] == 96 * MiB
+    assert lines[-1]["cache"]["mode"] == "writeback" and "asked for" in lines[-1]["cache"]["reason"]
+    assert all("cache" not in x for x in lines[:-1]), "known once the job is done"
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, tmp_path / "i.qcow2").returncode == 0
     proc = run_cli("import", "-q", "-v", raw, tmp_path / "i.raw")
     assert proc.returncode == 0 and re.fullmatch(r"cache: (writeback|none) \(.+\)\n", proc.stderr), proc.stderr

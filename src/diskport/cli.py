@@ -94,12 +94,12 @@ def cache_options(func: Callable[P, R]) -> Callable[P, R]:
     return func
 
 
-def _say_cache(policy: Any, verbose: bool, json_lines: bool = False) -> None:
-    """The -v line, and with --progress json one more JSON line: ``{"cache": {"mode": ..., "reason": ...}}``."""
+def _say_cache(policy: Any, verbose: bool, job: JobProgress | None = None) -> None:
+    """The -v line; ``job``'s last JSON line (--progress json) carries ``cache: {mode, reason}``."""
     if policy is None:
         return
-    if json_lines:
-        click.echo(json.dumps({"cache": policy.to_json()}), err=True)
+    if job is not None:
+        job.cache = policy.to_json()
     if verbose:
         click.echo(policy.line(), err=True)
 
@@ -376,7 +376,7 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
                               registry=registry, credentials=credentials,
                               inspect=inspect_guest or manifest_path is not None, ova=OvaChoice(vm=vm),
                               cache=cache)
-    _say_cache(result.cache, verbose, json_lines=progress_mode == "json" and not quiet)
+        _say_cache(result.cache, verbose, job)
     if manifest_path is not None and boot is not None:
         _import_manifest(result, boot, target, overrides, manifest_path)
     if inspect_guest:
