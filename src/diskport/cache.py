@@ -9,8 +9,10 @@
   flight it waits for the oldest range and drops it from the cache (``posix_fadvise(POSIX_FADV_DONTNEED)``), so
   the output's dirty and cached pages never exceed the window. Under a cgroup memory limit the window is half
   the limit's headroom and a quarter of the limit at most; without a limit, a quarter of MemAvailable
-  (:data:`MIN_WINDOW` to :data:`MAX_WINDOW`), or, when ``auto`` chose writeback, the whole output (which it has
-  checked is at most half of MemAvailable), so nothing is waited for.
+  (:data:`MIN_WINDOW` to :data:`MAX_WINDOW`). When ``auto`` chose writeback and there is no cgroup limit, there
+  is no write-behind at all (window 0): the output is at most half of MemAvailable, the kernel's own dirty
+  limits throttle the dirty part and the clean part is reclaimable, so the job runs as ``qemu-img -t
+  writeback`` does, with no flushing in its way.
 * ``auto`` (the default): ``writeback`` when all of these hold, else ``none``:
 
   - the target is a regular file (a block device always gets ``none``);
@@ -49,7 +51,8 @@ MAX_WINDOW = 1024 * 1024 * 1024
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """The mode chosen (``writeback`` or ``none``), why, and for writeback the most of the output kept in memory."""
+    """The mode chosen (``writeback`` or ``none``), why, and for writeback the most of the output kept in memory
+    (``window``; 0: no write-behind, the kernel's dirty limits alone)."""
 
     mode: str
     reason: str
@@ -183,7 +186,7 @@ def decide(requested: str, *, block_device: bool, size: int | None,
     where = (f"{out} output <= half of the {human_size(limit)} cgroup {version} memory limit"
              if limit is not None else "no cgroup memory limit")
     return CachePolicy("writeback", f"{where}; {out} output <= half of {human_size(available)} available",
-                       max(window, size + KICK_BYTES) if limit is None else window)
+                       0 if limit is None else window)
 
 
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1

@@ -171,7 +171,7 @@ class Destination:
         self.policy = decide(self.cache, block_device=self.block_device, size=self.size)
         if self.policy.mode == "none":
             self.direct_fd = _open_direct(path)
-        else:
+        elif self.policy.window:
             self.behind = WriteBehind(self.fd, self.policy.window)
 
     def __enter__(self) -> Destination:
