@@ -16,7 +16,8 @@ import pytest
 
 from diskport.cache import KICK_BYTES, MODES, WriteBehind, cgroup_memory_limit, decide, mem_available
 from diskport.engine import convert
-from tests.conftest import MiB, loop_device, qemu_img, qemu_io, require_tool, run, run_cli
+from tests.conftest import MiB, loop_device, qemu_img, qemu_io, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
+from tests.registry_servers import RegistryServer
 
 GiB = 1024 * MiB
 V1_UNLIMITED = "9223372036854771712"
@@ -220,6 +221,20 @@ def test_import_reports_the_mode_in_json_and_v(tmp_path: Path) -> None:
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, tmp_path / "i.qcow2").returncode == 0
     proc = run_cli("import", "-q", "-v", raw, tmp_path / "i.raw")
     assert proc.returncode == 0 and re.fullmatch(r"cache: (writeback|none) \(.+\)\n", proc.stderr), proc.stderr
+
+
+def test_pull_takes_the_modes(registry: RegistryServer, tmp_path: Path) -> None:
+    raw = _disk(tmp_path)
+    ref = f"{registry.name}/containerdisks/cache:v1"
+    built = run_cli("build", raw, "-t", ref, "--push", "--compression", "none", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    expected = qemu_raw_sha256(raw, tmp_path)
+    for mode in ("writeback", "none"):
+        dest = tmp_path / f"pulled-{mode}.raw"
+        proc = run_cli("pull", "-q", "-v", "--cache", mode, ref, dest)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.startswith(f"cache: {mode} ("), proc.stderr
+        assert sha256_file(dest) == expected
 
 
 def test_library_reports_the_policy(tmp_path: Path) -> None:
