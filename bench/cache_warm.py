@@ -6,10 +6,11 @@ wall time and durable time (the command followed by ``sync``).
 
 The sample is the benchmarks' sparse raw file of ``--size-gib``, about half data (alternating random and
 compressible stripes): 2 GiB with 1 GiB of data by default. Each round runs every tool once per clock, in an
-order rotated each round; before each run the previous output is deleted and, with ``--pause N``, the machine
-left alone N seconds (these VMs hand freed memory back to the host about two seconds after it is freed).
-Prints the median of each, its ratio to qemu-img's median in the same run, and the median user+sys CPU
-of the command (less sensitive than the wall time to other jobs on a shared machine).
+order rotated each round; each timed run follows an untimed run of the same command (and clock) whose output
+is deleted just before, as when a user converts again, and, with ``--pause N``, the machine is left alone N
+seconds (these VMs hand freed memory back to the host about two seconds after it is freed). Prints the median
+of each, its ratio to qemu-img's median in the same run, and the median user+sys CPU of the command (less
+sensitive than the wall time to other jobs on a shared machine).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def main() -> int:
     for r in range(args.rounds):
         for key in keys[r % len(keys):] + keys[: r % len(keys)]:
             name, durable = key
+            # The output just deleted is this tool's own, as when a user converts again: what it left in the
+            # page cache (nothing, with O_DIRECT) is what is freed for the timed run to reuse.
+            out.unlink(missing_ok=True)
+            subprocess.run(tools[name], check=True, stdout=subprocess.DEVNULL)
+            if durable:
+                os.sync()
             out.unlink(missing_ok=True)
             if args.pause:
                 time.sleep(args.pause)
