@@ -84,6 +84,26 @@ FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choic
                              help="Source format; detected from the content when omitted.")
 
 
+def cache_options(func: Callable[P, R]) -> Callable[P, R]:
+    """--cache and -v, the same for every command that writes a disk (convert, import, pull)."""
+    func = click.option("-v", "--verbose", is_flag=True, help="Also say which page-cache mode was used and why.")(func)
+    func = click.option("--cache", type=click.Choice(["auto", "writeback", "none"]), default="auto",
+                        show_default=True, help="Page cache for the output: writeback (through it, bounded), none "
+                        "(O_DIRECT), or auto: writeback when the output is under half of both the cgroup memory "
+                        "limit and MemAvailable and the target is a file, else none.")(func)
+    return func
+
+
+def _say_cache(policy: Any, verbose: bool, job: JobProgress | None = None) -> None:
+    """The -v line; ``job``'s last JSON line (--progress json) carries ``cache: {mode, reason}``."""
+    if policy is None:
+        return
+    if job is not None:
+        job.cache = policy.to_json()
+    if verbose:
+        click.echo(policy.line(), err=True)
+
+
 def registry_options(func: Callable[P, R]) -> Callable[P, R]:
     """--creds, --tls-verify and --ca-bundle, the same for build --push, push, pull and import docker://."""
     func = click.option("--creds", metavar="USER:PASS",
@@ -180,10 +200,12 @@ def _write_ova(source: Any, targets: dict[int, str], vm: str | None, output_form
               help="Folder for scratch space when a compressed image needs random access "
                    "[default: DESTINATION's folder].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@cache_options
 @handle_errors
 def convert(source: str, destination: str | None, source_format: str | None, output_format: str, compress: bool,
             compression: str | None, cluster_size: int, force: bool, sync: bool, scratch: str | None,
-            quiet: bool, vm: str | None = None, all_disks: bool = False, disk_targets: tuple[str, ...] = ()) -> None:
+            quiet: bool, vm: str | None = None, all_disks: bool = False, disk_targets: tuple[str, ...] = (),
+            cache: str = "auto", verbose: bool = False) -> None:
     """Convert SOURCE (any supported format, or an OVA) into DESTINATION (raw or qcow2).
 
     DESTINATION is written beside itself and renamed when complete: a failed or interrupted conversion
@@ -196,13 +218,14 @@ def convert(source: str, destination: str | None, source_format: str | None, out
 
         with JobProgress(f"converting {click.format_filename(source)}", bar=not quiet) as job:
             _write_ova(open_source(source), targets, vm, output_format, job, scratch_dir=scratch, force=force,
-                       sync=sync)
+                       sync=sync, cache=cache)
         return
     assert destination is not None
     with JobProgress(f"converting {click.format_filename(source)}", bar=not quiet) as job:
         result = convert_image(source, destination, output_format=output_format, source_format=source_format,
                                compression=method, cluster_size=cluster_size, force=force, sync=sync,
-                               scratch_dir=scratch, progress=job, ova=OvaChoice(vm=vm))
+                               scratch_dir=scratch, progress=job, ova=OvaChoice(vm=vm), cache=cache)
+    _say_cache(result.cache, verbose)
     if not quiet:
         if result.compression or result.access != "direct":
             click.echo(f"{result.source}: {result.access}", err=True)
@@ -290,6 +313,7 @@ def _emit_manifest(text: str, output: str | None) -> None:
                    "written; the manifest options below apply.")
 @manifest_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@cache_options
 @handle_errors
 def import_(source: str, destination: str, size_text: str | None = None, output_format: str = "raw",
             checksum: str | None = None, ca_bundle: str | None = None, insecure: bool = False,
@@ -300,7 +324,7 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
             bus: str | None = None, firmware: str | None = None, secure_boot: bool | None = None,
             volume_set: str | None = None, cpu: int | None = None, memory: str | None = None,
             quiet: bool = False, vm: str | None = None, all_disks: bool = False,
-            disk_targets: tuple[str, ...] = ()) -> None:
+            disk_targets: tuple[str, ...] = (), cache: str = "auto", verbose: bool = False) -> None:
     """Import the disk at SOURCE (an http(s) URL, a file:// URL, a path, or docker://REF for a containerDisk
     image) into DESTINATION (file or block device), decompressed and converted (raw by default).
 
@@ -335,7 +359,7 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
                 opened = ChecksumSource(opened, *parse_checksum(checksum))
                 extra_checks = (opened.verify,)
             _write_ova(opened, targets, vm, output_format, job, scratch_dir=scratch, force=force, sync=True,
-                       size_limit=size, checks=extra_checks)
+                       size_limit=size, checks=extra_checks, cache=cache)
         return
     assert destination is not None
     boot = None
@@ -350,7 +374,9 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
         result = import_image(source, destination, size=size, output_format=output_format, checksum=checksum,
                               http=http, scratch_dir=scratch, force=force, job=job, platform=platform,
                               registry=registry, credentials=credentials,
-                              inspect=inspect_guest or manifest_path is not None, ova=OvaChoice(vm=vm))
+                              inspect=inspect_guest or manifest_path is not None, ova=OvaChoice(vm=vm),
+                              cache=cache)
+        _say_cache(result.cache, verbose, job)
     if manifest_path is not None and boot is not None:
         _import_manifest(result, boot, target, overrides, manifest_path)
     if inspect_guest:
@@ -586,6 +612,7 @@ def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, c
 @click.option("--inspect", "inspect_guest", is_flag=True,
               help="Look inside the disk written and print the guest's one-line verdict (OS, firmware, bus).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@cache_options
 @click.pass_context
 def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any) -> None:
     """Pull the containerDisk image REF and convert its disk into DESTINATION (raw by default).

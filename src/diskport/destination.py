@@ -6,11 +6,14 @@ final name (and the folder synced); on any exception, including ``KeyboardInterr
 neither a half-written destination nor scratch behind. A block device is written in place: it cannot be
 renamed, and it is checked to be large enough before anything is written.
 
-Beside the ordinary descriptor ``fd``, :attr:`Destination.direct_fd` is the same file opened with ``O_DIRECT``
-where the filesystem or device allows it (-1 where not). Writers send aligned bulk data through it: it bypasses
-the page cache, so converting a disk does not fill memory with gigabytes of output (in a Kubernetes pod the page
-cache counts against the memory limit) and, on the machines measured, writes several times faster than the
-page cache can take fresh pages. qemu-img offers the same as ``-t none``; ovirt-imageio does it by default.
+The job's page-cache policy (``cache``: ``auto``, ``writeback`` or ``none``) is decided as the target is opened,
+by :func:`diskport.cache.decide`, and kept in :attr:`Destination.policy`. With ``none``, beside the ordinary
+descriptor ``fd``, :attr:`Destination.direct_fd` is the same file opened with ``O_DIRECT`` where the filesystem
+or device allows it (-1 where not). Writers send aligned bulk data through it: it bypasses the page cache, so
+converting a disk does not fill memory with gigabytes of output (in a Kubernetes pod the page cache counts
+against the memory limit) and, on the machines measured, writes faster than the page cache can take fresh
+pages. qemu-img offers the same as ``-t none``; ovirt-imageio does it by default. With ``writeback`` there is no
+``O_DIRECT`` descriptor and :attr:`Destination.behind` bounds what the page cache holds of the output.
 
 **Leftovers of a killed job.** SIGKILL (an OOM kill, a pod past its grace period) runs no cleanup, and a part
 file the size of the disk left beside DST would make every later run fail for lack of space. So the part file's
@@ -34,6 +37,7 @@ import stat
 import tempfile
 from types import TracebackType
 
+from diskport.cache import MODES, CachePolicy, WriteBehind, decide
 from diskport.errors import DestinationError, UsageError
 
 log = logging.getLogger(__name__)
@@ -147,14 +151,28 @@ def _umask() -> int:
 
 
 class Destination:
-    def __init__(self, path: str | os.PathLike[str], *, force: bool = False, size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, force: bool = False, size: int | None = None,
+                 cache: str = "auto") -> None:
+        if cache not in MODES:
+            raise UsageError(f"unknown cache mode '{cache}' (choose from {', '.join(MODES)})")
         self.path = os.fspath(path)
         self.force = force
         self.size = size
+        self.cache = cache
         self.fd = -1
         self.direct_fd = -1
         self.tmp_path: str | None = None
         self.block_device = False
+        #: Decided in ``__enter__``; what ``-v`` and JSON report.
+        self.policy = CachePolicy("none", "not opened yet")
+        self.behind: WriteBehind | None = None
+
+    def _apply_policy(self, path: str) -> None:
+        self.policy = decide(self.cache, block_device=self.block_device, size=self.size)
+        if self.policy.mode == "none":
+            self.direct_fd = _open_direct(path)
+        elif self.policy.window:
+            self.behind = WriteBehind(self.fd, self.policy.window)
 
     def __enter__(self) -> Destination:
         try:
@@ -182,7 +200,7 @@ class Destination:
         except OSError as e:
             raise DestinationError(f"cannot create a file beside the destination: {e.strerror}",
                                    path=self.path) from None
-        self.direct_fd = _open_direct(self.tmp_path)
+        self._apply_policy(self.tmp_path)
         return self
 
     def _open_block_device(self) -> None:
@@ -197,7 +215,7 @@ class Destination:
             self.fd = -1
             raise DestinationError(f"block device holds {device_size} bytes; the disk needs {self.size}",
                                    path=self.path)
-        self.direct_fd = _open_direct(self.path)
+        self._apply_policy(self.path)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -15,8 +15,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from diskport.cache import CachePolicy
 from diskport.destination import Destination, refuse_existing
 from diskport.errors import DestinationError, UsageError, located
 from diskport.formats import open_image
@@ -40,6 +41,7 @@ class CopyStats:
     virtual_size: int = 0
     data_bytes: int = 0    # guest bytes written as data
     zero_bytes: int = 0    # guest bytes left as zeros (holes, unallocated clusters)
+    cache: CachePolicy | None = None  # the destination's page-cache policy (set by write_image)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class ConvertResult:
     seconds: float
     compression: list[str]
     access: str
+    #: The page-cache policy used and why (:mod:`diskport.cache`).
+    cache: CachePolicy = field(default_factory=lambda: CachePolicy("none", "not reported"))
 
 
 Run = tuple[int, int, bool]  # (start, end, is_zero) inside a window
@@ -197,22 +201,28 @@ def make_writer(output_format: str, dest: Destination, size: int | None, *, comp
                 cluster_size: int = 65536, sync: bool = False) -> Writer:
     """A writer for ``dest``. ``sync`` flushes to stable storage at the end; block devices always are."""
     sync = sync or dest.block_device
+    writer: Writer
     if output_format == "raw":
         if compression:
             raise UsageError("compression needs -O qcow2; raw output is never compressed")
-        return RawWriter(dest.fd, size, name=dest.path, block_device=dest.block_device, sync=sync,
-                         direct_fd=dest.direct_fd)
-    if output_format == "qcow2":
-        return Qcow2Writer(dest.fd, size, name=dest.path, cluster_size=cluster_size, compression=compression,
-                           sync=sync, direct_fd=dest.direct_fd)
-    raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
+        writer = RawWriter(dest.fd, size, name=dest.path, block_device=dest.block_device, sync=sync,
+                           direct_fd=dest.direct_fd)
+    elif output_format == "qcow2":
+        writer = Qcow2Writer(dest.fd, size, name=dest.path, cluster_size=cluster_size, compression=compression,
+                             sync=sync, direct_fd=dest.direct_fd)
+    else:
+            raise UsageError(f"unknown output format '{output_format}' (choose from {', '.join(OUTPUT_FORMATS)})")
+    writer.behind = dest.behind
+    return writer
 
 
 def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output_format: str = "raw",
                 compression: str | None = None, cluster_size: int = 65536, force: bool = False,
                 sync: bool = False, progress: Progress | None = None, grow_to: int | None = None,
-                before_commit: Callable[[], None] | None = None) -> tuple[CopyStats, int]:
+                before_commit: Callable[[], None] | None = None, cache: str = "auto") -> tuple[CopyStats, int]:
     """Write an opened image to ``destination`` atomically; returns the copy stats and bytes written.
+
+    ``cache`` is the page-cache policy (:mod:`diskport.cache`); the one chosen is in the stats' ``cache``.
 
     ``grow_to`` makes the disk at least that large (a persistent disk bigger than the image). ``before_commit``
     runs after the last byte is written and before the destination is renamed into place; if it raises (a
@@ -223,11 +233,12 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
     size = image.virtual_size if image.size_known else None
     if output_format == "qcow2" and size is not None:  # before anything exists at the destination
         check_virtual_size(max(size, grow_to or 0), cluster_size, os.fspath(destination))
-    with Destination(destination, force=force, size=size) as dest:
+    with Destination(destination, force=force, size=size, cache=cache) as dest:
         writer = make_writer(output_format, dest, size, compression=compression,
                              cluster_size=cluster_size, sync=sync)
         try:
             stats = copy_image(image, writer, progress)
+            stats.cache = dest.policy
             if grow_to is not None and grow_to < image.virtual_size:
                 raise DestinationError(f"the disk holds {image.virtual_size} bytes, more than the {grow_to} "
                                        "bytes asked for", path=dest.path)
@@ -246,7 +257,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
             output_format: str = "raw", source_format: str | None = None, compression: str | None = None,
             cluster_size: int = 65536, force: bool = False, sync: bool = False, scratch_dir: str | None = None,
             size_limit: int | None = None, progress: Progress | None = None,
-            ova: OvaChoice = DEFAULT) -> ConvertResult:
+            ova: OvaChoice = DEFAULT, cache: str = "auto") -> ConvertResult:
     """Convert the image at ``source`` into ``destination`` (``raw`` or ``qcow2``).
 
     ``compression`` (``zlib`` or ``zstd``) compresses qcow2 clusters. Nothing exists at ``destination``
@@ -254,7 +265,8 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     place (like qemu-img, a file is not flushed by default; a block device always is). A random-access format
     inside a compressed file is spooled to an unlinked scratch file in ``scratch_dir`` (default: the
     destination's folder); ``size_limit`` bounds what a compressed raw disk may expand to. ``ova`` picks the
-    disk of an OVA appliance (its boot disk by default).
+    disk of an OVA appliance (its boot disk by default). ``cache`` is the page-cache policy, ``auto``,
+    ``writeback`` or ``none`` (:mod:`diskport.cache`); the result's ``cache`` says which was used and why.
     """
     began = time.monotonic()
     src = os.fspath(source)
@@ -266,9 +278,11 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     with open_image(src, source_format, scratch_dir=scratch, size_limit=size_limit, ova=ova) as image:
         with located(src, image.format):
             stats, written = write_image(image, dst, output_format=output_format, compression=compression,
-                                         cluster_size=cluster_size, force=force, sync=sync, progress=progress)
+                                         cluster_size=cluster_size, force=force, sync=sync, progress=progress,
+                                         cache=cache)
+        assert stats.cache is not None
         return ConvertResult(source=src, destination=dst, source_format=image.format,
                              output_format=output_format, virtual_size=image.virtual_size,
                              data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
                              written_bytes=written, seconds=time.monotonic() - began,
-                             compression=list(image.compression), access=image.access)
+                             compression=list(image.compression), access=image.access, cache=stats.cache)

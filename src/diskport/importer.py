@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from diskport.cache import CachePolicy
 from diskport.destination import refuse_existing
 from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError, located
@@ -67,6 +68,8 @@ class ImportResult:
     guest_error: str | None = None
     #: The virtual machine whose disk was imported, when SOURCE was an OVA.
     appliance_vm: str | None = None
+    #: The page-cache policy used and why (:mod:`diskport.cache`).
+    cache: CachePolicy | None = None
 
 
 def import_image(location: str, destination: str | os.PathLike[str], *, size: int | None = None,
@@ -75,7 +78,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                  job: JobProgress | None = None, platform: str | None = None,
                  registry: RegistryOptions | None = None,
                  credentials: Credentials | Literal["auto"] | None = "auto",
-                 inspect: bool = False, ova: OvaChoice = DEFAULT) -> ImportResult:
+                 inspect: bool = False, ova: OvaChoice = DEFAULT, cache: str = "auto") -> ImportResult:
     """Import the disk at ``location`` into ``destination`` (a file or a block device).
 
     ``size`` is the persistent disk's size: the import fails before writing when the disk is larger, and a raw
@@ -85,7 +88,8 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
     a containerDisk image: ``platform`` picks from an index, ``registry`` and ``credentials`` say how to reach it.
     With ``inspect``, the disk written is looked into afterwards (:func:`diskport.guest.inspect_guest`); a guest
     that cannot be inspected does not fail the import, ``guest_error`` says why. ``ova`` picks the disk of an
-    OVA appliance (its boot disk by default).
+    OVA appliance (its boot disk by default). ``cache`` is the page-cache policy (``auto``, ``writeback``,
+    ``none``: :mod:`diskport.cache`); whichever it is, the disk is flushed before success when ``sync``.
     """
     began = time.monotonic()
     dst = os.fspath(destination)
@@ -131,7 +135,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                                    path=dst, hint="pass a larger --size")
         with located(location, image.format):
             stats, _ = write_image(image, dst, output_format=output_format, force=force, sync=sync,
-                                   progress=job, grow_to=size,
+                                   progress=job, grow_to=size, cache=cache,
                                    before_commit=(lambda: _verify(checks, job)) if checks else None)
         downloaded = http_source.downloaded if isinstance(http_source, HttpSource) else source.size
         if job is not None:
@@ -143,7 +147,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
                             data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
                             seconds=time.monotonic() - began,
                             checksum=f"{expected[0]}:{expected[1]}" if expected else None,
-                            guest=guest, guest_error=guest_error,
+                            guest=guest, guest_error=guest_error, cache=stats.cache,
                             appliance_vm=(image.appliance.system(image.appliance_vm).name or "vm")
                             if image.appliance is not None else None)
 

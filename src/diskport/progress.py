@@ -5,7 +5,8 @@ download's size). The engine calls it as its progress callback, a download sourc
 renderers show it:
 
 * a rich bar on stderr when stderr is a terminal (two lines when there is a download);
-* ``--progress=json``: one JSON object per line on stderr, at most twice a second and once at the end;
+* ``--progress=json``: one JSON object per line on stderr, at most twice a second and once at the end (that
+  last one also carries ``cache: {mode, reason}``, the page-cache policy used, when the job reported it);
 * ``--metrics-port``: a Prometheus text endpoint (``/metrics``), so diskport can run as the importer in a
   Kubernetes Job and be watched the way CDI's importer pod is.
 """
@@ -35,6 +36,8 @@ class JobProgress:
         self.total = 0
         self.downloaded = 0
         self.download_total = download_total
+        #: ``{"mode": ..., "reason": ...}`` of the page-cache policy, set by the command once the job has it.
+        self.cache: dict[str, str] | None = None
         self._lock = threading.Lock()
         self._bar = _Bar(label) if bar and sys.stderr.isatty() else None
         self._json = json_lines
@@ -81,8 +84,11 @@ class JobProgress:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"phase": self.phase, "converted": self.converted, "total": self.total or None,
-                    "downloaded": self.downloaded, "download_total": self.download_total or None}
+            snap: dict[str, Any] = {"phase": self.phase, "converted": self.converted, "total": self.total or None,
+                                    "downloaded": self.downloaded, "download_total": self.download_total or None}
+            if self.cache is not None:
+                snap["cache"] = self.cache
+            return snap
 
     def _emit_json(self, force: bool = False) -> None:
         now = time.monotonic()

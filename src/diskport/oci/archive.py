@@ -69,6 +69,7 @@ def write_docker_archive(path: str | os.PathLike[str], disk: str, name: str,
     tags = [repo_tag(t) for t in repo_tags]
     with TarStream(disk, name, mtime=mtime, scan_zeros=True) as stream, Destination(path, force=force) as dest:
         writer = RawWriter(dest.fd, None, name=dest.path, direct_fd=dest.direct_fd)
+        writer.behind = dest.behind
         head = member_header(LAYER_PATH, size=stream.size, mode=_FILE_MODE, uid=0, gid=0, mtime=mtime,
                              align=DATA_ALIGN)
         writer.write(0, head)

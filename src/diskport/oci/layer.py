@@ -681,10 +681,12 @@ def write_layer(disk: str, name: str, blobs_dir: str, compression: str = "gzip",
         if compression == "none":
             # Sized first: what is not written (holes of the disk, zero blocks) stays a hole of the blob.
             writer = RawWriter(dest.fd, stream.size, name=dest.path, direct_fd=dest.direct_fd)
+            writer.behind = dest.behind
             diff_id = digest = copy_tar(stream, writer, 0, progress)
             size = stream.size
         else:
             writer = RawWriter(dest.fd, None, name=dest.path, direct_fd=dest.direct_fd)
+            writer.behind = dest.behind
             diff_id, digest, size = copy_compressed(stream, writer, compression, level=level, threads=threads,
                                                     progress=progress)
         tar_length = stream.size

@@ -75,11 +75,13 @@ Targets = dict[int, str] | Callable[[OvaPackage], dict[int, str]]
 def write_disks(source: Source, targets: Targets, *, vm: str | None = None, output_format: str = "raw",
                 scratch_dir: str | None = None, force: bool = False, sync: bool = False,
                 size_limit: int | None = None, progress: Progress | None = None,
-                checks: tuple[Callable[[], None], ...] = ()) -> tuple[OvaPackage, list[DiskResult], float]:
+                checks: tuple[Callable[[], None], ...] = (), cache: str = "auto",
+                ) -> tuple[OvaPackage, list[DiskResult], float]:
     """Write the disks ``targets`` names (index in the VM's disk list -> destination) from the OVA in ``source``.
 
     ``targets`` may be a function of the opened package (names from the descriptor). ``checks`` run with the
-    manifest's, after every disk is read and before any is renamed into place."""
+    manifest's, after every disk is read and before any is renamed into place. ``cache`` is each disk's
+    page-cache policy (:mod:`diskport.cache`)."""
     from diskport.formats import open_appliance, open_ova_disk  # formats imports this package
 
     began = time.monotonic()
@@ -122,7 +124,7 @@ def write_disks(source: Source, targets: Targets, *, vm: str | None = None, outp
                         image.checks = []
                     with located(pkg.name, image.format):
                         stats, _ = write_image(image, target, output_format=output_format, force=True,
-                                               sync=sync, progress=progress)
+                                               sync=sync, progress=progress, cache=cache)
                     if not block:
                         staged[index] = target
                     disk = disks[index]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import errno
 import os
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diskport.errors import DestinationError
+
+if TYPE_CHECKING:
+    from diskport.cache import WriteBehind
 
 DIRECT_ALIGN = 4096
 
@@ -28,13 +32,16 @@ class Writer(ABC):
     fmt: str | None = None
     #: The same target opened with O_DIRECT, or -1 (see :mod:`diskport.destination`).
     direct_fd: int = -1
+    #: With ``--cache writeback``: keeps what goes through ``fd`` within a window (see :mod:`diskport.cache`).
+    behind: WriteBehind | None = None
     _written: int = 0
 
     def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
         """Write all of ``data`` at ``offset``; a failure (disk full) is a DestinationError naming the target.
 
         Writes whose offset, length and memory are 4 KiB aligned go through the O_DIRECT descriptor when there
-        is one; the rest (metadata, edges) through the page cache. The kernel keeps the two coherent.
+        is one; the rest (metadata, edges) through the page cache. The kernel keeps the two coherent. What goes
+        through the page cache is reported to :attr:`behind` when there is one.
         """
         view = memoryview(data).cast("B")
         fd = self.fd
@@ -52,6 +59,8 @@ class Writer(ABC):
                     self.direct_fd = -1
                     fd = self.fd
                     continue
+                if fd == self.fd and self.behind is not None:
+                    self.behind.wrote(offset, n)
                 view = view[n:]
                 offset += n
                 self._written += n
