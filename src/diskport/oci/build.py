@@ -223,6 +223,8 @@ def _inspect_guest(path: str, given: str, warnings: list[str],
 
 def _inspect(path: str, convert_to: str | None) -> _Disk:
     """Open the disk with the engine (refusing what it refuses) and learn its format."""
+    if "://" in path:
+        return _inspect_remote(path, convert_to)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -257,6 +259,16 @@ def _inspect(path: str, convert_to: str | None) -> _Disk:
                                    "holds a single file", path=path, fmt=image.format,
                                    hint="pass --convert qcow2 to package it as one qcow2 file")
         return _Disk({}, path, image.format, None)
+
+
+def _inspect_remote(url: str, convert_to: str | None) -> _Disk:
+    """A disk or appliance at a URL (an ``.ovf`` with its files beside it, an ``.ova``): packaged only converted,
+    since the layer is written from a local file."""
+    if convert_to is None:
+        raise UsageError("is a URL; a containerDisk is packaged from a local file", path=url,
+                         hint="pass --convert qcow2 to convert it from the URL in one pass")
+    with open_image(url) as image:
+        return _Disk({}, url, "ova" if image.appliance is not None else image.format, None)
 
 
 @contextlib.contextmanager

@@ -357,7 +357,9 @@ class RandomOva(OvaPackage):
             raise CorruptImage(f"'{href}' is {whole} bytes in the package, the descriptor says {disk.file.size}",
                                path=self.name, fmt="ova")
         head = slices[0].pread(0, 512)
-        in_order = chunked or disk.file.compression == "gzip" or head[:2] == b"\x1f\x8b" or _stream_vmdk(head)
+        # A file from a server without ranges is read once, in order: hashed as it passes, never read twice.
+        in_order = (chunked or disk.file.compression == "gzip" or head[:2] == b"\x1f\x8b" or _stream_vmdk(head)
+                    or any(part.sequential for part in slices))
         note = ""
         for name, part in zip(names, slices, strict=True):
             listed = (self.manifest or {}).get(name)
@@ -404,11 +406,12 @@ class FolderOvf(RandomOva):
     opened through :meth:`Source.open_relative`, which confines them to the descriptor's folder (no ``..``, no
     links out of it, regular files only); the manifest is the ``.mf`` of the same name, when there is one."""
 
-    def __init__(self, source: Source) -> None:
-        if source.size > MAX_DESCRIPTOR:
-            raise UnsafeImage(f"the OVF descriptor is {source.size} bytes, more than the {MAX_DESCRIPTOR} limit",
-                              path=source.name, fmt=FMT)
-        data = source.read_exact(0, source.size, "OVF descriptor", FMT)
+    def __init__(self, source: Source, data: bytes | None = None) -> None:
+        if data is None:
+            if source.size > MAX_DESCRIPTOR:
+                raise UnsafeImage(f"the OVF descriptor is {source.size} bytes, more than the {MAX_DESCRIPTOR} "
+                                  "limit", path=source.name, fmt=FMT)
+            data = source.read_exact(0, source.size, "OVF descriptor", FMT)
         self._opened: dict[str, Source] = {}
         self.members = {}
         ovf_name = source.name.replace("\\", "/").rsplit("/", 1)[-1]
@@ -698,9 +701,29 @@ class StreamedMember(ReadintoSource):
         pass  # the package owns the stream
 
 
+def read_descriptor(stream: DecompressingStream, head: bytes, where: str) -> bytes:
+    """The whole OVF descriptor from a stream whose first bytes are ``head`` (a server without ranges); the
+    stream is closed, the descriptor's files are opened beside it."""
+    data = bytearray(head)
+    buf = bytearray(1 << 16)
+    try:
+        while len(data) <= MAX_DESCRIPTOR:
+            n = stream.readinto(memoryview(buf))
+            if not n:
+                break
+            data += buf[:n]
+    finally:
+        stream.close()
+    if len(data) > MAX_DESCRIPTOR:
+        raise UnsafeImage(f"the OVF descriptor is more than the {MAX_DESCRIPTOR} limit", path=where, fmt=FMT)
+    return bytes(data)
+
+
 def open_package(source: Source, stream: DecompressingStream | None = None, head: bytes = b"") -> OvaPackage:
     """The package in ``source``: read in place, or (with ``stream``, its first bytes in ``head``) in order; an
     ``.ovf`` descriptor with its files beside it."""
+    if stream is not None and stream.kind is None and is_ovf_descriptor(head):
+        return FolderOvf(source, read_descriptor(stream, head, source.name))
     if stream is not None:
         return StreamedOva(source, stream, head)
     if is_ovf_descriptor(source.pread(0, 4096)):
