@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from diskport.errors import UnsafeImage
+from diskport.importer import import_image
 from diskport.oci.build import build_image
 from diskport.sources.http import HttpOptions, HttpSource
 from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run, run_cli, sha256_file
@@ -53,6 +54,9 @@ def test_ovf_url_with_sibling_files_in_every_command(server: NginxServer, serve_
     assert sha256_file(dest) == ea
     assert "manifest app.mf: 2 member(s) verified" in proc.stderr, proc.stderr
     assert os.listdir(dest.parent) == ["disk.img"]
+    again = import_image(url, dest, http=FAST, force=True)
+    # the disk file's bytes count as the download's (one appliance, one progress)
+    assert again.downloaded_bytes >= (serve_dir / "vms" / "app" / "app-disk1.vmdk").stat().st_size
 
     folder = tmp_path / "all"
     proc = run_cli("convert", url, folder, "--all-disks", "-O", "qcow2")

@@ -176,7 +176,8 @@ class HttpSource(ReadintoSource):
         file (HTTP 404) is a :class:`SourceError` naming it."""
         url = self.relative_url(name, what)
         try:
-            return HttpSource(url, self.options, on_bytes=self._on_bytes, transport=self._transport)
+            # its bytes count as this source's (``downloaded``, the progress): one download of the appliance
+            return HttpSource(url, self.options, on_bytes=self._count, transport=self._transport)
         except SourceError as e:
             raise SourceError(f"{what} '{name}' cannot be read: {e.message}", path=self.name,
                               hint=e.hint) from None
