@@ -123,10 +123,17 @@ def make_part_file(path: str) -> tuple[str, int]:
     """An empty part file beside ``path``, named and locked as :class:`Destination`'s are, after removing what
     killed jobs left for it: for output that is written under this name first and renamed to ``path`` later
     (several disks staged until every check has passed). The name and the descriptor holding its lock; after
-    writing to the name (a rename replaces the locked inode), call :func:`relock` with it."""
+    writing to the name (a rename replaces the locked inode), call :func:`relock` with it. A missing folder is
+    a :class:`DestinationError`, as for :class:`Destination`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DestinationError(f"folder {folder} does not exist", path=path)
     remove_stale_parts(path)
-    fd, name = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=PART_SUFFIX,
-                                dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=PART_SUFFIX,
+                                    dir=folder)
+    except OSError as e:
+        raise DestinationError(f"cannot create a file beside the destination: {e.strerror}", path=path) from None
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return name, fd
@@ -134,11 +141,14 @@ def make_part_file(path: str) -> tuple[str, int]:
 
 def relock(name: str, fd: int) -> int:
     """The lock of a part file moved to the file now at ``name`` (its first inode was replaced by a rename);
-    the new descriptor (``fd`` is closed)."""
-    os.close(fd)
-    new = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    the new descriptor (``fd`` is closed once the new one is open; on failure it is left to the caller)."""
+    try:
+        new = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise DestinationError(f"cannot reopen the staged file: {e.strerror}", path=name) from None
     with contextlib.suppress(OSError):
         fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
     return new
 
 

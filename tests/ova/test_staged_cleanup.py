@@ -47,6 +47,11 @@ def test_killed_multi_disk_job_leaves_part_files_the_next_run_removes(serve_dir:
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(folder)) == ["three-disk1.raw", "three-disk2.raw", "three-disk3.raw"]
     assert [sha256_file(folder / f"three-disk{k}.raw") for k in (1, 2, 3)] == expected
+    # a destination whose folder is missing: one line, nothing staged
+    missing = run_cli("convert", ova, "--disk", f"0={folder / 'a.raw'}", "--disk", f"1={tmp_path / 'no' / 'b.raw'}")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "does not exist" in missing.stderr and sorted(os.listdir(folder))[0] == "three-disk1.raw"
+    assert not (folder / "a.raw").exists() and not any(n.endswith(PART) for n in os.listdir(folder))
 
 
 def test_a_live_jobs_staged_file_is_not_removed(tmp_path: Path) -> None:
