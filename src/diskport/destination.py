@@ -22,7 +22,9 @@ name records the process id (``.DST.<pid>.<random>.diskport-part``) and the live
 DST: only names of exactly that form, regular files of this user, whose recorded process is gone (or is this
 very process id, as after a container restart where every job is pid 1), and only after taking the lock
 itself -- so the file of a job that is still running, here or (where the filesystem shares locks) on another
-host, is never touched.
+host, is never touched. Output staged under a part name and renamed later (``make_part_file``: the disks of
+an OVA, renamed together once every manifest check has passed) is named and cleaned the same way, and a part
+file's own part file (its writer's) goes with it.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def remove_stale_parts(path: str, *, folders: bool = False) -> list[str]:
                 shutil.rmtree(candidate)  # does not follow links inside it
             else:
                 os.unlink(candidate)
+                # A part file may itself have been a destination (a disk staged by export.write_disks): what
+                # its own writer left beside it is as dead.
+                removed.extend(remove_stale_parts(candidate))
             removed.append(name)
             log.info("removed %s, left by an earlier job that was killed", candidate)
         except OSError:
@@ -116,6 +121,39 @@ def make_part_folder(path: str) -> tuple[str, int]:
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return folder, fd
+
+
+def make_part_file(path: str) -> tuple[str, int]:
+    """An empty part file beside ``path``, named and locked as :class:`Destination`'s are, after removing what
+    killed jobs left for it: for output that is written under this name first and renamed to ``path`` later
+    (several disks staged until every check has passed). The name and the descriptor holding its lock; after
+    writing to the name (a rename replaces the locked inode), call :func:`relock` with it. A missing folder is
+    a :class:`DestinationError`, as for :class:`Destination`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DestinationError(f"folder {folder} does not exist", path=path)
+    remove_stale_parts(path)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=PART_SUFFIX,
+                                    dir=folder)
+    except OSError as e:
+        raise DestinationError(f"cannot create a file beside the destination: {e.strerror}", path=path) from None
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return name, fd
+
+
+def relock(name: str, fd: int) -> int:
+    """The lock of a part file moved to the file now at ``name`` (its first inode was replaced by a rename);
+    the new descriptor (``fd`` is closed once the new one is open; on failure it is left to the caller)."""
+    try:
+        new = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise DestinationError(f"cannot reopen the staged file: {e.strerror}", path=name) from None
+    with contextlib.suppress(OSError):
+        fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+    return new
 
 
 def refuse_existing(path: str, force: bool) -> None:

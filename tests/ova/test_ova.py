@@ -161,7 +161,8 @@ def test_ranged_http_reads_members_in_place(nginx: NginxServer, serve_dir: Path,
     result = import_image(nginx.url(ova.name), dest, http=FAST)
     assert sha256_file(dest) == qemu_raw_sha256(qcow2, tmp_path)
     assert result.access.startswith("direct: read over HTTP range requests"), result.access
-    assert "second read" in result.access and "2 member(s) verified" in result.access
+    assert "is read in place and hashed by the reads that convert it" in result.access, result.access
+    assert "2 member(s) verified, read again for the digest: mixed-disk1.vmdk " in result.access, result.access
     assert os.listdir(dest.parent) == ["disk.img"]
     ranges = [e["range"] for e in nginx.access_entries()]
     assert ranges and all(r.startswith("bytes=") for r in ranges)
@@ -169,6 +170,24 @@ def test_ranged_http_reads_members_in_place(nginx: NginxServer, serve_dir: Path,
     proc = run_cli("import", nginx.url(ova.name), folder, "--all-disks", "--progress", "none")
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(folder / "mixed-disk2.raw") == qemu_raw_sha256(sparse, tmp_path)
+
+
+def test_raw_member_in_place_is_hashed_by_the_read_that_converts_it(tmp_path: Path) -> None:
+    """Each byte of a raw member read once: the digest needs no second read; a changed byte still fails it."""
+    raw = tmp_path / "plain.raw"
+    qemu_img = make_image(tmp_path, "qcow2", 8 * MiB, name="q.qcow2", seed=7)
+    run("qemu-img", "convert", "-O", "raw", qemu_img, raw)
+    ova = make_ova(tmp_path / "rawova.ova", [Vm("vm", [Disk(raw, 8 * MiB)])])
+    result = convert(ova, tmp_path / "out.raw")
+    assert sha256_file(tmp_path / "out.raw") == sha256_file(raw)
+    assert "2 member(s) verified" in result.access and "read again" not in result.access, result.access
+    data = bytearray(ova.read_bytes())
+    at = data.index(raw.read_bytes()[: 1 << 16]) + 5 * MiB + 3
+    data[at] ^= 0xFF
+    ova.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"of member 'rawova-disk1\.vmdk' is [0-9a-f]+, the manifest rawova\.mf says"):
+        convert(ova, tmp_path / "bad.raw")
+    assert not (tmp_path / "bad.raw").exists()
 
 
 @pytest.mark.parametrize("style", ["vmware", "virtualbox"])

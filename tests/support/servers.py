@@ -874,10 +874,12 @@ class NginxServer(_ServesFiles, StartStop):
 
     scheme = "http"
 
-    def __init__(self, root: Path, prefix: Path, *, rate_per_connection: str | None = None) -> None:
+    def __init__(self, root: Path, prefix: Path, *, rate_per_connection: str | None = None,
+                 ranges: bool = True) -> None:
         self.root = root
         self.prefix = prefix
         self.rate = rate_per_connection  # nginx limit_rate ("100m"): a CDN or object store's cap per connection
+        self.ranges = ranges  # False: max_ranges 0, every Range ignored (200 with the whole file)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -953,6 +955,7 @@ http {{
     etag on;
     keepalive_timeout 10s;
     {f"limit_rate {self.rate};" if self.rate else ""}
+    {"" if self.ranges else "max_ranges 0;"}
 {"".join(self._servers())}
 }}
 """
@@ -1070,6 +1073,13 @@ def serve_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def nginx(serve_dir: Path, tmp_path: Path) -> Iterator[NginxServer]:
     with NginxServer(serve_dir, tmp_path / "nginx") as server:
+        yield server
+
+
+@pytest.fixture
+def nginx_no_ranges(serve_dir: Path, tmp_path: Path) -> Iterator[NginxServer]:
+    """nginx with ``max_ranges 0``: the same real server, answering every Range with the whole file."""
+    with NginxServer(serve_dir, tmp_path / "nginx", ranges=False) as server:
         yield server
 
 

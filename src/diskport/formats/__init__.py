@@ -104,7 +104,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
             raise UnsupportedImage(f"is {kind}-compressed {inner} data; decompress the outer layer first",
                                    path=source.name, fmt=kind)
         view = HeadSource(source.name, head)
-        if not fmt and ova is not None and package.is_ova_head(head):
+        if not fmt and ova is not None and (package.is_ova_head(head) or (
+                kind is None and package.is_ovf_descriptor(head))):
             return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
                              random_access)
         if not fmt:
@@ -220,7 +221,7 @@ def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package
         try:
             buf = bytearray(HEAD_SIZE)
             inner = bytes(buf[: stream.readinto(memoryview(buf))])
-            if package.is_ova_head(inner):
+            if package.is_ova_head(inner) or (compression is None and package.is_ovf_descriptor(inner)):
                 return package.open_package(source, stream, inner)
         except BaseException:
             stream.close()

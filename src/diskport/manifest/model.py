@@ -91,6 +91,9 @@ class GuestFacts:
     origin: str = "guest inspection"
     #: Guest inspection's firmware verdict (bios, efi, bios+efi, unknown); labels carry a decided bootloader.
     firmware_verdict: str = "unknown"
+    #: CPUs and memory an OVA's descriptor gave the VM, as build recorded them in labels (None: not known).
+    cpu: Choice | None = None
+    memory: Choice | None = None
 
     @property
     def windows_server(self) -> bool:
@@ -196,6 +199,7 @@ def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
         return Choice(value, f"label {LABEL_PREFIX}{name} of {where}")
 
     build = label("os-build")
+    cpus, memory = label("cpus"), label("memory")
     return GuestFacts(
         os_type=label("os") or "unknown", distribution=label("os-id"), version=label("os-version"),
         pretty_name=label("os-name"), installation_type=label("installation-type"),
@@ -207,6 +211,9 @@ def facts_from_labels(labels: dict[str, str], where: str) -> GuestFacts | None:
         virtio_drivers=tuple(n for n in (label("virtio-drivers") or "").split(",") if n),
         warnings=[m.group(1)] if (m := re.search(r"\(\d+ warnings?: (.*)\)$", verdict)) else [],
         firmware_verdict=label("bootloader") or "unknown",
+        cpu=Choice(int(cpus), f"label {LABEL_PREFIX}cpus of {where}") if cpus and cpus.isdigit() else None,
+        memory=(Choice(memory, f"label {LABEL_PREFIX}memory of {where}")
+                if memory and re.fullmatch(r"\d+(Mi|Gi)", memory) else None),
         origin=f"the labels of {where} (build's inspection: {verdict})" if verdict else f"the labels of {where}")
 
 
@@ -349,6 +356,52 @@ def _firmware_with_ovf(guest: GuestFacts, ovf: OvfFacts | None, warnings: list[s
     return Choice(guest.bootloader.value, f"{guest.bootloader.why}; the OVF agrees ({stated})")
 
 
+@dataclass(frozen=True)
+class OvfJoin:
+    """The fields an OVA's descriptor decides, weighed against the disk's (see the module docstring): the one
+    place both ``manifest`` and ``build`` (its ``io.diskport.guest.*`` labels) take them from."""
+
+    guest_os: Choice
+    bootloader: Choice
+    cpu: Choice | None
+    memory: Choice | None
+    warnings: list[str]
+
+
+def join_ovf(guest: GuestFacts, ovf: OvfFacts | None) -> OvfJoin:
+    """guestOS, firmware, CPUs and memory from the guest's facts and, where it has them, the OVF's."""
+    warnings: list[str] = []
+    guest_os = guest.guest_os
+    if ovf is not None and guest.os_type == "unknown":
+        guest_os = guest_os_from_ovf(ovf) or guest_os
+    bootloader = _firmware_with_ovf(guest, ovf, warnings)
+    cpu, memory = guest.cpu, guest.memory
+    if ovf is not None and ovf.cpus:
+        cpu = Choice(ovf.cpus, f"the OVF's VirtualHardwareSection: {ovf.cpus} virtual CPU(s)")
+    if ovf is not None and ovf.memory:
+        memory = Choice(memory_quantity(ovf.memory),
+                        f"the OVF's VirtualHardwareSection: {ovf.memory // (1024 * 1024)} MiB of memory")
+    return OvfJoin(guest_os, bootloader, cpu, memory, warnings)
+
+
+def ovf_labels(guest: GuestFacts, ovf: OvfFacts) -> dict[str, str]:
+    """The ``io.diskport.guest.*`` labels :func:`join_ovf` changes or adds for an image built from an OVA, so
+    ``manifest docker://REF`` reads the same decision ``manifest X.ova`` makes."""
+    joined = join_ovf(guest, ovf)
+    labels = {LABEL_PREFIX + "guest-os": str(joined.guest_os.value),
+              LABEL_PREFIX + "bootloader": str(joined.bootloader.value),
+              LABEL_PREFIX + "ovf-vm": ovf.vm[:256]}
+    if joined.cpu is not None:
+        labels[LABEL_PREFIX + "cpus"] = str(joined.cpu.value)
+    if joined.memory is not None:
+        labels[LABEL_PREFIX + "memory"] = str(joined.memory.value)
+    if ovf.firmware in ("bios", "efi"):
+        labels[LABEL_PREFIX + "ovf-firmware"] = ovf.firmware
+    if ovf.os_type:
+        labels[LABEL_PREFIX + "ovf-os-type"] = ovf.os_type[:256]
+    return labels
+
+
 def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, target: str,
               ovf: OvfFacts | None = None) -> Plan:
     """Decide every field: the flags first, then what the guest says, then what an OVA's descriptor says."""
@@ -362,11 +415,11 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
         return Choice(given, f"set by {flag}" + (f" (inferred: {_text(inferred.value)})"
                                                  if given != inferred.value else ""), True)
 
-    guest_os = guest.guest_os
-    ovf_os = guest_os_from_ovf(ovf) if ovf is not None and guest.os_type == "unknown" else None
-    if ovf_os is not None:
-        guest_os = ovf_os
-    bootloader = pick("--firmware", overrides.firmware, _firmware_with_ovf(guest, ovf, warnings))
+    joined = join_ovf(guest, ovf)
+    warnings.extend(joined.warnings)
+    guest_os = joined.guest_os
+    ovf_os = guest_os if guest_os is not guest.guest_os else None
+    bootloader = pick("--firmware", overrides.firmware, joined.bootloader)
     bus = pick("--bus", overrides.bus, guest.bus)
     if overrides.secure_boot is not None:
         secure = Choice(overrides.secure_boot, "set by " + ("--secure-boot" if overrides.secure_boot
@@ -400,12 +453,8 @@ def make_plan(source: BootSource, guest: GuestFacts, overrides: Overrides, *, ta
     if guest.os_type == "windows" and guest.network.value == "e1000e":
         warnings.append("Windows without netkvm: the network card is an emulated e1000e")
     cpus, memory, why = resources_for(guest)
-    cpu_default, mem_default = Choice(cpus, why), Choice(memory, why)
-    if ovf is not None and ovf.cpus:
-        cpu_default = Choice(ovf.cpus, f"the OVF's VirtualHardwareSection: {ovf.cpus} virtual CPU(s)")
-    if ovf is not None and ovf.memory:
-        mem_default = Choice(memory_quantity(ovf.memory),
-                             f"the OVF's VirtualHardwareSection: {ovf.memory // (1024 * 1024)} MiB of memory")
+    cpu_default = joined.cpu or Choice(cpus, why)
+    mem_default = joined.memory or Choice(memory, why)
     cpu = Choice(overrides.cpu, "set by --cpu", True) if overrides.cpu is not None else cpu_default
     mem = Choice(overrides.memory, "set by --memory", True) if overrides.memory else mem_default
     size: Choice | None = None

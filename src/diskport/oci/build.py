@@ -64,7 +64,9 @@ from diskport.oci.media import (
 from diskport.oci.platform import host_architecture, parse_platform, platform_key
 
 if TYPE_CHECKING:
+    from diskport.formats.base import DiskImage
     from diskport.guest.facts import GuestReport
+    from diskport.manifest.model import OvfFacts
 
 #: Formats a KubeVirt containerDisk boots as they are.
 BOOTABLE_FORMATS = ("raw", "iso", "qcow2")
@@ -152,6 +154,15 @@ INSTANCETYPE_ENV = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE"
 _RESOURCE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
+def _ovf_labels(guest: GuestReport, ovf: OvfFacts) -> dict[str, str]:
+    """What an OVA's descriptor adds to the guest's labels: firmware when the disk cannot tell, CPUs, memory,
+    the OS type when inspection found none -- decided by :func:`diskport.manifest.model.join_ovf`, as
+    ``manifest X.ova`` decides them."""
+    from diskport.manifest.model import facts_from_report, ovf_labels
+
+    return ovf_labels(facts_from_report(guest), ovf)
+
+
 def _hints(guest: GuestReport | None, instancetype: str | None = None) -> dict[str, str]:
     """KubeVirt's default-preference hint for the guest, when a common-instancetypes preference fits, and the
     default instancetype when one was asked for."""
@@ -204,6 +215,8 @@ class _Disk:
     path: str
     fmt: str
     compression: str | None
+    #: An OVA's descriptor facts (its labels join the guest's), else None.
+    ovf: OvfFacts | None = None
 
 
 def _inspect_guest(path: str, given: str, warnings: list[str],
@@ -223,6 +236,8 @@ def _inspect_guest(path: str, given: str, warnings: list[str],
 
 def _inspect(path: str, convert_to: str | None) -> _Disk:
     """Open the disk with the engine (refusing what it refuses) and learn its format."""
+    if "://" in path:
+        return _inspect_remote(path, convert_to)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -251,12 +266,31 @@ def _inspect(path: str, convert_to: str | None) -> _Disk:
             if convert_to is None:
                 raise UsageError("is an OVA appliance; a containerDisk holds one disk file, not the package",
                                  path=path, hint="pass --convert qcow2 to package its boot disk, converted")
-            return _Disk({}, path, "ova", None)
+            return _Disk({}, path, "ova", None, _ovf_of(image))
         if convert_to is None and image.data_in_other_files():
             raise UnsupportedImage(f"is a {image.format} descriptor whose data lies in other files; a containerDisk "
                                    "holds a single file", path=path, fmt=image.format,
                                    hint="pass --convert qcow2 to package it as one qcow2 file")
         return _Disk({}, path, image.format, None)
+
+
+def _inspect_remote(url: str, convert_to: str | None) -> _Disk:
+    """A disk or appliance at a URL (an ``.ovf`` with its files beside it, an ``.ova``): packaged only converted,
+    since the layer is written from a local file."""
+    if convert_to is None:
+        raise UsageError("is a URL; a containerDisk is packaged from a local file", path=url,
+                         hint="pass --convert qcow2 to convert it from the URL in one pass")
+    with open_image(url) as image:
+        if image.appliance is not None:
+            return _Disk({}, url, "ova", None, _ovf_of(image))
+        return _Disk({}, url, image.format, None)
+
+
+def _ovf_of(image: DiskImage) -> OvfFacts:
+    from diskport.manifest.api import ovf_facts
+
+    assert image.appliance is not None
+    return ovf_facts(image.appliance, image.appliance_vm)
 
 
 @contextlib.contextmanager
@@ -361,7 +395,7 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
     checked: dict[str, _Disk] = {}
     for key, disk in by_key.items():
         found = _inspect(disk.path, convert_to)
-        checked[key] = _Disk(disk.platform, disk.path, found.fmt, found.compression)
+        checked[key] = _Disk(disk.platform, disk.path, found.fmt, found.compression, found.ovf)
         if convert_to is None and found.fmt not in BOOTABLE_FORMATS:
             text = (f"{disk.path}: {found.fmt} is not a format a KubeVirt containerDisk boots (raw or qcow2); the "
                     "image relies on the platform converting it on import (CDI). Pass --convert qcow2 to convert it "
@@ -382,6 +416,8 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
             with _prepared(disk, convert_to, convert_compression, scratch, progress) as (path, name, fmt):
                 guest = _inspect_guest(path, disk.path, warnings, warn)
                 labels = guest.labels() if guest is not None else {}
+                if guest is not None and disk.ovf is not None:
+                    labels.update(_ovf_labels(guest, disk.ovf))
                 env = _hints(guest, instancetype)
                 if phase is not None:
                     phase(f"package {key}")

@@ -1,10 +1,12 @@
 """Several disks of one OVA written in one pass over the package (``--all-disks``, ``--disk N=DEST``).
 
-All or nothing: each disk is written beside its destination under a hidden staging name, the manifest checks
-run once every disk has been read (in a stream the manifest may come after the last disk), and only then are
-the disks renamed into place; on any failure every staged file is removed. The disks are taken in the order
-their files appear in the descriptor's References, which is the tar order exporters write, so a stream never
-has to go back.
+All or nothing: each disk is written beside its destination under a part-file name, the manifest checks run
+once every disk has been read (in a stream the manifest may come after the last disk), and only then are the
+disks renamed into place; on any failure every staged file is removed. The staged names are
+:func:`~diskport.destination.make_part_file`'s (``.DEST.<pid>.<random>.diskport-part``, locked while the job
+lives), so what a SIGKILLed job staged is removed by the next job for the same destinations, as part files
+are. The disks are taken in the order their files appear in the descriptor's References, which is the tar
+order exporters write, so a stream never has to go back.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from diskport.destination import refuse_existing
+from diskport.destination import make_part_file, refuse_existing, relock
 from diskport.engine import Progress, write_image
 from diskport.errors import UsageError, located
 from diskport.ova.package import OvaPackage
@@ -105,6 +107,7 @@ def write_disks(source: Source, targets: Targets, *, vm: str | None = None, outp
 
         order = sorted(targets, key=position)
         staged: dict[int, str] = {}
+        locks: list[int] = []
         deferred: list[Callable[[], None]] = []
         results: list[DiskResult] = []
         try:
@@ -115,8 +118,11 @@ def write_disks(source: Source, targets: Targets, *, vm: str | None = None, outp
                     raise UsageError("several disks of a streamed OVA are staged as files before they are "
                                      "verified; a block device cannot be", path=dest,
                                      hint="write to files, or read the OVA from a file or a ranged URL")
-                target = dest if block else os.path.join(os.path.dirname(os.path.abspath(dest)),
-                                                         f".{os.path.basename(dest)}.diskport-ova")
+                target, lock = dest, -1
+                if not block:
+                    target, lock = make_part_file(dest)
+                    staged[index] = target
+                    locks.append(lock)
                 with open_ova_disk(pkg, index, vm, scratch_dir=scratch_dir or os.path.dirname(
                         os.path.abspath(dest)), size_limit=size_limit) as image:
                     if not block:
@@ -126,7 +132,7 @@ def write_disks(source: Source, targets: Targets, *, vm: str | None = None, outp
                         stats, _ = write_image(image, target, output_format=output_format, force=True,
                                                sync=sync, progress=progress, cache=cache)
                     if not block:
-                        staged[index] = target
+                        locks[-1] = relock(target, lock)
                     disk = disks[index]
                     bus = next((a.controller.bus for a in pkg.system(vm).attachments
                                 if a.disk_id == disk.id and a.controller), None)
@@ -141,6 +147,9 @@ def write_disks(source: Source, targets: Targets, *, vm: str | None = None, outp
             for path in staged.values():
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            for fd in locks:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
     finally:
         pkg.close()
     return pkg, sorted(results, key=lambda r: r.index), time.monotonic() - began

@@ -7,8 +7,10 @@ OVA's source allows:
   in any order), and a disk member is a slice of the OVA read in place, so a qcow2 or sparse VMDK member needs
   no scratch. A member with a manifest digest is read through
   :class:`~diskport.sources.checksum.ChecksumSource`: a streamOptimized, gzip-compressed or chunked disk is read
-  front to back anyway and is hashed as it passes; a random-access member is hashed by a second, sequential read
-  before the destination is committed (the summary says so).
+  front to back anyway and is hashed as it passes; any other member is read through :class:`InPlaceDigest`,
+  hashed by the conversion's own reads as far as they run in order (a raw member: all of it, each byte read
+  once), the rest read a second time before the destination is committed (a sparse format's skipped clusters;
+  the summary says how many bytes).
 * **streaming** (HTTP without ranges, an OVA inside gzip): members are met in tar order, the descriptor first
   as DSP0243 requires. A disk member is handed over as a forward-only source at its first byte (a streamOptimized
   VMDK then converts straight from the stream; other formats are spooled by the opener, as for any stream) and
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -170,6 +173,61 @@ class ConcatSource(ReadintoSource):
             part.close()
 
 
+class InPlaceDigest(ReadintoSource):
+    """A member read in place (random access), hashed by the very reads that convert it, where they run on in
+    order from the member's start; :meth:`finish` reads only what they did not cover.
+
+    For a raw member (and any format the engine reads front to back) that is nothing: every byte is read once.
+    For a sparse format (qcow2, monolithicSparse VMDK, VHDX, VDI) the conversion reads metadata out of order and
+    skips unallocated clusters, so the digest stops at the first jump and the rest of the member is read a
+    second time before commit; the package's summary says how many bytes (``reread``). Unlike
+    :class:`~diskport.sources.checksum.ChecksumSource` it never reads ahead to fill a gap (that would read a
+    sparse member's clusters twice, out of order) and it keeps the member's random access."""
+
+    def __init__(self, inner: Source, algo: str, expected: str) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.size = inner.size
+        self.sequential = inner.sequential
+        self.sequential_reason = inner.sequential_reason
+        self.algo = algo
+        self.expected = expected
+        self.hash = hashlib.new(algo)
+        self.hashed = 0
+        self.reread = 0
+        self._lock = threading.Lock()
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        n = self.inner.readinto(offset, buf)
+        with self._lock:
+            if offset <= self.hashed < offset + n:
+                self.hash.update(buf[self.hashed - offset: n])
+                self.hashed = offset + n
+        return n
+
+    def allocated_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        return self.inner.allocated_extents(offset, length)
+
+    def prefer_exact_reads(self) -> None:
+        self.inner.prefer_exact_reads()
+
+    def finish(self) -> str:
+        """The digest of the whole member: what the conversion left unread is read now."""
+        buf = memoryview(bytearray(1 << 20))
+        with self._lock:
+            while self.hashed < self.size:
+                n = self.inner.readinto(self.hashed, buf[: min(len(buf), self.size - self.hashed)])
+                if n == 0:
+                    raise CorruptImage(f"the member ends after {self.hashed} bytes", path=self.name, fmt="ova")
+                self.hash.update(buf[:n])
+                self.hashed += n
+                self.reread += n
+            return self.hash.hexdigest()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @dataclass
 class DiskSource:
     """One disk of the package, ready for the opener: its bytes, the checks to run before commit, and what to
@@ -199,6 +257,9 @@ class OvaPackage:
         self.verified: list[str] = []
         self.unlisted: list[str] = []
         self.unverifiable: list[str] = []
+        #: Member -> bytes read a second time for its digest (what the conversion of a member read in place
+        #: skipped: a sparse format's unallocated clusters, its metadata read out of order).
+        self.reread: dict[str, int] = {}
 
     # -- the choice ---------------------------------------------------------------------------------------
     def system(self, vm: str | None) -> VirtualSystem:
@@ -268,6 +329,9 @@ class OvaPackage:
                 text += f", not listed: {', '.join(self.unlisted)}"
             if self.unverifiable:
                 text += f", digest not computed: {', '.join(self.unverifiable)}"
+            if self.reread:
+                text += ", read again for the digest: " + ", ".join(f"{name} {n} bytes"
+                                                                    for name, n in self.reread.items())
         if self.cert:
             text += f"; certificate {self.cert} {_SIGNATURE}"
         return text
@@ -357,7 +421,9 @@ class RandomOva(OvaPackage):
             raise CorruptImage(f"'{href}' is {whole} bytes in the package, the descriptor says {disk.file.size}",
                                path=self.name, fmt="ova")
         head = slices[0].pread(0, 512)
-        in_order = chunked or disk.file.compression == "gzip" or head[:2] == b"\x1f\x8b" or _stream_vmdk(head)
+        # A file from a server without ranges is read once, in order: hashed as it passes, never read twice.
+        in_order = (chunked or disk.file.compression == "gzip" or head[:2] == b"\x1f\x8b" or _stream_vmdk(head)
+                    or any(part.sequential for part in slices))
         note = ""
         for name, part in zip(names, slices, strict=True):
             listed = (self.manifest or {}).get(name)
@@ -372,10 +438,11 @@ class RandomOva(OvaPackage):
                 parts.append(hashed)
                 checks.append(partial(self._verified, hashed, name))
             else:
-                parts.append(part)
-                again = ChecksumSource(self._open_member(name), *listed)
-                checks.append(partial(self._verified, again, name))
-                note = f"{name} is hashed by a second read before the destination is committed"
+                digest = InPlaceDigest(part, *listed)
+                parts.append(digest)
+                checks.append(partial(self._verified_in_place, digest, name))
+                note = (f"{name} is read in place and hashed by the reads that convert it; what they skip is read a "
+                        "second time before the destination is committed")
         source = ConcatSource(parts, f"{self.name}: {href}") if chunked else parts[0]
         if not in_order and not note:
             note = f"{href} is read in place"
@@ -394,6 +461,17 @@ class RandomOva(OvaPackage):
         if name not in self.verified:
             self.verified.append(name)
 
+    def _verified_in_place(self, digest: InPlaceDigest, name: str) -> None:
+        actual = digest.finish()
+        if digest.reread:
+            self.reread[name] = digest.reread
+        if not hmac.compare_digest(actual, digest.expected):
+            raise SourceError(f"{digest.algo} of member '{name}' is {actual}, the manifest {self.manifest_name} says "
+                              f"{digest.expected}", path=self.name, fmt="ova",
+                              hint="the package is damaged or was altered; nothing was written")
+        if name not in self.verified:
+            self.verified.append(name)
+
     def _unlisted(self, name: str) -> None:
         if name not in self.unlisted:
             self.unlisted.append(name)
@@ -404,11 +482,12 @@ class FolderOvf(RandomOva):
     opened through :meth:`Source.open_relative`, which confines them to the descriptor's folder (no ``..``, no
     links out of it, regular files only); the manifest is the ``.mf`` of the same name, when there is one."""
 
-    def __init__(self, source: Source) -> None:
-        if source.size > MAX_DESCRIPTOR:
-            raise UnsafeImage(f"the OVF descriptor is {source.size} bytes, more than the {MAX_DESCRIPTOR} limit",
-                              path=source.name, fmt=FMT)
-        data = source.read_exact(0, source.size, "OVF descriptor", FMT)
+    def __init__(self, source: Source, data: bytes | None = None) -> None:
+        if data is None:
+            if source.size > MAX_DESCRIPTOR:
+                raise UnsafeImage(f"the OVF descriptor is {source.size} bytes, more than the {MAX_DESCRIPTOR} "
+                                  "limit", path=source.name, fmt=FMT)
+            data = source.read_exact(0, source.size, "OVF descriptor", FMT)
         self._opened: dict[str, Source] = {}
         self.members = {}
         ovf_name = source.name.replace("\\", "/").rsplit("/", 1)[-1]
@@ -698,9 +777,29 @@ class StreamedMember(ReadintoSource):
         pass  # the package owns the stream
 
 
+def read_descriptor(stream: DecompressingStream, head: bytes, where: str) -> bytes:
+    """The whole OVF descriptor from a stream whose first bytes are ``head`` (a server without ranges); the
+    stream is closed, the descriptor's files are opened beside it."""
+    data = bytearray(head)
+    buf = bytearray(1 << 16)
+    try:
+        while len(data) <= MAX_DESCRIPTOR:
+            n = stream.readinto(memoryview(buf))
+            if not n:
+                break
+            data += buf[:n]
+    finally:
+        stream.close()
+    if len(data) > MAX_DESCRIPTOR:
+        raise UnsafeImage(f"the OVF descriptor is more than the {MAX_DESCRIPTOR} limit", path=where, fmt=FMT)
+    return bytes(data)
+
+
 def open_package(source: Source, stream: DecompressingStream | None = None, head: bytes = b"") -> OvaPackage:
     """The package in ``source``: read in place, or (with ``stream``, its first bytes in ``head``) in order; an
     ``.ovf`` descriptor with its files beside it."""
+    if stream is not None and stream.kind is None and is_ovf_descriptor(head):
+        return FolderOvf(source, read_descriptor(stream, head, source.name))
     if stream is not None:
         return StreamedOva(source, stream, head)
     if is_ovf_descriptor(source.pread(0, 4096)):

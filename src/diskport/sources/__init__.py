@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from diskport.errors import UsageError
+from diskport.errors import SourceError, UsageError
 from diskport.sources.base import Source
 from diskport.sources.file import FileSource
 
@@ -28,6 +28,9 @@ def open_source(location: str | os.PathLike[str], http: HttpOptions | None = Non
         return FileSource(text)
     scheme = urlsplit(text).scheme.lower()
     if scheme in ("http", "https"):
+        if urlsplit(text).path.endswith("/") or not urlsplit(text).path:
+            raise SourceError("is a folder URL, not a disk image", path=text,
+                             hint="name the appliance's .ovf descriptor in it (https://host/dir/vm.ovf) or a disk file")
         from diskport.sources.http import HttpSource  # httpx is imported only for URLs
 
         return HttpSource(text, http, on_bytes=on_bytes)

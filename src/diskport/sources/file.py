@@ -9,11 +9,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 
 from diskport.errors import SourceError, UnsafeImage
 from diskport.sources.base import Source
+
+
+def folder_message(path: str) -> str:
+    """What to say when a folder is given as an image: the ``.ovf`` to name when it holds an unpacked appliance,
+    else that it holds none (and which disk files it does hold)."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        names = []
+    ovfs = [n for n in names if n.lower().endswith(".ovf")]
+    if ovfs:
+        return f"is a folder, not a disk image; name its descriptor: {', '.join(os.path.join(path, n) for n in ovfs)}"
+    disks = [n for n in names if re.search(r"\.(vmdk|qcow2|vhdx?|vdi|img|raw|iso|ova)(\.\d{9})?$", n, re.I)]
+    if disks:
+        shown = ", ".join(disks[:5]) + (f" and {len(disks) - 5} more" if len(disks) > 5 else "")
+        return (f"is a folder, not a disk image; it holds no .ovf descriptor, so name a disk file ({shown}) or "
+                "the appliance's .ovf")
+    return "is a folder, not a disk image"
 
 
 class FileSource(Source):
@@ -27,14 +46,14 @@ class FileSource(Source):
             except FileNotFoundError:
                 raise SourceError("no such file", path=self.name) from None
             except IsADirectoryError:
-                raise SourceError("is a folder, not a disk image", path=self.name) from None
+                raise SourceError(folder_message(self.name), path=self.name) from None
             except OSError as e:
                 raise SourceError(f"cannot open: {e.strerror}", path=self.name) from None
         st = os.fstat(self._fd)
         self._block = stat.S_ISBLK(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
             os.close(self._fd)
-            raise SourceError("is a folder, not a disk image", path=self.name)
+            raise SourceError(folder_message(self.name), path=self.name)
         self.size = os.lseek(self._fd, 0, os.SEEK_END) if self._block else st.st_size
         self._blocks = st.st_blocks
         with contextlib.suppress(OSError):

@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httpx
 
-from diskport.errors import SourceError
+from diskport.errors import SourceError, UnsafeImage
 from diskport.net import (
     Cancelled,
     Retrier,
@@ -136,6 +136,7 @@ class HttpSource(ReadintoSource):
         self._budget = RetryBudget(self._policy.budget)  # one budget of waiting for the whole transfer
         self._closed = threading.Event()
         timeout = httpx.Timeout(self.options.stall_timeout, connect=self.options.connect_timeout)
+        self._transport = transport
         self.client = make_client(timeout=timeout, ca_bundle=self.options.ca_bundle, insecure=self.options.insecure,
                                   transport=transport)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -152,6 +153,34 @@ class HttpSource(ReadintoSource):
         except BaseException:
             self.client.close()
             raise
+
+    def relative_url(self, name: str, what: str) -> str:
+        """The URL of ``name`` beside this file (an OVF's ``ovf:href``), confined to this URL's folder: absolute
+        paths, URLs, ``..`` (also percent-encoded), queries and fragments are refused as external references."""
+        decoded = unquote(name)
+        if (not name or "://" in name or decoded.startswith("/") or "\\" in decoded or "\0" in decoded
+                or "?" in name or "#" in name or ":" in decoded.split("/", 1)[0]
+                or any(part in ("..", ".", "") for part in decoded.split("/"))):
+            raise UnsafeImage(f"refers to {what} '{name}' outside its own folder; diskport only opens files "
+                              "beside the image", path=self.name)
+        base = urlsplit(self.url)
+        folder = base.path.rsplit("/", 1)[0] + "/"
+        url = urljoin(f"{base.scheme}://{base.netloc}{folder}", quote(decoded, safe="/"))
+        target = urlsplit(url)
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc) or not target.path.startswith(folder):
+            raise UnsafeImage(f"refers to {what} '{name}' outside its own folder", path=self.name)
+        return url
+
+    def open_relative(self, name: str, what: str) -> HttpSource:
+        """Open ``name`` from this URL's folder (see :meth:`relative_url`), with the same options; a missing
+        file (HTTP 404) is a :class:`SourceError` naming it."""
+        url = self.relative_url(name, what)
+        try:
+            # its bytes count as this source's (``downloaded``, the progress): one download of the appliance
+            return HttpSource(url, self.options, on_bytes=self._count, transport=self._transport)
+        except SourceError as e:
+            raise SourceError(f"{what} '{name}' cannot be read: {e.message}", path=self.name,
+                              hint=e.hint) from None
 
     # -- the first request -----------------------------------------------------------------------------
     def _open(self) -> None:
