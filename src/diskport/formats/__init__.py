@@ -23,6 +23,7 @@ from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
+from diskport.names import FORMAT_ALIASES, INPUT_FORMATS, format_names
 from diskport.ova import DEFAULT, OvaChoice, package
 from diskport.sources import Source, open_source
 from diskport.sources.base import HeadSource
@@ -39,24 +40,19 @@ class FormatSpec:
     open: Callable[[Source], DiskImage]
 
 
-FORMATS: dict[str, FormatSpec] = {
-    spec.name: spec
-    for spec in (
-        FormatSpec("qcow2", qcow2.probe, qcow2.open_qcow2),
-        FormatSpec("vmdk", vmdk.probe, vmdk.open_vmdk),
-        FormatSpec("vpc", vhd.probe, vhd.open_vhd),
-        FormatSpec("vhdx", vhdx.probe, vhdx.open_vhdx),
-        FormatSpec("vdi", vdi.probe, vdi.open_vdi),
-        FormatSpec("iso", iso.probe, iso.open_iso),
-        FormatSpec("raw", raw.probe, raw.open_raw),
-    )
+_READERS: dict[str, tuple[Callable[[bytes, Source], int], Callable[[Source], DiskImage]]] = {
+    "qcow2": (qcow2.probe, qcow2.open_qcow2),
+    "vmdk": (vmdk.probe, vmdk.open_vmdk),
+    "vpc": (vhd.probe, vhd.open_vhd),
+    "vhdx": (vhdx.probe, vhdx.open_vhdx),
+    "vdi": (vdi.probe, vdi.open_vdi),
+    "iso": (iso.probe, iso.open_iso),
+    "raw": (raw.probe, raw.open_raw),
 }
-# Names users type for the same formats.
-ALIASES = {"vhd": "vpc", "img": "raw"}
-
-
-def format_names() -> list[str]:
-    return [*FORMATS, *ALIASES]
+# Registered under the names the command line offers without importing this package (diskport.names): a name
+# there without a reader here fails at import, a reader here without a name there is never chosen.
+FORMATS: dict[str, FormatSpec] = {name: FormatSpec(name, *_READERS[name]) for name in INPUT_FORMATS}
+ALIASES = FORMAT_ALIASES
 
 
 def read_head(source: Source) -> bytes:

@@ -15,8 +15,9 @@ guest inspection.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from diskport._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from diskport.manifest.api import (
@@ -43,14 +44,7 @@ _LAZY = {name: "diskport.manifest.api" for name in (
     "render", "write_atomic")}
 _LAZY.update(BootSource="diskport.manifest.model", Overrides="diskport.manifest.model")
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diskport.manifest' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
