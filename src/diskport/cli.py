@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import click
 
 from diskport.errors import DiskportError, UsageError, safe_text
-from diskport.names import OUTPUT_FORMATS, format_names
+from diskport.names import DEFAULT_TARGET, MANIFEST_TARGETS, OUTPUT_FORMATS, format_names
 from diskport.ova import OvaChoice
 from diskport.signals import Interrupted, terminate_raises
 from diskport.units import human_size, parse_size
@@ -232,10 +232,8 @@ def convert(source: str, destination: str | None, source_format: str | None, out
 
 def manifest_options(func: Callable[P, R]) -> Callable[P, R]:
     """--target and the overrides, the same for manifest, build --manifest and import --manifest."""
-    from diskport.manifest import DEFAULT_TARGET, TARGETS
-
     for option in reversed([
-        click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+        click.option("--target", type=click.Choice(MANIFEST_TARGETS), default=DEFAULT_TARGET, show_default=True,
                      help="cpln: the platform's workload; kubevirt: a KubeVirt VirtualMachine."),
         click.option("--name", help="Name of the workload/VM [default: from SOURCE]."),
         click.option("--bus", type=click.Choice(["virtio", "sata", "scsi"]), help="Disk bus [default: from the "

@@ -1,8 +1,9 @@
-"""The names of the formats diskport reads and writes, with no reader or writer imported.
+"""The names the command line offers as choices, with nothing that implements them imported.
 
-The command line builds its ``--format`` and ``--output-format`` choices from these, so ``--help`` renders
-without loading numpy and every reader; :mod:`diskport.formats` and :mod:`diskport.writers` register their
-readers and writers under exactly these names (a test checks that the two agree).
+``--format``, ``--output-format`` and ``--target`` take their choices from here, so ``--help`` renders without
+loading numpy, every reader or guest inspection; :mod:`diskport.formats`, :mod:`diskport.writers` and
+:mod:`diskport.manifest` register their readers, writers and targets under exactly these names
+(tests/test_startup.py checks that each registry and its list agree).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ INPUT_FORMATS: tuple[str, ...] = ("qcow2", "vmdk", "vpc", "vhdx", "vdi", "iso", 
 FORMAT_ALIASES: dict[str, str] = {"vhd": "vpc", "img": "raw"}
 #: Formats with a writer.
 OUTPUT_FORMATS: tuple[str, ...] = ("raw", "qcow2")
+#: Manifest targets (``manifest --target``), the default first.
+MANIFEST_TARGETS: tuple[str, ...] = ("cpln", "kubevirt")
+DEFAULT_TARGET = MANIFEST_TARGETS[0]
 
 
 def format_names() -> list[str]:
