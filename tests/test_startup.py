@@ -28,11 +28,11 @@ HEAVY = (
     "diskport.progress", "diskport.formats", "diskport.writers", "diskport.sources", "diskport.inspect",
     "diskport.ova.package",
 )
-#: inspect of a local image reads it (numpy, the decompressors, the readers may load), but it neither talks to
-#: a server or a registry, nor inspects the guest, nor writes anything.
+#: inspect of a local disk reads it (numpy, the decompressors, the readers may load), but it neither talks to
+#: a server or a registry, nor inspects the guest, nor writes anything, nor (not being a tar) reads an OVA.
 NOT_FOR_LOCAL_INSPECT = (
-    "httpx", "httpcore", "ssl", "rich", "http.server", "yaml", "asn1crypto", "lz4", "lzallright",
-    "diskport.oci.registry", "diskport.oci.auth", "diskport.oci.build", "diskport.oci.pull", "diskport.guest",
+    "httpx", "httpcore", "ssl", "rich", "http.server", "yaml", "asn1crypto", "lz4", "lzallright", "defusedxml",
+    "xml", "diskport.oci", "diskport.ova.package", "diskport.ova.descriptor", "diskport.guest",
     "diskport.manifest", "diskport.engine", "diskport.importer", "diskport.progress", "diskport.writers",
     "diskport.sources.http", "diskport.net",
 )

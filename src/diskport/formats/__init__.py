@@ -17,6 +17,7 @@ import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from diskport.errors import DiskportError, UnsupportedImage, UsageError, located
 from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
@@ -24,11 +25,14 @@ from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
 from diskport.names import FORMAT_ALIASES, INPUT_FORMATS, format_names
-from diskport.ova import DEFAULT, OvaChoice, package
+from diskport.ova import DEFAULT, OvaChoice, is_ovf_descriptor, is_tar
 from diskport.sources import Source, open_source
 from diskport.sources.base import HeadSource
 from diskport.sources.spool import spool
 from diskport.sources.stream import DecompressingStream
+
+if TYPE_CHECKING:
+    from diskport.ova import package
 
 HEAD_SIZE = 64 * 1024
 
@@ -100,10 +104,12 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
             raise UnsupportedImage(f"is {kind}-compressed {inner} data; decompress the outer layer first",
                                    path=source.name, fmt=kind)
         view = HeadSource(source.name, head)
-        if not fmt and ova is not None and package.is_ova_head(head):
-            return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
-                             random_access)
-        if not fmt:
+        if not fmt and is_tar(head):  # only a tar can be an OVA: the package reader is imported for one
+            from diskport.ova import package
+
+            if ova is not None and package.is_ova_head(head):
+                return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
+                                 random_access)
             package.refuse_late_descriptor(head, source.name)
         if not fmt:
             foreign.refuse_foreign(head, view)
@@ -193,7 +199,9 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
     with located(found.source.name, None):
         image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
                               random_access=random_access, ova=None)
-    if isinstance(pkg, package.StreamedOva) and pkg.stream.kind:
+    from diskport.ova.package import StreamedOva
+
+    if isinstance(pkg, StreamedOva) and pkg.stream.kind:
         image.compression.insert(0, pkg.stream.kind)
     image.appliance = pkg
     image.appliance_vm = vm
@@ -209,6 +217,8 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
 
 def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package.OvaPackage:
     """``source`` as an OVA package (for writing several of its disks), or a UsageError when it is not one."""
+    from diskport.ova import package
+
     head = read_head(source)
     compression = detect_compression(head)
     if compression or source.sequential:
@@ -222,8 +232,8 @@ def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package
             stream.close()
             raise
         stream.close()
-    elif package.is_ovf_descriptor(head) or (
-            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))):
+    elif is_ovf_descriptor(head) or (
+            is_tar(head) and (package.is_ova_head(head) or package.has_ovf_member(source))):
         return package.open_package(source)
     raise UsageError("is not an OVA appliance; choosing among several disks is for OVAs", path=source.name)
 
@@ -241,9 +251,11 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
     compression = detect_compression(head)
     if compression or source.sequential:
         return open_stream(source, compression, fmt, scratch_dir, size_limit, random_access, ova)
-    if (fmt is None and ova is not None and (package.is_ovf_descriptor(head) or (
-            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))))):
-        return _open_ova(package.open_package(source), ova, scratch_dir, size_limit, random_access)
+    if fmt is None and ova is not None and (is_ovf_descriptor(head) or is_tar(head)):
+        from diskport.ova import package  # only a tar or a descriptor can be an appliance
+
+        if is_ovf_descriptor(head) or package.is_ova_head(head) or package.has_ovf_member(source):
+            return _open_ova(package.open_package(source), ova, scratch_dir, size_limit, random_access)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)
         if name not in FORMATS:
