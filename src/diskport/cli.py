@@ -21,7 +21,6 @@ import click
 
 from diskport.errors import DiskportError, UsageError, safe_text
 from diskport.names import DEFAULT_TARGET, MANIFEST_TARGETS, OUTPUT_FORMATS, format_names
-from diskport.ova import OvaChoice
 from diskport.signals import Interrupted, terminate_raises
 from diskport.units import human_size, parse_size
 from diskport.version import __version__
@@ -206,6 +205,7 @@ def convert(source: str, destination: str | None, source_format: str | None, out
     leaves nothing behind. An OVA gives its boot disk, or the disks --all-disks and --disk N=DEST ask for.
     """
     from diskport.engine import convert as convert_image
+    from diskport.ova import OvaChoice
     from diskport.progress import JobProgress
 
     method = compression or ("zlib" if compress else None)
@@ -322,6 +322,7 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
     --checksum, and the summary says which path was taken and why.
     """
     from diskport.importer import import_image
+    from diskport.ova import OvaChoice
     from diskport.progress import JobProgress
     from diskport.sources.http import HttpOptions
 
@@ -683,6 +684,8 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
     a containerDisk image).
     """
     import json
+
+    from diskport.ova import OvaChoice
 
     if guest:
         from diskport.guest import inspect_guest
