@@ -66,14 +66,16 @@ def main() -> int:
                                                 {**env, "PYTHONPATH": str(args.baseline.resolve())})
         variants["this tree (python -m)"] = ([sys.executable, "-m", "diskport"],
                                              {**env, "PYTHONPATH": str(REPO / "src")})
-        if script.exists() and args.baseline is None:
+        if script.exists():
             variants["installed script"] = ([str(script)], env)
         cases = {"--version": ["--version"], "--help": ["--help"], "inspect qcow2": ["inspect", str(qcow2)],
                  "inspect raw": ["inspect", str(raw)]}
         floors = {"python -c pass": [sys.executable, "-c", "pass"],
                   "python -c 'import click'": [sys.executable, "-c", "import click"],
-                  "python -c 'import click, numpy'": [sys.executable, "-c", "import click, numpy"]}
-        plan: list[tuple[str, list[str], dict[str, str]]] = [(name, cmd, env) for name, cmd in floors.items()]
+                  "python -c 'import click, numpy'": [sys.executable, "-c", "import click, numpy"],
+                  "python -c 'import diskport.cli' (this tree)": [sys.executable, "-c", "import diskport.cli"]}
+        here = {**env, "PYTHONPATH": str(REPO / "src")}
+        plan: list[tuple[str, list[str], dict[str, str]]] = [(name, cmd, here) for name, cmd in floors.items()]
         for case, extra in cases.items():
             for variant, (cmd, venv) in variants.items():
                 plan.append((f"{case} [{variant}]", [*cmd, *extra], venv))
