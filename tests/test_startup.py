@@ -32,7 +32,7 @@ HEAVY = (
 #: a server or a registry, nor inspects the guest, nor writes anything, nor (not being a tar) reads an OVA.
 NOT_FOR_LOCAL_INSPECT = (
     "httpx", "httpcore", "ssl", "rich", "http.server", "yaml", "asn1crypto", "lz4", "lzallright", "defusedxml",
-    "xml", "diskport.oci", "diskport.ova.package", "diskport.ova.descriptor", "diskport.guest",
+    "xml", "concurrent.futures", "diskport.oci", "diskport.ova.package", "diskport.ova.descriptor", "diskport.guest",
     "diskport.manifest", "diskport.engine", "diskport.importer", "diskport.progress", "diskport.writers",
     "diskport.sources.http", "diskport.net",
 )

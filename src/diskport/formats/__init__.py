@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -128,6 +127,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         if declared is not None:
             limit = min(limit, declared + declared // 8 + 256 * 1024 * 1024)
         what = f"its declared virtual size ({declared} bytes)" if declared is not None else "the size limit"
+        import tempfile
+
         spooled = spool(stream, head, scratch_dir or tempfile.gettempdir(), limit, what)
         stream.close()
         try:
