@@ -183,3 +183,24 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     text = output.decode(errors="replace")
     assert "converting" in text
     assert "MiB" in text
+
+
+def test_remote_options_are_one_set_with_one_help() -> None:
+    """--ca-bundle, --tls-verify, --creds, --insecure and --platform mean the same on every command that takes
+    them: one definition each (cli.registry_options / remote_options / platform_option), one help text."""
+    import click
+
+    from diskport import cli
+
+    shared = ("ca_bundle", "tls_verify", "creds", "insecure", "platform")
+    seen: dict[str, dict[str, str]] = {}
+    for name, command in cli.main.commands.items():
+        for param in command.params:
+            if param.name in shared and isinstance(param, click.Option):
+                seen.setdefault(param.name, {})[name] = f"{param.opts} {param.help}"
+    assert set(seen) == set(shared)
+    for option, by_command in seen.items():
+        assert len(set(by_command.values())) == 1, (option, by_command)
+    assert set(seen["ca_bundle"]) == {"import", "build", "push", "pull", "manifest", "inspect"}
+    assert set(seen["insecure"]) == {"import", "manifest", "inspect"}
+    assert set(seen["platform"]) == {"import", "pull", "manifest", "inspect"}

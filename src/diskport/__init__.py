@@ -13,9 +13,9 @@ httpx and every reader: a command that needs none of them starts faster.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from diskport._lazy import lazy_getattr
 from diskport.errors import (
     CorruptImage,
     DestinationError,
@@ -44,14 +44,7 @@ _LAZY = {
     "BuildResult": "diskport.oci.build", "build_image": "diskport.oci.build", "push_layout": "diskport.oci.push",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diskport' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

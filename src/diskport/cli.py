@@ -2,33 +2,31 @@
 
 Errors the library raises on purpose (:class:`~diskport.errors.DiskportError`) become one line on stderr and
 exit code 1 (2 for usage). Ctrl-C exits 130 and SIGTERM 143, after the same cleanup as any failure.
+
+Start-up is kept light: this module imports click and diskport's small modules only; each command imports what
+it needs when it runs (numpy, httpx, rich, the readers, the oci package), and the option choices come from
+:mod:`diskport.names`, so ``--version`` and ``--help`` load none of them (tests/test_startup.py checks it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
 import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
-from diskport.engine import convert as convert_image
 from diskport.errors import DiskportError, UsageError, safe_text
-from diskport.formats import format_names
-from diskport.importer import import_image, parse_size
-from diskport.inspect import inspect_image, render_ova, render_text
-from diskport.ova import OvaChoice
-from diskport.progress import JobProgress
+from diskport.names import DEFAULT_TARGET, MANIFEST_TARGETS, OUTPUT_FORMATS, format_names
 from diskport.signals import Interrupted, terminate_raises
-from diskport.sources.http import HttpOptions
-from diskport.units import human_size
+from diskport.units import human_size, parse_size
 from diskport.version import __version__
-from diskport.writers import OUTPUT_FORMATS
+
+if TYPE_CHECKING:
+    from diskport.progress import JobProgress
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,6 +64,8 @@ def _pin_malloc_mmap_threshold() -> None:
     4 GiB qcow2.xz, peak RSS 304 MiB with the default, 190 MiB with the threshold pinned at 1 MiB. Only the
     command line does this: it owns its process, a library user owns theirs.
     """
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
@@ -73,11 +73,23 @@ def _pin_malloc_mmap_threshold() -> None:
         pass  # not glibc
 
 
+def _one_blas_thread() -> None:
+    """Keep numpy's OpenBLAS from starting a thread per CPU when it is imported.
+
+    diskport uses numpy for table bookkeeping, never for linear algebra, yet OpenBLAS starts its thread pool at
+    import: measured on these 2-CPU VMs, ``diskport inspect disk.qcow2`` took 248 ms of user CPU with the pool
+    and 156 ms with one thread, at the same wall time. Set before a command imports numpy (the commands import
+    it lazily); a value the user set is kept. Only the command line does this, as with malloc above.
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="diskport")
 def main() -> None:
     """Convert, import and package virtual-machine disk images for KubeVirt-style platforms."""
     _pin_malloc_mmap_threshold()
+    _one_blas_thread()
 
 
 FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choice(format_names()),
@@ -105,22 +117,37 @@ def _say_cache(policy: Any, verbose: bool, job: JobProgress | None = None) -> No
 
 
 def registry_options(func: Callable[P, R]) -> Callable[P, R]:
-    """--creds, --tls-verify and --ca-bundle, the same for build --push, push, pull and import docker://."""
+    """--ca-bundle, --tls-verify and --creds: every command that talks to a registry (build --push, push, pull,
+    and import, manifest and inspect --guest of docker://REF), with the same help everywhere."""
     func = click.option("--creds", metavar="USER:PASS",
                         help="Registry credentials [default: DISKPORT_USERNAME/DISKPORT_PASSWORD, then "
                              "~/.docker/config.json and credential helpers].")(func)
     func = click.option("--tls-verify", type=click.BOOL, default=True, show_default=True, metavar="BOOL",
                         help="Verify the registry's TLS certificate (--tls-verify=false to skip).")(func)
-    return func
+    return click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
+                        help="CA certificates for https servers and registries.")(func)
+
+
+def platform_option(func: Callable[P, R]) -> Callable[P, R]:
+    """--platform: which image of an index a docker://REF gives."""
+    return click.option("--platform", metavar="OS/ARCH",
+                        help="docker://REF: which image of an index [default: this machine's].")(func)
+
+
+def remote_options(func: Callable[P, R]) -> Callable[P, R]:
+    """The registry options, --insecure and --platform: the commands whose SOURCE may be an http(s) URL or
+    docker://REF (import, manifest, inspect)."""
+    func = registry_options(func)
+    func = platform_option(func)
+    return click.option("--insecure", is_flag=True,
+                        help="Do not verify TLS certificates (https servers and registries).")(func)
 
 
 def push_options(func: Callable[P, R]) -> Callable[P, R]:
-    """The options of every command that pushes: the registry options, --ca-bundle and --chunk-size."""
+    """The options of every command that pushes: the registry options and --chunk-size."""
     func = click.option("--chunk-size", metavar="SIZE", help="PATCH size when an upload falls back to chunks "
                         "(K/M/G; the registry's minimum is honoured) [default: 64M].")(func)
-    func = registry_options(func)
-    return click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
-                        help="CA certificates for the registry.")(func)
+    return registry_options(func)
 
 
 def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, reference: str,
@@ -211,6 +238,10 @@ def convert(source: str, destination: str | None, source_format: str | None, out
     DESTINATION is written beside itself and renamed when complete: a failed or interrupted conversion
     leaves nothing behind. An OVA gives its boot disk, or the disks --all-disks and --disk N=DEST ask for.
     """
+    from diskport.engine import convert as convert_image
+    from diskport.ova import OvaChoice
+    from diskport.progress import JobProgress
+
     method = compression or ("zlib" if compress else None)
     targets = _ova_targets(destination, all_disks, disk_targets)
     if targets is not None:
@@ -236,10 +267,8 @@ def convert(source: str, destination: str | None, source_format: str | None, out
 
 def manifest_options(func: Callable[P, R]) -> Callable[P, R]:
     """--target and the overrides, the same for manifest, build --manifest and import --manifest."""
-    from diskport.manifest import DEFAULT_TARGET, TARGETS
-
     for option in reversed([
-        click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+        click.option("--target", type=click.Choice(MANIFEST_TARGETS), default=DEFAULT_TARGET, show_default=True,
                      help="cpln: the platform's workload; kubevirt: a KubeVirt VirtualMachine."),
         click.option("--name", help="Name of the workload/VM [default: from SOURCE]."),
         click.option("--bus", type=click.Choice(["virtio", "sata", "scsi"]), help="Disk bus [default: from the "
@@ -290,8 +319,7 @@ def _emit_manifest(text: str, output: str | None) -> None:
                    "disk fails before anything is written; a raw disk is grown to SIZE.")
 @click.option("-O", "--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True)
 @click.option("--checksum", metavar="ALGO:HEX", help="Verify the download (md5, sha1, sha256, sha512).")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for https.")
-@click.option("--insecure", is_flag=True, help="Do not verify the server's TLS certificate.")
+@remote_options
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="Extra request header (repeatable); never sent to another host after a redirect.")
 @click.option("--connections", type=click.IntRange(1, 16), default=4, show_default=True,
@@ -303,9 +331,6 @@ def _emit_manifest(text: str, output: str | None) -> None:
               show_default=True, help="bar (on a terminal), JSON lines on stderr, or nothing.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Serve progress as Prometheus metrics on PORT (/metrics) while the import runs.")
-@click.option("--platform", metavar="OS/ARCH", help="docker:// only: which image of an index [default: this "
-                                                    "machine's].")
-@registry_options
 @click.option("--inspect", "inspect_guest", is_flag=True,
               help="Look inside the disk written and print the guest's one-line verdict (OS, firmware, bus).")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False), metavar="FILE",
@@ -332,6 +357,11 @@ def import_(source: str, destination: str, size_text: str | None = None, output_
     is used only for a random-access format inside a compressed file, on a server without ranges, or with
     --checksum, and the summary says which path was taken and why.
     """
+    from diskport.importer import import_image
+    from diskport.ova import OvaChoice
+    from diskport.progress import JobProgress
+    from diskport.sources.http import HttpOptions
+
     extra: dict[str, str] = {}
     for header in headers:
         name, sep, value = header.partition(":")
@@ -490,6 +520,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
 
     from diskport.oci.build import build_image
     from diskport.oci.push import push_layout
+    from diskport.progress import JobProgress
 
     if push_it and not reference:
         raise UsageError("--push needs -t registry/name:tag")
@@ -587,6 +618,7 @@ def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, c
     Blobs the registry already has are skipped; a broken upload resumes where the registry says it stopped.
     """
     from diskport.oci.push import push_layout
+    from diskport.progress import JobProgress
 
     options, credentials = _registry(creds, tls_verify, ca_bundle, reference, chunk_size)
     with JobProgress("pushing", bar=not quiet) as job:
@@ -599,10 +631,9 @@ def push(layout: str, reference: str, ca_bundle: str | None, tls_verify: bool, c
 @main.command()
 @click.argument("reference", metavar="REF")
 @click.argument("destination", type=click.Path(dir_okay=False))
-@click.option("--platform", metavar="OS/ARCH", help="Which image of an index [default: this machine's].")
+@platform_option
 @click.option("-O", "--output-format", type=click.Choice(OUTPUT_FORMATS), default="raw", show_default=True)
 @click.option("--size", "size_text", metavar="SIZE", help="As for import: the disk must fit; raw is grown to it.")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True), help="CA certificates for the registry.")
 @registry_options
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
               help="Folder for scratch space, used only when needed [default: DESTINATION's folder].")
@@ -636,11 +667,7 @@ def pull(ctx: click.Context, /, reference: str, destination: str, **options: Any
 @FORMAT_OPTION
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML to FILE (atomically) "
               "[default: stdout].")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
-              help="CA certificates for https and registries.")
-@click.option("--insecure", is_flag=True, help="Do not verify an https server's TLS certificate.")
-@click.option("--platform", metavar="OS/ARCH", help="docker:// only: which image of an index.")
-@registry_options
+@remote_options
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
               help="Folder to spool a compressed disk to when it must be inspected.")
 @handle_errors
@@ -658,6 +685,7 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
     data disks; --url then says where its disks (convert --all-disks) are published.
     """
     from diskport.manifest import generate
+    from diskport.sources.http import HttpOptions
 
     overrides = _overrides(name, size_text, bus, firmware, secure_boot, volume_set, cpu, memory)
     registry: Any = None
@@ -680,11 +708,7 @@ def manifest(source: str, target: str, name: str | None, bus: str | None, firmwa
 @click.option("--json", "as_json", is_flag=True, help="JSON with qemu-img info's field names.")
 @click.option("--guest", is_flag=True, help="Look inside the guest: partitions, filesystems, firmware, OS, "
               "drivers, and the platform settings it needs.")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True),
-              help="--guest: CA certificates for https and registries.")
-@click.option("--insecure", is_flag=True, help="--guest: do not verify an https server's TLS certificate.")
-@click.option("--platform", metavar="OS/ARCH", help="--guest, docker:// only: which image of an index.")
-@registry_options
+@remote_options
 @click.option("--scratch", type=click.Path(file_okay=False, exists=True),
               help="Folder to spool a compressed disk to [default: the system's temporary folder].")
 @click.option("--size-scan-limit", "scan_limit", metavar="SIZE", default="8G", show_default=True,
@@ -698,9 +722,15 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
     IMAGE is a path or an http(s) URL (read with range requests); with --guest also docker://REF (the disk of
     a containerDisk image).
     """
+    import json
+
+    from diskport.ova import OvaChoice
+
     if guest:
         from diskport.guest import inspect_guest
         from diskport.guest.render import render_guest
+        from diskport.inspect import render_ova
+        from diskport.sources.http import HttpOptions
 
         registry: Any = None
         credentials: Any = "auto"
@@ -731,8 +761,17 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
         else:
             click.echo(render_guest(report) + ("\n" + "\n".join(render_ova(appliance)) if appliance else ""))
         return
-    facts: dict[str, Any] = inspect_image(image, source_format, scratch_dir=scratch,
-                                          size_scan_limit=parse_size(scan_limit), ova=OvaChoice(vm=vm))
+    from diskport.inspect import inspect_image, render_text
+
+    with contextlib.ExitStack() as stack:
+        target: Any = image
+        if image.startswith(("http://", "https://")):
+            from diskport.sources import open_source
+            from diskport.sources.http import HttpOptions
+
+            target = stack.enter_context(open_source(image, HttpOptions(ca_bundle=ca_bundle, insecure=insecure)))
+        facts: dict[str, Any] = inspect_image(target, source_format, scratch_dir=scratch,
+                                              size_scan_limit=parse_size(scan_limit), ova=OvaChoice(vm=vm))
     click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
 
 

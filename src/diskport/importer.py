@@ -11,7 +11,6 @@ path was taken and why.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from diskport.sources import open_source
 from diskport.sources.base import SliceSource, Source
 from diskport.sources.checksum import ChecksumSource, parse_checksum
 from diskport.sources.http import HttpOptions, HttpSource
+from diskport.units import parse_size as parse_size  # re-exported: it lived here first
 
 if TYPE_CHECKING:
     from diskport.guest.facts import GuestReport
@@ -35,19 +35,6 @@ if TYPE_CHECKING:
     from diskport.oci.registry import RegistryOptions
 
 REGISTRY_SCHEME = "docker://"
-
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGTPE]i?)?[bB]?\s*")
-_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
-
-
-def parse_size(text: str) -> int:
-    """Bytes, or a number with K/M/G/T/P/E (powers of 1024, as qemu-img reads them) or Ki/Mi/Gi/Ti/Pi/Ei (as
-    Kubernetes writes them)."""
-    m = _SIZE.fullmatch(text)
-    if m is None:
-        raise UsageError(f"size '{text}' is not bytes or a number with K/M/G/T (or Ki/Mi/Gi/Ti)")
-    return int(m.group(1)) * int(1024 ** _UNITS[(m.group(2) or "").rstrip("i")])
-
 
 @dataclass
 class ImportResult:

@@ -13,13 +13,14 @@ from typing import Any
 from diskport.errors import safe_text
 from diskport.formats import open_image
 from diskport.ova import DEFAULT, OvaChoice
+from diskport.sources.base import Source
 from diskport.units import human_size
 
 #: How much of a raw disk in a compressed file ``inspect`` decompresses to learn its size before it stops.
 SIZE_SCAN_LIMIT = 8 * 1024 ** 3
 
 
-def inspect_image(location: str | os.PathLike[str], fmt: str | None = None, *,
+def inspect_image(location: str | os.PathLike[str] | Source, fmt: str | None = None, *,
                   scratch_dir: str | None = None, size_scan_limit: int = SIZE_SCAN_LIMIT,
                   ova: OvaChoice = DEFAULT) -> dict[str, Any]:
     """Facts about the image at ``location``.
@@ -37,7 +38,7 @@ def inspect_image(location: str | os.PathLike[str], fmt: str | None = None, *,
                     stopped = True
                     break
         facts = image.info()
-        facts["filename"] = os.fspath(location)
+        facts["filename"] = location.name if isinstance(location, Source) else os.fspath(location)
         if image.compression or image.appliance is not None:
             facts["access"] = image.access
         if stopped:

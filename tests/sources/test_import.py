@@ -123,6 +123,22 @@ def test_tls_with_test_ca(tls_server: NginxTlsServer, serve_dir: Path, tmp_path:
     assert proc.returncode == 0
 
 
+def test_inspect_of_an_https_url_takes_the_same_tls_options(tls_server: NginxTlsServer, serve_dir: Path) -> None:
+    """inspect URL (without --guest) honours --ca-bundle and --insecure, as import does and its help says."""
+    make_image(serve_dir, "qcow2", 4 * MiB, name="disk.qcow2")
+    proc = run_cli("inspect", "--json", tls_server.url("disk.qcow2"))
+    assert proc.returncode == 1 and "TLS failed" in proc.stderr
+    proc = run_cli("inspect", "--json", "--ca-bundle", tls_server.ca_bundle, tls_server.url("disk.qcow2"))
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["format"] == "qcow2" and facts["virtual-size"] == 4 * MiB
+    assert facts["filename"] == tls_server.url("disk.qcow2")
+    proc = run_cli("inspect", "--ca-bundle", tls_server.ca_bundle, tls_server.untrusted_url("disk.qcow2"))
+    assert proc.returncode == 1 and "TLS failed" in proc.stderr
+    proc = run_cli("inspect", "--json", "--insecure", tls_server.untrusted_url("disk.qcow2"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["format"] == "qcow2", proc.stderr
+
+
 def test_dropped_connection_resumes_with_if_range(fault_server: FaultServer, qcow2: tuple[Path, str],
                                                   tmp_path: Path) -> None:
     _, expected = qcow2

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from diskport.errors import DiskportError, UnsupportedImage, UsageError, located
 from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
-from diskport.ova import DEFAULT, OvaChoice, package
+from diskport.names import FORMAT_ALIASES, INPUT_FORMATS, format_names
+from diskport.ova import DEFAULT, OvaChoice, is_ovf_descriptor, is_tar
 from diskport.sources import Source, open_source
 from diskport.sources.base import HeadSource
 from diskport.sources.spool import spool
 from diskport.sources.stream import DecompressingStream
+
+if TYPE_CHECKING:
+    from diskport.ova import package
 
 HEAD_SIZE = 64 * 1024
 
@@ -39,24 +43,19 @@ class FormatSpec:
     open: Callable[[Source], DiskImage]
 
 
-FORMATS: dict[str, FormatSpec] = {
-    spec.name: spec
-    for spec in (
-        FormatSpec("qcow2", qcow2.probe, qcow2.open_qcow2),
-        FormatSpec("vmdk", vmdk.probe, vmdk.open_vmdk),
-        FormatSpec("vpc", vhd.probe, vhd.open_vhd),
-        FormatSpec("vhdx", vhdx.probe, vhdx.open_vhdx),
-        FormatSpec("vdi", vdi.probe, vdi.open_vdi),
-        FormatSpec("iso", iso.probe, iso.open_iso),
-        FormatSpec("raw", raw.probe, raw.open_raw),
-    )
+_READERS: dict[str, tuple[Callable[[bytes, Source], int], Callable[[Source], DiskImage]]] = {
+    "qcow2": (qcow2.probe, qcow2.open_qcow2),
+    "vmdk": (vmdk.probe, vmdk.open_vmdk),
+    "vpc": (vhd.probe, vhd.open_vhd),
+    "vhdx": (vhdx.probe, vhdx.open_vhdx),
+    "vdi": (vdi.probe, vdi.open_vdi),
+    "iso": (iso.probe, iso.open_iso),
+    "raw": (raw.probe, raw.open_raw),
 }
-# Names users type for the same formats.
-ALIASES = {"vhd": "vpc", "img": "raw"}
-
-
-def format_names() -> list[str]:
-    return [*FORMATS, *ALIASES]
+# Registered under the names the command line offers without importing this package (diskport.names): a name
+# there without a reader here fails at import, a reader here without a name there is never chosen.
+FORMATS: dict[str, FormatSpec] = {name: FormatSpec(name, *_READERS[name]) for name in INPUT_FORMATS}
+ALIASES = FORMAT_ALIASES
 
 
 def read_head(source: Source) -> bytes:
@@ -104,11 +103,13 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
             raise UnsupportedImage(f"is {kind}-compressed {inner} data; decompress the outer layer first",
                                    path=source.name, fmt=kind)
         view = HeadSource(source.name, head)
-        if not fmt and ova is not None and (package.is_ova_head(head) or (
-                kind is None and package.is_ovf_descriptor(head))):
-            return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
-                             random_access)
-        if not fmt:
+        descriptor = kind is None and is_ovf_descriptor(head)  # an .ovf read in order, from a server without ranges
+        if not fmt and (descriptor or is_tar(head)):  # only these can be an appliance: import its reader for them
+            from diskport.ova import package
+
+            if ova is not None and (descriptor or package.is_ova_head(head)):
+                return _open_ova(package.open_package(source, stream, head), ova, scratch_dir, size_limit,
+                                 random_access)
             package.refuse_late_descriptor(head, source.name)
         if not fmt:
             foreign.refuse_foreign(head, view)
@@ -127,6 +128,8 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         if declared is not None:
             limit = min(limit, declared + declared // 8 + 256 * 1024 * 1024)
         what = f"its declared virtual size ({declared} bytes)" if declared is not None else "the size limit"
+        import tempfile
+
         spooled = spool(stream, head, scratch_dir or tempfile.gettempdir(), limit, what)
         stream.close()
         try:
@@ -198,7 +201,9 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
     with located(found.source.name, None):
         image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
                               random_access=random_access, ova=None)
-    if isinstance(pkg, package.StreamedOva) and pkg.stream.kind:
+    from diskport.ova.package import StreamedOva
+
+    if isinstance(pkg, StreamedOva) and pkg.stream.kind:
         image.compression.insert(0, pkg.stream.kind)
     image.appliance = pkg
     image.appliance_vm = vm
@@ -214,6 +219,8 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
 
 def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package.OvaPackage:
     """``source`` as an OVA package (for writing several of its disks), or a UsageError when it is not one."""
+    from diskport.ova import package
+
     head = read_head(source)
     compression = detect_compression(head)
     if compression or source.sequential:
@@ -221,14 +228,14 @@ def open_appliance(source: Source, *, scratch_dir: str | None = None) -> package
         try:
             buf = bytearray(HEAD_SIZE)
             inner = bytes(buf[: stream.readinto(memoryview(buf))])
-            if package.is_ova_head(inner) or (compression is None and package.is_ovf_descriptor(inner)):
+            if package.is_ova_head(inner) or (compression is None and is_ovf_descriptor(inner)):
                 return package.open_package(source, stream, inner)
         except BaseException:
             stream.close()
             raise
         stream.close()
-    elif package.is_ovf_descriptor(head) or (
-            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))):
+    elif is_ovf_descriptor(head) or (
+            is_tar(head) and (package.is_ova_head(head) or package.has_ovf_member(source))):
         return package.open_package(source)
     raise UsageError("is not an OVA appliance; choosing among several disks is for OVAs", path=source.name)
 
@@ -246,9 +253,11 @@ def open_detected(source: Source, fmt: str | None = None, *, scratch_dir: str | 
     compression = detect_compression(head)
     if compression or source.sequential:
         return open_stream(source, compression, fmt, scratch_dir, size_limit, random_access, ova)
-    if (fmt is None and ova is not None and (package.is_ovf_descriptor(head) or (
-            head[257:262] == b"ustar" and (package.is_ova_head(head) or package.has_ovf_member(source))))):
-        return _open_ova(package.open_package(source), ova, scratch_dir, size_limit, random_access)
+    if fmt is None and ova is not None and (is_ovf_descriptor(head) or is_tar(head)):
+        from diskport.ova import package  # only a tar or a descriptor can be an appliance
+
+        if is_ovf_descriptor(head) or package.is_ova_head(head) or package.has_ovf_member(source):
+            return _open_ova(package.open_package(source), ova, scratch_dir, size_limit, random_access)
     if fmt is not None:
         name = ALIASES.get(fmt, fmt)
         if name not in FORMATS:

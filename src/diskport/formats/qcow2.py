@@ -30,8 +30,7 @@ import struct
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zstandard
@@ -60,6 +59,9 @@ from diskport.formats.qcow2_spec import (
 from diskport.formats.runs import RunKind, split_runs
 from diskport.sources.base import Source
 
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
 MAX_VIRTUAL_SIZE = 1 << 62
 _L2_CACHE = 16
 
@@ -68,6 +70,8 @@ _ZERO, _DATA, _COMPRESSED = RunKind.ZERO, RunKind.DATA, RunKind.COMPRESSED
 
 @functools.cache
 def _decompress_pool() -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor  # only compressed images need it: not at start-up
+
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="qcow2-decompress")
 
 

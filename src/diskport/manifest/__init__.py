@@ -15,8 +15,10 @@ guest inspection.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from diskport._lazy import lazy_getattr
+from diskport.names import DEFAULT_TARGET, MANIFEST_TARGETS
 
 if TYPE_CHECKING:
     from diskport.manifest.api import (
@@ -31,26 +33,21 @@ if TYPE_CHECKING:
     )
     from diskport.manifest.model import BootSource, Overrides
 
-#: One line per target: its name and the module whose ``build(plan)`` writes its documents.
-TARGETS: dict[str, str] = {
+#: One line per target: its name and the module whose ``build(plan)`` writes its documents. The command line
+#: offers the names in :data:`diskport.names.MANIFEST_TARGETS` without importing this package: a name there
+#: without a module here fails at import.
+_MODULES: dict[str, str] = {
     "cpln": "diskport.manifest.cpln",
     "kubevirt": "diskport.manifest.kubevirt",
 }
-DEFAULT_TARGET = "cpln"
+TARGETS: dict[str, str] = {name: _MODULES[name] for name in MANIFEST_TARGETS}
 
 _LAZY = {name: "diskport.manifest.api" for name in (
     "ManifestResult", "checked_checksum", "compute_checksum", "docker_source", "generate", "manifest_for_report",
     "render", "write_atomic")}
 _LAZY.update(BootSource="diskport.manifest.model", Overrides="diskport.manifest.model")
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diskport.manifest' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

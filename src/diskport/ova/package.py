@@ -36,6 +36,7 @@ from typing import Any
 
 from diskport.errors import CorruptImage, SourceError, UnsafeImage, UnsupportedImage
 from diskport.oci.tarscan import BLOCK, RandomTarReader, StreamTarReader, TarEntry, iter_tar
+from diskport.ova import is_ovf_descriptor
 from diskport.ova.descriptor import (
     FMT,
     MAX_DESCRIPTOR,
@@ -528,12 +529,6 @@ class FolderOvf(RandomOva):
             opened.close()
         self._opened.clear()
         super().close()
-
-
-def is_ovf_descriptor(head: bytes) -> bool:
-    """Whether ``head`` starts an OVF descriptor (XML whose root is an OVF Envelope)."""
-    text = head[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
-    return text.startswith(b"<") and b"Envelope" in text and b"dmtf.org/ovf/envelope" in text
 
 
 def _stream_vmdk(head: bytes) -> bool:

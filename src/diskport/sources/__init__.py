@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 from diskport.errors import SourceError, UsageError
 from diskport.sources.base import Source
@@ -26,6 +25,8 @@ def open_source(location: str | os.PathLike[str], http: HttpOptions | None = Non
     text = os.fspath(location)
     if "://" not in text:
         return FileSource(text)
+    from urllib.parse import unquote, urlsplit  # a local path needs neither
+
     scheme = urlsplit(text).scheme.lower()
     if scheme in ("http", "https"):
         if urlsplit(text).path.endswith("/") or not urlsplit(text).path:

@@ -9,7 +9,6 @@ after at most ``limit`` bytes rather than filling the disk.
 from __future__ import annotations
 
 import os
-import tempfile
 
 from diskport.errors import DestinationError, UnsafeImage
 from diskport.sources.file import FileSource
@@ -21,6 +20,8 @@ CHUNK = 8 * 1024 * 1024
 
 def spool(stream: DecompressingStream, head: bytes, scratch_dir: str, limit: int, what: str) -> FileSource:
     """Copy ``head`` (already read from the stream) and the rest of ``stream`` into an unlinked scratch file."""
+    import tempfile  # imported when a spool is made, not by every command that could make one
+
     try:
         handle = tempfile.TemporaryFile(prefix=".diskport-spool-", dir=scratch_dir)  # noqa: SIM115 - closed below
     except OSError as e:

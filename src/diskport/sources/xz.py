@@ -21,11 +21,14 @@ import os
 import struct
 import zlib
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from diskport.errors import CorruptImage
 from diskport.sources.base import Source
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -146,6 +149,8 @@ class ParallelXzReader(io.RawIOBase):
         self.source = source
         self.blocks = blocks
         self.workers = workers or os.cpu_count() or 2
+        from concurrent.futures import ThreadPoolExecutor  # multi-block xz only: not at start-up
+
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="xz-decode")
         self.next_block = 0
         self.ahead: deque[Future[bytes]] = deque()
