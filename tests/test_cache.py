@@ -16,7 +16,9 @@ import pytest
 
 from diskport.cache import KICK_BYTES, MODES, WriteBehind, cgroup_memory_limit, decide, mem_available
 from diskport.engine import convert
-from tests.conftest import MiB, loop_device, qemu_img, qemu_io, qemu_raw_sha256, require_tool, run, run_cli, sha256_file
+from tests.support import MiB
+from tests.support.clients import qemu_img, qemu_io, require_tool, run, run_cli
+from tests.support.images import loop_device, qemu_raw_sha256, sha256_file
 from tests.support.registry import RegistryServer
 
 GiB = 1024 * MiB

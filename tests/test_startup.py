@@ -17,7 +17,7 @@ import click
 import pytest
 
 from diskport import cli, names
-from tests.conftest import qemu_img
+from tests.support.clients import qemu_img
 
 #: What start-up must not pay for: numpy and the compression libraries (the readers), httpx and ssl (URLs),
 #: rich and http.server (progress), the registry client, guest inspection, manifests, the engine.

@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.images import make_image, qemu_raw_sha256
+
 OVF1 = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2 = "http://schemas.dmtf.org/ovf/envelope/2"
 RASD = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
@@ -224,3 +226,14 @@ def make_ova(path: Path, vms: list[Vm], *, style: str = "vmware", algo: str = "s
     else:
         ordered += members + ([mf] if with_manifest else [])
     return write_tar(path, ordered, fmt, compress)
+
+
+def stream_vmdk(tmp_path: Path, size: int, seed: int) -> tuple[Disk, str]:
+    """A streamOptimized VMDK from qemu-img and qemu-img's raw conversion of it (sha256)."""
+    vmdk = make_image(tmp_path, "vmdk", size, "subformat=streamOptimized", name=f"src-{seed}.vmdk", seed=seed)
+    return Disk(vmdk, size), qemu_raw_sha256(vmdk, tmp_path)
+
+
+def tar_members(ova: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(ova) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]

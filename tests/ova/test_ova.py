@@ -21,7 +21,7 @@ from diskport.oci.layout import read_layout
 from diskport.oci.media import Descriptor
 from diskport.ova import OvaChoice
 from diskport.sources.http import HttpOptions
-from tests.ova.build import Disk, Vm, make_ova, manifest, vmware_ovf, write_tar
+from tests.ova.build import Disk, Vm, make_ova, manifest, tar_members, vmware_ovf, write_tar
 from tests.support import MiB
 from tests.support.clients import require_tool, run, run_cli
 from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
@@ -30,17 +30,6 @@ from tests.support.servers import NginxServer, PlainHTTPServer
 
 FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
 TAR_FORMATS = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
-
-
-def stream_vmdk(tmp_path: Path, size: int, seed: int) -> tuple[Disk, str]:
-    """A streamOptimized VMDK from qemu-img and qemu-img's raw conversion of it (sha256)."""
-    vmdk = make_image(tmp_path, "vmdk", size, "subformat=streamOptimized", name=f"src-{seed}.vmdk", seed=seed)
-    return Disk(vmdk, size), qemu_raw_sha256(vmdk, tmp_path)
-
-
-@pytest.fixture
-def disks(tmp_path: Path) -> list[tuple[Disk, str]]:
-    return [stream_vmdk(tmp_path, 6 * MiB + 64 * 1024 * (i + 1), seed=i + 1) for i in range(3)]
 
 
 @pytest.mark.parametrize("tar_format", list(TAR_FORMATS))
@@ -233,18 +222,13 @@ def test_truncated_stream_is_refused(tmp_path: Path, disks: list[tuple[Disk, str
 
 
 # -- the manifest --------------------------------------------------------------------------------------------
-def _members(ova: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(ova) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
-
-
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("style", ["vmware", "virtualbox"])
 def test_checksum_mismatch_leaves_nothing(tmp_path: Path, disks: list[tuple[Disk, str]], style: str,
                                           compress: bool) -> None:
     (a, _), (b, _), _ = disks
     ova = make_ova(tmp_path / "m.ova", [Vm("vm", [a, b])], style=style)
-    members = _members(ova)
+    members = tar_members(ova)
     # the last byte of the first disk changed: padding after its last grain, which no reader looks at; only the
     # digest can tell
     name, data = members[1] if style == "virtualbox" else members[2]
@@ -265,7 +249,7 @@ def test_checksum_mismatch_leaves_nothing(tmp_path: Path, disks: list[tuple[Disk
 
 def test_manifest_that_lists_a_file_twice_is_refused(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
     disk, _ = disks[0]
-    members = _members(make_ova(tmp_path / "m.ova", [Vm("vm", [disk])]))
+    members = tar_members(make_ova(tmp_path / "m.ova", [Vm("vm", [disk])]))
     name, mf = members[1]
     members[1] = (name, mf + mf.splitlines(keepends=True)[-1])
     bad = write_tar(tmp_path / "twice.ova", members)
@@ -275,7 +259,7 @@ def test_manifest_that_lists_a_file_twice_is_refused(tmp_path: Path, disks: list
 
 def test_missing_and_extra_manifest_entries_are_reported(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
     disk, expected = disks[0]
-    members = _members(make_ova(tmp_path / "m.ova", [Vm("vm", [disk])]))
+    members = tar_members(make_ova(tmp_path / "m.ova", [Vm("vm", [disk])]))
     ovf = members[0]
     members[1] = ("m.mf", manifest([ovf, ("ghost.vmdk", b"")]))
     odd = write_tar(tmp_path / "odd.ova", members)
@@ -371,7 +355,7 @@ def test_member_path_with_dotdot_and_symlink_member_refused(tmp_path: Path, disk
 
 def test_descriptor_not_first_is_read_with_random_access_only(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
     disk, expected = disks[0]
-    members = _members(make_ova(tmp_path / "o.ova", [Vm("vm", [disk])]))
+    members = tar_members(make_ova(tmp_path / "o.ova", [Vm("vm", [disk])]))
     reordered = write_tar(tmp_path / "late.ova", [members[2], members[0], members[1]])
     convert(reordered, tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == expected
@@ -423,7 +407,7 @@ def test_ovf_with_its_files_in_a_folder(tmp_path: Path, disks: list[tuple[Disk, 
     ova = make_ova(tmp_path / "app.ova", [Vm("app", [a, b], firmware="efi")])
     folder = tmp_path / "unpacked"
     folder.mkdir()
-    for name, data in _members(ova):
+    for name, data in tar_members(ova):
         (folder / name).write_bytes(data)
     facts = inspect_image(folder / "app.ovf")["ova"]
     assert facts["firmware"] == "efi" and [d["file"] for d in facts["disks"]] == ["app-disk1.vmdk", "app-disk2.vmdk"]

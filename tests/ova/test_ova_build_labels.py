@@ -12,13 +12,11 @@ import yaml
 from diskport.guest.facts import LABEL_PREFIX
 from diskport.manifest.model import facts_from_labels, join_ovf
 from diskport.oci.build import build_image
-from tests.conftest import run_cli
 from tests.ova.build import Disk, Vm, make_ova
-from tests.ova.test_ova import disks  # noqa: F401 - the fixture
-from tests.test_oci_build import skopeo_json
+from tests.support.clients import run_cli, skopeo_json
 
 
-def test_build_labels_take_the_ovf_facts(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:  # noqa: F811
+def test_build_labels_take_the_ovf_facts(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
     (a, _), _, _ = disks
     ova = make_ova(tmp_path / "win.ova", [Vm("win", [a], cpus=4, memory_mib=8192, firmware="efi",
                                                 os_type="windows2019srv_64Guest")])
@@ -26,7 +24,7 @@ def test_build_labels_take_the_ovf_facts(tmp_path: Path, disks: list[tuple[Disk,
     result = build_image(str(ova), output=str(out), convert_to="qcow2", compression="none")
     image = next(iter(result.images.values()))
     assert image.guest is not None and image.guest.firmware.verdict == "unknown"  # a disk with no boot loader
-    config = skopeo_json("inspect", "--config", f"oci:{out}")
+    config = skopeo_json(tmp_path, "inspect", "--config", f"oci:{out}")
     labels = config["config"]["Labels"]
     assert labels[LABEL_PREFIX + "firmware"] == "unknown"       # the disk's own verdict stays
     assert labels[LABEL_PREFIX + "bootloader"] == "efi"         # decided from the OVF's vmw:Config firmware
@@ -51,12 +49,12 @@ def test_build_labels_take_the_ovf_facts(tmp_path: Path, disks: list[tuple[Disk,
     assert domain["cpu"]["cores"] == 4 and domain["memory"]["guest"] == "8Gi", json.dumps(domain)
 
 
-def test_build_of_a_bios_linux_ova(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:  # noqa: F811
+def test_build_of_a_bios_linux_ova(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
     (a, _), _, _ = disks
     ova = make_ova(tmp_path / "lin.ova", [Vm("lin", [a], cpus=1, memory_mib=1536, firmware="bios")],
                    style="virtualbox", version=2)
     out = tmp_path / "lin.oci"
     build_image(str(ova), output=str(out), convert_to="qcow2", compression="none")
-    labels = skopeo_json("inspect", "--config", f"oci:{out}")["config"]["Labels"]
+    labels = skopeo_json(tmp_path, "inspect", "--config", f"oci:{out}")["config"]["Labels"]
     assert (labels[LABEL_PREFIX + "bootloader"], labels[LABEL_PREFIX + "guest-os"]) == ("bios", "linux")
     assert labels[LABEL_PREFIX + "cpus"] == "1" and labels[LABEL_PREFIX + "memory"] == "1536Mi"

@@ -14,17 +14,18 @@ from diskport.errors import UnsafeImage
 from diskport.importer import import_image
 from diskport.oci.build import build_image
 from diskport.sources.http import HttpOptions, HttpSource
-from tests.conftest import MiB, make_image, pvc_dir, qemu_raw_sha256, run, run_cli, sha256_file
-from tests.ova.build import Disk, Vm, make_ova
-from tests.ova.test_ova import _members, disks  # noqa: F401 - the fixture
-from tests.servers import NginxServer
+from tests.ova.build import Disk, Vm, make_ova, tar_members
+from tests.support import MiB
+from tests.support.clients import run, run_cli
+from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
+from tests.support.servers import NginxServer
 
 FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
 
 
 def unpack(ova: Path, folder: Path) -> None:
     folder.mkdir(parents=True)
-    for name, data in _members(ova):
+    for name, data in tar_members(ova):
         (folder / name).write_bytes(data)
 
 
@@ -36,7 +37,7 @@ def server(request: pytest.FixtureRequest) -> NginxServer:
 
 
 def test_ovf_url_with_sibling_files_in_every_command(server: NginxServer, serve_dir: Path, tmp_path: Path,
-                                                     disks: list[tuple[Disk, str]]) -> None:  # noqa: F811
+                                                     disks: list[tuple[Disk, str]]) -> None:
     (a, ea), (b, eb), _ = disks
     unpack(make_ova(tmp_path / "app.ova", [Vm("app", [a, b], firmware="efi")]), serve_dir / "vms" / "app")
     url = server.url("vms/app/app.ovf")
@@ -82,7 +83,7 @@ def test_ovf_url_with_sibling_files_in_every_command(server: NginxServer, serve_
 
 def test_ovf_url_with_a_changed_disk_fails_and_leaves_nothing(server: NginxServer, serve_dir: Path,
                                                               tmp_path: Path,
-                                                              disks: list[tuple[Disk, str]]) -> None:  # noqa: F811
+                                                              disks: list[tuple[Disk, str]]) -> None:
     (a, _), (b, _), _ = disks
     folder = serve_dir / "app"
     unpack(make_ova(tmp_path / "app.ova", [Vm("app", [a, b])]), folder)
@@ -118,7 +119,7 @@ def test_ovf_url_references_outside_its_folder_refused(nginx: NginxServer, serve
 
 
 def test_ovf_url_with_a_missing_disk_file(nginx: NginxServer, serve_dir: Path, tmp_path: Path,
-                                          disks: list[tuple[Disk, str]]) -> None:  # noqa: F811
+                                          disks: list[tuple[Disk, str]]) -> None:
     unpack(make_ova(tmp_path / "app.ova", [Vm("app", [disks[0][0]])]), serve_dir / "app")
     (serve_dir / "app" / "app-disk1.vmdk").unlink()
     proc = run_cli("convert", nginx.url("app/app.ovf"), tmp_path / "out.raw")

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import MiB, make_image, qemu_raw_sha256, run_cli, sha256_file
 from tests.ova.build import Disk, Vm, make_ova
-from tests.servers import NginxServer
+from tests.support import MiB
+from tests.support.clients import run_cli
+from tests.support.images import make_image, qemu_raw_sha256, sha256_file
+from tests.support.servers import NginxServer
 
 PART = ".diskport-part"
 
