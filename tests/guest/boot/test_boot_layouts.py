@@ -1,7 +1,7 @@
 """The Rocky-style (GPT, XFS /boot, XFS root on a two-segment LV) and Fedora-style (GPT, ext4 /boot, btrfs
 ``root`` subvolume, UEFI only) layouts of :mod:`.layouts`, inspected and then booted under each firmware.
 
-inspect_guest's report on the disk predicts the boot (:func:`.test_boot.predict`); GRUB built with only
+inspect_guest's report on the disk predicts the boot (:func:`.verdict.predict`); GRUB built with only
 ``xfs``+``lvm`` or ``ext2``+``btrfs`` must then read the kernel and initramfs from that /boot and the root's
 os-release from the LV or the subvolume, and /init must find the root on virtio. The Fedora disk has no BIOS
 boot path, so SeaBIOS must run nothing, as its verdict says.
@@ -19,7 +19,7 @@ from tests.guest.boot import qemu
 from tests.guest.boot.disks import Kit
 from tests.guest.boot.initramfs import LOOPED
 from tests.guest.boot.layouts import Layout
-from tests.guest.boot.test_boot import NO_BOOT_WINDOW, Record, boot_and_check
+from tests.guest.boot.verdict import NO_BOOT_WINDOW, Record, boot_and_check
 
 pytestmark = pytest.mark.slow
 
