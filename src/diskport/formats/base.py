@@ -9,8 +9,9 @@ A :class:`DiskImage` has a ``virtual_size`` and yields :class:`Extent` runs in g
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.sources.base import Source
@@ -53,6 +54,38 @@ def coalesce(runs: Iterable[Extent], *, merge_unmapped: bool = False) -> Iterato
         yield pending
 
 
+AccessKind = Literal["direct", "stream", "spooled"]
+
+
+@dataclass
+class Access:
+    """How an image's bytes are read, and why.
+
+    ``kind`` is what code tests: ``direct`` (random access in place), ``stream`` (read once, in order, straight
+    from a decompressing or sequential source) or ``spooled`` (copied to scratch first). ``reason`` says why, and
+    ``notes`` carry what was learnt on the way (an OVA's member and manifest). ``origin`` names where the disk
+    was found before it was opened (a registry image's layer). ``str()`` is the one sentence users see, in
+    messages and in the JSON ``access`` fields: ``origin; kind: reason; note; note``.
+    """
+
+    kind: AccessKind = "direct"
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+    origin: str = ""
+
+    def plain(self) -> bool:
+        """Direct, with nothing more to say (the case the command line does not report)."""
+        return self.kind == "direct" and not (self.reason or self.notes or self.origin)
+
+    def with_note(self, note: str) -> Access:
+        """A copy with ``note`` added last."""
+        return replace(self, notes=[*self.notes, note])
+
+    def __str__(self) -> str:
+        how = f"{self.kind}: {self.reason}" if self.reason else self.kind
+        return "; ".join([self.origin, how, *self.notes] if self.origin else [how, *self.notes])
+
+
 #: Holes smaller than this are read as data: a filesystem's holes are at least a block anyway, and splitting
 #: extents finer only costs calls.
 MIN_HOLE = 4096
@@ -93,8 +126,8 @@ class DiskImage:
         self.source = source
         #: Compression layers the image was found inside, outermost first.
         self.compression: list[str] = []
-        #: How the bytes were read: "direct", "stream" or "spooled", and why.
-        self.access = "direct"
+        #: How the bytes are read, and why.
+        self.access = Access()
         self._closers: list[Callable[[], None]] = []
         #: The file as the user named it, when ``source`` is a spooled copy of what is inside it.
         self.outer: Source | None = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from diskport.destination import refuse_existing
 from diskport.engine import Progress, write_image
 from diskport.errors import UsageError, located
+from diskport.formats.base import Access
 from diskport.ova.package import OvaPackage
 from diskport.sources.base import Source
 
@@ -33,7 +34,7 @@ class DiskResult:
     virtual_size: int
     data_bytes: int
     zero_bytes: int
-    access: str
+    access: Access
     bus: str | None
 
 
