@@ -258,7 +258,7 @@ def convert(source: str, destination: str | None, source_format: str | None, out
                                scratch_dir=scratch, progress=job, ova=OvaChoice(vm=vm), cache=cache)
     _say_cache(result.cache, verbose)
     if not quiet:
-        if result.compression or result.access != "direct":
+        if result.compression or not result.access.plain():
             click.echo(f"{result.source}: {result.access}", err=True)
         click.echo(f"{result.source} ({result.source_format}, {human_size(result.virtual_size)}) -> "
                    f"{result.destination} ({result.output_format}): {human_size(result.data_bytes)} data, "

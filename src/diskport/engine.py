@@ -21,7 +21,7 @@ from diskport.cache import CachePolicy
 from diskport.destination import Destination, refuse_existing
 from diskport.errors import DestinationError, UsageError, located
 from diskport.formats import open_image
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import Access, DiskImage, Extent
 from diskport.ova import DEFAULT, OvaChoice
 from diskport.writers import OUTPUT_FORMATS, Qcow2Writer, RawWriter, Writer
 from diskport.writers.qcow2 import check_virtual_size
@@ -56,7 +56,7 @@ class ConvertResult:
     written_bytes: int
     seconds: float
     compression: list[str]
-    access: str
+    access: Access
     #: The page-cache policy used and why (:mod:`diskport.cache`).
     cache: CachePolicy = field(default_factory=lambda: CachePolicy("none", "not reported"))
 

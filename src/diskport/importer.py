@@ -21,6 +21,7 @@ from diskport.destination import refuse_existing
 from diskport.engine import write_image
 from diskport.errors import DestinationError, DiskportError, UsageError, located
 from diskport.formats import open_image
+from diskport.formats.base import Access
 from diskport.ova import DEFAULT, OvaChoice
 from diskport.progress import JobProgress
 from diskport.sources import open_source
@@ -43,7 +44,7 @@ class ImportResult:
     source_format: str
     output_format: str
     compression: list[str]
-    access: str
+    access: Access
     virtual_size: int
     downloaded_bytes: int
     data_bytes: int
@@ -93,7 +94,7 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
 
         source, pulled = open_registry_disk(location, platform=platform, registry=registry, credentials=credentials,
                                             http=http, on_bytes=on_bytes)
-        found = f"disk/{pulled.disk_name} in {pulled.access}; "
+        found = f"disk/{pulled.disk_name} in {pulled.access}"
         if pulled.verify is not None:
             checks.append(pulled.verify)
         download = pulled.layer.size
@@ -113,10 +114,10 @@ def import_image(location: str, destination: str | os.PathLike[str], *, size: in
         checks.append(checked.verify)
     http_source = source.parent if isinstance(source, SliceSource) else source
     with image:
-        if isinstance(http_source, HttpSource) and not source.sequential and image.access.startswith("direct") \
-                and image.access[6:7] in ("", ";"):
-            image.access = "direct: read over HTTP range requests, no scratch space" + image.access[6:]
-        image.access = found + image.access
+        if isinstance(http_source, HttpSource) and not source.sequential and image.access.kind == "direct" \
+                and not image.access.reason:
+            image.access.reason = "read over HTTP range requests, no scratch space"
+        image.access.origin = found
         if size is not None and image.size_known and image.virtual_size > size:
             raise DestinationError(f"the disk is {image.virtual_size} bytes, larger than --size {size}",
                                    path=dst, hint="pass a larger --size")

@@ -40,11 +40,12 @@ def inspect_image(location: str | os.PathLike[str] | Source, fmt: str | None = N
         facts = image.info()
         facts["filename"] = location.name if isinstance(location, Source) else os.fspath(location)
         if image.compression or image.appliance is not None:
-            facts["access"] = image.access
+            facts["access"] = str(image.access)
         if stopped:
             facts["virtual-size-known"] = False
-            facts["access"] = (f"{image.access}; stopped after {human_size(image.virtual_size)} decompressed: the "
-                               "disk is at least that large (--size-scan-limit reads further)")
+            facts["access"] = str(image.access.with_note(
+                f"stopped after {human_size(image.virtual_size)} decompressed: the disk is at least that large "
+                "(--size-scan-limit reads further)"))
         return facts
 
 

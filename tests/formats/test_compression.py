@@ -53,7 +53,7 @@ def test_compressed_image_converts_exactly(tmp_path: Path, ext: str, fmt: str) -
     assert sha256_file(out) == expected
     assert result.compression == [NAMES[ext]]
     assert result.source_format == fmt
-    assert result.access.startswith("stream" if fmt == "raw" else "spooled")
+    assert result.access.kind == ("stream" if fmt == "raw" else "spooled")
     assert os.listdir(scratch) == []
     assert sorted(os.listdir(tmp_path)) == sorted(["out.raw", "scratch", image.name, packed.name])
 
@@ -158,7 +158,7 @@ def test_fixed_vhd_inside_gzip_streams_and_drops_its_footer(tmp_path: Path) -> N
     packed = compress_in_parts(vhd, "gz")
     out = tmp_path / "out.raw"
     result = convert(packed, out)
-    assert result.source_format == "vpc" and result.access.startswith("stream")
+    assert result.source_format == "vpc" and result.access.kind == "stream"
     assert sha256_file(out) == expected
     info = qemu_img("info", "-f", "vpc", "--output=json", vhd).stdout
     assert f'"virtual-size": {out.stat().st_size}' in info
@@ -184,7 +184,8 @@ def test_stream_optimized_vmdk_inside_compression_streams(tmp_path: Path, ext: s
     scratch.mkdir()
     out = tmp_path / "out.raw"
     result = convert(packed, out, scratch_dir=str(scratch))
-    assert result.access.startswith("stream: streamOptimized"), result.access
+    assert result.access.kind == "stream", str(result.access)
+    assert result.access.reason.startswith("streamOptimized"), str(result.access)
     assert sha256_file(out) == expected
     facts = inspect_image(packed)
     assert facts["format"] == "vmdk" and facts["virtual-size"] == 9 * MiB + 65536

@@ -27,6 +27,7 @@ from diskport.errors import CorruptImage, DiskportError, UnsafeImage, Unsupporte
 from diskport.formats import open_image
 from diskport.formats import vhdx as vhdx_module
 from diskport.formats.base import Extent
+from diskport.formats.vhdx import log as vhdx_log
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io
 from tests.support.images import BytesSource, diskport_raw_sha256, make_image, mutate, qemu_raw_sha256, sha256_file
@@ -628,7 +629,7 @@ def test_log_that_needs_too_much_memory_is_refused(tmp_path: Path, monkeypatch: 
                            flushed_file_offset=MiB, last_file_offset=MiB)
     write_log(image, layout, 0, entry)
     set_log_guid(image, log_guid)
-    monkeypatch.setattr(vhdx_module, "MAX_OVERLAY_BYTES", 2 * SECTOR)
+    monkeypatch.setattr(vhdx_log, "MAX_OVERLAY_BYTES", 2 * SECTOR)
     with pytest.raises(UnsupportedImage, match="MiB of memory"):
         open_image(image)
 

@@ -61,7 +61,8 @@ def test_qemu_stream_optimized_converts_from_compression(tmp_path: Path, qemu_st
     packed.write_bytes(CODECS[ext](vmdk.read_bytes()))
     out = tmp_path / "out.raw"
     result = convert(packed, out)
-    assert result.access.startswith("stream: streamOptimized"), result.access
+    assert result.access.kind == "stream", str(result.access)
+    assert result.access.reason.startswith("streamOptimized"), str(result.access)
     assert sha256_file(out) == expected
 
 
@@ -84,4 +85,5 @@ def test_qemu_stream_optimized_over_http_without_ranges(plain_http: PlainHTTPSer
     dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(plain_http.url("disk.vmdk"), dest, http=FAST)
     assert sha256_file(dest) == expected
-    assert result.access.startswith("stream: streamOptimized"), result.access
+    assert result.access.kind == "stream", str(result.access)
+    assert result.access.reason.startswith("streamOptimized"), str(result.access)

@@ -40,8 +40,8 @@ def test_vmware_ova_converts_like_qemu(tmp_path: Path, disks: list[tuple[Disk, s
     result = convert(ova, out)
     assert sha256_file(out) == expected
     assert result.source_format == "vmdk"
-    assert "manifest linux.mf: 2 member(s) verified" in result.access, result.access
-    assert "read in order" in result.access  # streamOptimized: hashed as it passes, no second read
+    assert "manifest linux.mf: 2 member(s) verified" in str(result.access), str(result.access)
+    assert "read in order" in str(result.access)  # streamOptimized: hashed as it passes, no second read
 
 
 def test_virtualbox_ovf2_facts_and_efi(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
@@ -83,8 +83,8 @@ def test_vmware_windows_bios_sha1_and_cert(tmp_path: Path, disks: list[tuple[Dis
             packed.write_bytes(gzip.compress(ova.read_bytes(), 1))
         result = convert(packed, tmp_path / name)
         assert sha256_file(tmp_path / name) == expected
-        assert "manifest win.mf: 2 member(s) verified" in result.access and "signature is not verified" in \
-            result.access, result.access
+        assert "manifest win.mf: 2 member(s) verified" in str(result.access) and "signature is not verified" in \
+            str(result.access), str(result.access)
 
 
 def test_three_disks_boot_disk_by_boot_order_and_all_disks(tmp_path: Path, disks: list[tuple[Disk, str]]) -> None:
@@ -149,9 +149,10 @@ def test_ranged_http_reads_members_in_place(nginx: NginxServer, serve_dir: Path,
     dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(nginx.url(ova.name), dest, http=FAST)
     assert sha256_file(dest) == qemu_raw_sha256(qcow2, tmp_path)
-    assert result.access.startswith("direct: read over HTTP range requests"), result.access
-    assert "is read in place and hashed by the reads that convert it" in result.access, result.access
-    assert "2 member(s) verified, read again for the digest: mixed-disk1.vmdk " in result.access, result.access
+    assert result.access.kind == "direct", str(result.access)
+    assert result.access.reason.startswith("read over HTTP range requests"), str(result.access)
+    assert "is read in place and hashed by the reads that convert it" in str(result.access), str(result.access)
+    assert "2 member(s) verified, read again for the digest: mixed-disk1.vmdk " in str(result.access)
     assert os.listdir(dest.parent) == ["disk.img"]
     ranges = [e["range"] for e in nginx.access_entries()]
     assert ranges and all(r.startswith("bytes=") for r in ranges)
@@ -169,7 +170,7 @@ def test_raw_member_in_place_is_hashed_by_the_read_that_converts_it(tmp_path: Pa
     ova = make_ova(tmp_path / "rawova.ova", [Vm("vm", [Disk(raw, 8 * MiB)])])
     result = convert(ova, tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == sha256_file(raw)
-    assert "2 member(s) verified" in result.access and "read again" not in result.access, result.access
+    assert "2 member(s) verified" in str(result.access) and "read again" not in str(result.access), str(result.access)
     data = bytearray(ova.read_bytes())
     at = data.index(raw.read_bytes()[: 1 << 16]) + 5 * MiB + 3
     data[at] ^= 0xFF
@@ -188,8 +189,9 @@ def test_server_without_ranges_streams_members_in_tar_order(plain_http: PlainHTT
     dest = pvc_dir(tmp_path) / "disk.img"
     result = import_image(plain_http.url(ova.name), dest, http=FAST)
     assert sha256_file(dest) == ea
-    assert result.access.startswith("stream: streamOptimized VMDK is read straight from the member"), result.access
-    assert "verified" in result.access
+    assert result.access.kind == "stream", str(result.access)
+    assert result.access.reason.startswith("streamOptimized VMDK is read straight from the member"), str(result.access)
+    assert "verified" in str(result.access)
     assert os.listdir(dest.parent) == ["disk.img"], "no scratch"
     folder = tmp_path / "all"
     proc = run_cli("import", plain_http.url(ova.name), folder, "--all-disks", "--progress", "none")
@@ -205,7 +207,8 @@ def test_sparse_member_in_a_stream_is_spooled_and_says_so(tmp_path: Path) -> Non
     scratch.mkdir()
     result = convert(ova, tmp_path / "out.raw", scratch_dir=str(scratch))
     assert sha256_file(tmp_path / "out.raw") == qemu_raw_sha256(sparse, tmp_path)
-    assert result.access.startswith("spooled: vmdk needs random access"), result.access
+    assert result.access.kind == "spooled", str(result.access)
+    assert result.access.reason.startswith("vmdk needs random access"), str(result.access)
     assert result.compression[0] == "gzip"
     assert os.listdir(scratch) == []
 
@@ -265,16 +268,16 @@ def test_missing_and_extra_manifest_entries_are_reported(tmp_path: Path, disks: 
     odd = write_tar(tmp_path / "odd.ova", members)
     result = convert(odd, tmp_path / "out.raw")
     assert sha256_file(tmp_path / "out.raw") == expected
-    assert "not listed: ghost.vmdk (listed, not in the package), m-disk1.vmdk" in result.access, result.access
+    assert "not listed: ghost.vmdk (listed, not in the package), m-disk1.vmdk" in str(result.access), str(result.access)
     # in a stream the manifest came first and nothing after the disk is read: entries naming no member are
     # known only when the stream was read to its end (manifest last, as VirtualBox writes it)
     streamed = tmp_path / "odd.ova.gz"
     streamed.write_bytes(gzip.compress(odd.read_bytes(), 1))
     result = convert(streamed, tmp_path / "streamed.raw")
-    assert "not listed: m-disk1.vmdk" in result.access, result.access
+    assert "not listed: m-disk1.vmdk" in str(result.access), str(result.access)
     last = write_tar(tmp_path / "last.ova", [members[0], members[2], members[1]], compress=True)
     result = convert(last, tmp_path / "last.raw")
-    assert "not listed: m-disk1.vmdk, ghost.vmdk (listed, not in the package)" in result.access, result.access
+    assert "not listed: m-disk1.vmdk, ghost.vmdk (listed, not in the package)" in str(result.access), str(result.access)
 
 
 # -- hostile packages ----------------------------------------------------------------------------------------
@@ -413,7 +416,7 @@ def test_ovf_with_its_files_in_a_folder(tmp_path: Path, disks: list[tuple[Disk, 
     assert facts["firmware"] == "efi" and [d["file"] for d in facts["disks"]] == ["app-disk1.vmdk", "app-disk2.vmdk"]
     result = convert(folder / "app.ovf", tmp_path / "boot.raw")
     assert sha256_file(tmp_path / "boot.raw") == ea
-    assert "manifest app.mf: 2 member(s) verified" in result.access, result.access
+    assert "manifest app.mf: 2 member(s) verified" in str(result.access), str(result.access)
     proc = run_cli("convert", folder / "app.ovf", "--disk", f"1={tmp_path / 'data.raw'}")
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(tmp_path / "data.raw") == eb

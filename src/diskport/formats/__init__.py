@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from diskport.errors import DiskportError, UnsupportedImage, UsageError, located
 from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import Access, DiskImage, Extent
 from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
 from diskport.names import FORMAT_ALIASES, INPUT_FORMATS, format_names
@@ -118,11 +118,11 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         image: DiskImage
         if name in STREAMABLE and not random_access:
             image = StreamedRawImage(stream, head, name, limit=limit, fixed_vhd_footer=vhd.fixed_footer_size)
-            image.access = f"stream: {name} is read straight from {stream.label}"
+            image.access = Access("stream", f"{name} is read straight from {stream.label}")
             return image
         if name == "vmdk" and vmdk.is_stream_optimized(head) and not random_access:
             image = vmdk.StreamedVmdkImage(stream, head)
-            image.access = f"stream: streamOptimized VMDK is read straight from {stream.label}"
+            image.access = Access("stream", f"streamOptimized VMDK is read straight from {stream.label}")
             return image
         declared = declared_size(name, head)
         if declared is not None:
@@ -143,7 +143,7 @@ def open_stream(source: Source, kind: str | None, fmt: str | None, scratch_dir: 
         image.compression = [kind] if kind else []
         streamable = name in STREAMABLE or (name == "vmdk" and vmdk.is_stream_optimized(head))
         needs = "random access was asked for" if streamable else f"{name} needs random access"
-        image.access = f"spooled: {needs}, so {stream.label} was copied to scratch first"
+        image.access = Access("spooled", f"{needs}, so {stream.label} was copied to scratch first")
         return image
     except BaseException:
         stream.close()
@@ -210,10 +210,10 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
     image.checks.extend(found.checks)
 
     def report() -> None:
-        image.access += f"; {pkg.summary()}"
+        image.access.notes.append(pkg.summary())
 
     image.checks.append(report)
-    image.access += f"; OVA: {found.note}"
+    image.access.notes.append(f"OVA: {found.note}")
     return image
 
 
@@ -284,5 +284,5 @@ def open_image(location: str | os.PathLike[str] | Source, fmt: str | None = None
         raise
 
 
-__all__ = ["FORMATS", "DiskImage", "Extent", "FormatSpec", "open_appliance", "open_detected", "open_image",
+__all__ = ["FORMATS", "Access", "DiskImage", "Extent", "FormatSpec", "open_appliance", "open_detected", "open_image",
            "open_ova_disk", "probe_scores"]

@@ -4,15 +4,29 @@ A :class:`DiskImage` has a ``virtual_size`` and yields :class:`Extent` runs in g
 ``[start, end)`` with no gap and no overlap. A DATA extent whose bytes lie contiguously in the source carries
 ``host`` (the source offset), so the engine reads it with one large positional read; other DATA extents
 (compressed clusters, bitmapped sectors) are read through :meth:`DiskImage.read_mapped`.
+
+**Malformed input is a CorruptImage, for every reader, decided here.** Readers check what they parse, but a
+check a reader lacks lets bad bytes reach Python's own errors (``struct.error`` from a short buffer, an
+``IndexError`` from a table index, ``OverflowError`` from a huge count...). :class:`DiskImage` wraps the entry
+points of every subclass (``__init__``, which is the opening, ``_guest_runs``, ``extents`` and ``read_mapped``)
+so that such an error leaves them as a :class:`~diskport.errors.CorruptImage` naming the file, the format and
+what was being done, with the Python error quoted; a :class:`~diskport.errors.DiskportError` passes unchanged.
+The cost is that a bug in a reader also shows as "malformed structure" rather than a traceback: the quoted
+Python error says which, and the fuzz targets and mutation tests are what find them.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from diskport.errors import CorruptImage, UnsupportedImage
+from diskport.errors import CorruptImage, DiskportError, UnsupportedImage
 from diskport.sources.base import Source
 
 if TYPE_CHECKING:
@@ -53,6 +67,38 @@ def coalesce(runs: Iterable[Extent], *, merge_unmapped: bool = False) -> Iterato
         yield pending
 
 
+AccessKind = Literal["direct", "stream", "spooled"]
+
+
+@dataclass
+class Access:
+    """How an image's bytes are read, and why.
+
+    ``kind`` is what code tests: ``direct`` (random access in place), ``stream`` (read once, in order, straight
+    from a decompressing or sequential source) or ``spooled`` (copied to scratch first). ``reason`` says why, and
+    ``notes`` carry what was learnt on the way (an OVA's member and manifest). ``origin`` names where the disk
+    was found before it was opened (a registry image's layer). ``str()`` is the one sentence users see, in
+    messages and in the JSON ``access`` fields: ``origin; kind: reason; note; note``.
+    """
+
+    kind: AccessKind = "direct"
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+    origin: str = ""
+
+    def plain(self) -> bool:
+        """Direct, with nothing more to say (the case the command line does not report)."""
+        return self.kind == "direct" and not (self.reason or self.notes or self.origin)
+
+    def with_note(self, note: str) -> Access:
+        """A copy with ``note`` added last."""
+        return replace(self, notes=[*self.notes, note])
+
+    def __str__(self) -> str:
+        how = f"{self.kind}: {self.reason}" if self.reason else self.kind
+        return "; ".join([self.origin, how, *self.notes] if self.origin else [how, *self.notes])
+
+
 #: Holes smaller than this are read as data: a filesystem's holes are at least a block anyway, and splitting
 #: extents finer only costs calls.
 MIN_HOLE = 4096
@@ -76,12 +122,63 @@ def clip(ext: Extent, start: int, end: int) -> Extent | None:
     return Extent(s, e - s, ext.zero, host)
 
 
+#: What malformed bytes can make Python raise on the way to a check a reader lacks.
+MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
+    struct.error, IndexError, KeyError, ValueError, ArithmeticError, zlib.error, MemoryError)
+#: The reader methods guarded by :func:`_malformed_is_corrupt`, and what each is doing, for the message.
+_GUARDED = {"__init__": "opening it", "_guest_runs": "mapping its guest extents",
+            "extents": "mapping its guest extents", "read_mapped": "reading guest data"}
+
+
+def _corrupt_from(image: DiskImage, args: tuple[Any, ...], doing: str, e: BaseException) -> CorruptImage:
+    source = image.__dict__.get("source") or (args[0] if args else None)
+    ext = args[0] if doing == "reading guest data" and args and isinstance(args[0], Extent) else None
+    where = f" at {ext.start:#x}+{ext.length:#x}" if ext is not None else ""
+    return CorruptImage(f"malformed structure found while {doing}{where} ({type(e).__name__}: {e})",
+                        path=getattr(source, "name", None), fmt=getattr(image, "format", None))
+
+
+def _malformed_is_corrupt(method: Callable[..., Any], doing: str) -> Callable[..., Any]:
+    """``method`` with the Python errors of :data:`MALFORMED_ERRORS` raised as a CorruptImage."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def runs(self: DiskImage, *args: Any, **kwargs: Any) -> Iterator[Extent]:
+            try:
+                yield from method(self, *args, **kwargs)
+            except DiskportError:
+                raise
+            except MALFORMED_ERRORS as e:
+                raise _corrupt_from(self, args, doing, e) from None
+        guarded: Callable[..., Any] = runs
+    else:
+        @functools.wraps(method)
+        def call(self: DiskImage, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except DiskportError:
+                raise
+            except MALFORMED_ERRORS as e:
+                raise _corrupt_from(self, args, doing, e) from None
+        guarded = call
+    guarded.__dict__["malformed_is_corrupt"] = True
+    return guarded
+
+
 class DiskImage:
     """A disk image opened over a :class:`Source`.
 
     Subclasses set ``format``, ``virtual_size`` and ``cluster_size`` (the allocation unit, or None) and
     implement :meth:`extents`; those that yield DATA extents without ``host`` implement :meth:`read_mapped`.
+    Their ``__init__``, ``_guest_runs``, ``extents`` and ``read_mapped`` are wrapped so that malformed input
+    is a CorruptImage (see the module's docstring).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, doing in _GUARDED.items():
+            method = cls.__dict__.get(name)
+            if callable(method) and not method.__dict__.get("malformed_is_corrupt"):
+                setattr(cls, name, _malformed_is_corrupt(method, doing))
 
     format: str = "raw"
     virtual_size: int = 0
@@ -93,8 +190,8 @@ class DiskImage:
         self.source = source
         #: Compression layers the image was found inside, outermost first.
         self.compression: list[str] = []
-        #: How the bytes were read: "direct", "stream" or "spooled", and why.
-        self.access = "direct"
+        #: How the bytes are read, and why.
+        self.access = Access()
         self._closers: list[Callable[[], None]] = []
         #: The file as the user named it, when ``source`` is a spooled copy of what is inside it.
         self.outer: Source | None = None
@@ -130,6 +227,8 @@ class DiskImage:
                 raise CorruptImage(f"data at {ext.host:#x}+{len(buf):#x} lies beyond the end of the file",
                                    path=self.source.name, fmt=self.format)
         else:
+            if len(buf) != ext.length or ext.start < 0 or (self.size_known and ext.end > self.virtual_size):
+                raise ValueError(f"extent {ext.start:#x}+{ext.length:#x} does not fit the image or the buffer")
             self.read_mapped(ext, buf)
 
     def read_into(self, offset: int, buf: memoryview) -> None:

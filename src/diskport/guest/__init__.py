@@ -61,7 +61,7 @@ def inspect_guest(location: str | os.PathLike[str] | Source | DiskImage, fmt: st
 
         source, pulled = open_registry_disk(text, platform=platform, registry=registry, credentials=credentials,
                                             http=http)
-        found = f"disk/{pulled.disk_name} in {pulled.access}; "
+        found = f"disk/{pulled.disk_name} in {pulled.access}"
     elif text is not None and "://" in text:
         source = open_source(text, http)
     try:
@@ -70,7 +70,7 @@ def inspect_guest(location: str | os.PathLike[str] | Source | DiskImage, fmt: st
     finally:
         if source is not None:
             source.close()
-    report.access = found + report.access
+    report.access.origin = found
     if text is not None:
         report.filename = text
     return report

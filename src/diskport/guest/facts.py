@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from diskport.formats.base import Access
+
 FirmwareVerdict = Literal["bios", "efi", "bios+efi", "unknown"]
 DriverState = Literal["builtin", "module", "installed", "disabled", "missing", "unknown"]
 
@@ -209,7 +211,7 @@ class GuestReport:
     filename: str
     format: str
     virtual_size: int
-    access: str
+    access: Access
     scheme: str = "none"
     sector_size: int = 512
     protective_mbr: bool = False
@@ -271,7 +273,7 @@ class GuestReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "filename": self.filename, "format": self.format, "virtual-size": self.virtual_size,
-            "access": self.access,
+            "access": str(self.access),
             "partition-table": {"scheme": self.scheme, "sector-size": self.sector_size,
                                 "protective-mbr": self.protective_mbr, "hybrid-mbr": self.hybrid_mbr,
                                 "notes": list(self.table_notes)},

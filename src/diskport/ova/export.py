@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from diskport.destination import make_part_file, refuse_existing, relock
 from diskport.engine import Progress, write_image
 from diskport.errors import UsageError, located
+from diskport.formats.base import Access
 from diskport.ova.package import OvaPackage
 from diskport.sources.base import Source
 
@@ -35,7 +36,7 @@ class DiskResult:
     virtual_size: int
     data_bytes: int
     zero_bytes: int
-    access: str
+    access: Access
     bus: str | None
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from diskport.formats.base import DiskImage, Extent
@@ -43,11 +41,6 @@ from diskport.formats.vmdk.spec import (
 )
 from diskport.sources.base import Source
 
-# What malformed bytes can make Python raise on the way to a check; always reported as a CorruptImage.
-_MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
-    struct.error, IndexError, KeyError, ValueError, OverflowError, zlib.error, MemoryError)
-
-
 _CREATE_TYPE_LINE = re.compile(rb"^[ \t]*createType[ \t]*=", re.MULTILINE)
 
 
@@ -64,15 +57,6 @@ def probe(head: bytes, source: Source) -> int:
     return 0
 
 
-@contextmanager
-def _malformed_is_corrupt(image: DiskImage) -> Iterator[None]:
-    """Turn a Python error that malformed input slipped past the checks into a CorruptImage."""
-    try:
-        yield
-    except _MALFORMED_ERRORS as e:
-        raise image.corrupt(f"malformed VMDK structure ({type(e).__name__}: {e})") from None
-
-
 class VmdkImage(DiskImage):
     format = FMT
 
@@ -86,8 +70,7 @@ class VmdkImage(DiskImage):
         self.cid: int | None = None
         self.parent_cid: int | None = None
         try:
-            with _malformed_is_corrupt(self):
-                self._open()
+            self._open()
         except BaseException:
             self._close_extent_sources()
             raise
@@ -195,33 +178,29 @@ class VmdkImage(DiskImage):
     def _guest_runs(self, start: int, stop: int) -> Iterator[Extent]:
         """Each extent's runs in guest order; DATA runs keep their host only when they lie in this file (the
         others are read through :meth:`read_mapped`)."""
-        with _malformed_is_corrupt(self):
-            index = bisect.bisect_right(self._starts, start) - 1
-            while index < len(self.layout) and self._starts[index] < stop:
-                extent = self.layout[index]
-                base = self._starts[index]
-                mapped = extent.source is self.source
-                for kind, rel, length, host in extent.runs(max(start, base) - base,
-                                                           min(stop, base + extent.size) - base):
-                    if kind == RunKind.ZERO:
-                        yield Extent(base + rel, length, True, None)
-                    else:
-                        yield Extent(base + rel, length, False, host if kind == RunKind.DATA and mapped else None)
-                index += 1
+        index = bisect.bisect_right(self._starts, start) - 1
+        while index < len(self.layout) and self._starts[index] < stop:
+            extent = self.layout[index]
+            base = self._starts[index]
+            mapped = extent.source is self.source
+            for kind, rel, length, host in extent.runs(max(start, base) - base,
+                                                       min(stop, base + extent.size) - base):
+                if kind == RunKind.ZERO:
+                    yield Extent(base + rel, length, True, None)
+                else:
+                    yield Extent(base + rel, length, False, host if kind == RunKind.DATA and mapped else None)
+            index += 1
 
     def read_mapped(self, ext: Extent, buf: memoryview) -> None:
-        if ext.start < 0 or ext.end > self.virtual_size or len(buf) != ext.length:
-            raise ValueError(f"extent {ext.start:#x}+{ext.length:#x} does not fit the image or the buffer")
-        with _malformed_is_corrupt(self):
-            pos = ext.start
-            index = bisect.bisect_right(self._starts, pos) - 1
-            while pos < ext.end:
-                extent = self.layout[index]
-                base = self._starts[index]
-                take = min(ext.end, base + extent.size) - pos
-                extent.read(pos - base, buf[pos - ext.start: pos - ext.start + take])
-                pos += take
-                index += 1
+        pos = ext.start
+        index = bisect.bisect_right(self._starts, pos) - 1
+        while pos < ext.end:
+            extent = self.layout[index]
+            base = self._starts[index]
+            take = min(ext.end, base + extent.size) - pos
+            extent.read(pos - base, buf[pos - ext.start: pos - ext.start + take])
+            pos += take
+            index += 1
 
     # -- facts and lifetime -------------------------------------------------------------------------------
     def allocated_size(self) -> int | None:
