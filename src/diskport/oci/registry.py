@@ -38,12 +38,13 @@ repository and what failed, with the registry's own error codes and messages (``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
@@ -71,6 +72,7 @@ from diskport.oci.failures import Failures, NotTls, Transient, error_detail
 from diskport.oci.media import MANIFEST_TYPES, check_digest, is_digest, sha256_digest
 from diskport.oci.reference import Reference, parse_reference, parse_repository
 from diskport.oci.upload import DEFAULT_CHUNK, READ_BLOCK, BlobUpload, UploadResult
+from diskport.sources.http import HttpOptions
 
 __all__ = ["MAX_ANSWER", "MAX_MANIFEST", "MAX_SMALL_BLOB", "RegistryClient", "RegistryOptions", "UploadResult"]
 
@@ -93,21 +95,22 @@ class RegistryOptions:
     connect_timeout: float = 30.0
     commit_timeout: float = 900.0         # waiting for the answer to an upload's final PUT (a resumed upload is
                                           # hashed again by the registry before it answers)
-    retries: int = 8                      # failures in a row (without progress) before giving up ...
-    retry_time: float = 600.0             # ... or this long spent waiting to retry, in all, per request or upload
-    backoff: float = 0.5                  # first wait; doubles each retry
-    max_backoff: float = 30.0
-    max_retry_after: float = 120.0        # a Retry-After is honoured up to this
+    #: When to retry, how long to wait, when to give up (``budget``: per request or upload).
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     chunk_size: int = DEFAULT_CHUNK       # PATCH size of a chunked upload
     chunked: bool = False                 # upload in chunks from the start (no monolithic PUT first)
     read_block: int = READ_BLOCK          # bytes read from disk and handed to the socket at a time
     max_manifest: int = MAX_MANIFEST
     user_agent: str = USER_AGENT
 
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(attempts=self.retries, backoff=self.backoff, max_backoff=self.max_backoff,
-                           budget=self.retry_time, max_retry_after=self.max_retry_after)
+    def http_options(self, base: HttpOptions | None = None, *, auth: httpx.Auth | None = None) -> HttpOptions:
+        """``base`` (default :class:`HttpOptions`) for fetching this registry's blobs over plain HTTP
+        (:class:`~diskport.sources.http.HttpSource`): its TLS trust widened by this registry's (``ca_bundle``,
+        ``tls_verify=False``) and, when given, the registry's ``auth``. The one place registry options become
+        HTTP options."""
+        base = base or HttpOptions()
+        return dataclasses.replace(base, insecure=base.insecure or not self.tls_verify,
+                                   ca_bundle=base.ca_bundle or self.ca_bundle, auth=auth or base.auth)
 
 
 def _ssl_error(error: BaseException) -> BaseException | None:
@@ -224,7 +227,7 @@ class RegistryClient:
                  content: bytes | None = None, stream: bool = False, follow_redirects: bool = False,
                  timeout: httpx.Timeout | None = None, tls_fallback: bool = False) -> httpx.Response:
         """A request with retries; the first answer that is not a retryable failure (the caller judges it)."""
-        failures = Failures(self.options.policy, self.where)
+        failures = Failures(self.options.retry, self.where)
         while True:
             request = self._client.build_request(method, url, headers=headers, content=content,
                                                  timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)

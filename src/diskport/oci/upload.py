@@ -261,7 +261,7 @@ class BlobUpload:
     def _upload(self, session: Session, digest: str, size: int, path: Path, tracker: Progress) -> UploadResult:
         """Send the blob into ``session``: the protocol loop (monolithic PUT, chunked PATCHes, resync, restart)."""
         o = self.client.options
-        up = UploadState(digest, size, path, tracker, session, Failures(o.policy, self.client.where),
+        up = UploadState(digest, size, path, tracker, session, Failures(o.retry, self.client.where),
                      chunk=max(o.chunk_size, session.min_chunk, 1), chunked=o.chunked)
         while True:
             try:
