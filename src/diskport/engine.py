@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from diskport.errors import DestinationError, UsageError, located
 from diskport.formats import open_image
 from diskport.formats.base import Access, DiskImage, Extent
 from diskport.ova import DEFAULT, OvaChoice
+from diskport.prefetch import ReadAhead
 from diskport.writers import OUTPUT_FORMATS, Qcow2Writer, RawWriter, Writer
 from diskport.writers.qcow2 import check_virtual_size
 from diskport.zeros import zero_runs
@@ -65,8 +64,8 @@ Run = tuple[int, int, bool]  # (start, end, is_zero) inside a window
 Item = tuple[int, int, "mmap.mmap | None", list[Run]]
 
 
-class _Prefetcher:
-    """Reads the image ahead of the writer on a background thread.
+class _Prefetcher(ReadAhead[Item]):
+    """Reads the image ahead of the writer on a background thread (:class:`diskport.prefetch.ReadAhead`).
 
     The producer walks the extents, fills windows from a small pool of page-aligned buffers (so they can be
     written with O_DIRECT) and finds the zero blocks in each; the caller's thread writes them in order. preadv,
@@ -78,41 +77,15 @@ class _Prefetcher:
     UNWIND_WAIT = 1.0  # seconds
 
     def __init__(self, image: DiskImage, window: int, gran: int) -> None:
+        super().__init__(window=window, depth=self.DEPTH, name="diskport-prefetch", unwind_wait=self.UNWIND_WAIT)
         self.image = image
-        self.window = window
         self.gran = gran
-        self.free: queue.Queue[mmap.mmap | None] = queue.Queue()
-        for _ in range(self.DEPTH):
-            self.free.put(mmap.mmap(-1, window))
-        self.ready: queue.Queue[Item | BaseException | None] = queue.Queue()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="diskport-prefetch", daemon=True)
 
     def __enter__(self) -> _Prefetcher:
-        self.thread.start()
+        super().__enter__()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        self.stop.set()
-        # Unblock a producer waiting for a free buffer, then wait for it to notice the stop. When leaving on an
-        # error or a signal, wait only a moment: the producer may be stuck in a read from a stalled server, and
-        # closing the source (which the caller does next) is what ends that read; the thread is a daemon.
-        for _ in range(self.DEPTH):
-            self.free.put(None)
-        self.thread.join(None if exc_type is None else self.UNWIND_WAIT)
-
-    def _take_buffer(self) -> mmap.mmap | None:
-        buf = self.free.get()
-        return None if self.stop.is_set() else buf
-
-    def _run(self) -> None:
-        try:
-            self._produce()
-            self.ready.put(None)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self.ready.put(e)
-
-    def _produce(self) -> None:
+    def produce(self) -> None:
         image, window, gran = self.image, self.window, self.gran
         zero_fill = memoryview(bytes(window))
         buf: mmap.mmap | None = None
@@ -122,7 +95,7 @@ class _Prefetcher:
         def emit() -> None:
             nonlocal buf, fill
             if buf is not None and fill:
-                self.ready.put((wstart, fill, buf, zero_runs(mv[:fill], wstart, gran)))
+                self.emit((wstart, fill, buf, zero_runs(mv[:fill], wstart, gran)))
                 buf = None
                 fill = 0
 
@@ -131,13 +104,13 @@ class _Prefetcher:
                 return
             if ext.zero and (fill == 0 or ext.length >= DIRECT_ZERO):
                 emit()
-                self.ready.put((ext.start, ext.length, None, []))
+                self.emit((ext.start, ext.length, None, []))
                 continue
             pos = ext.start
             while pos < ext.end:
                 if fill == 0:
                     if buf is None:
-                        buf = self._take_buffer()
+                        buf = self.take_buffer()
                         if buf is None:
                             return
                         mv = memoryview(buf)
@@ -159,15 +132,10 @@ class _Prefetcher:
         emit()
 
     def items(self) -> Iterator[Item]:
-        while True:
-            item = self.ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
+        for item in super().items():
             yield item
             if item[2] is not None:
-                self.free.put(item[2])
+                self.recycle(item[2])
 
 
 def copy_image(image: DiskImage, writer: Writer, progress: Progress | None = None,

@@ -14,12 +14,14 @@ import zstandard
 from diskport import convert
 from diskport.errors import CorruptImage
 from diskport.importer import import_image
+from diskport.net import RetryPolicy
 from diskport.sources.http import HttpOptions
 from tests.support import MiB
 from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
 from tests.support.servers import PlainHTTPServer
 
-FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
+FAST = HttpOptions(retry=RetryPolicy(attempts=2, backoff=0.05, max_backoff=0.2), stall_timeout=1.0,
+                   connect_timeout=2.0)
 CODECS = {"gz": gzip.compress, "xz": lzma.compress, "zst": lambda d: zstandard.ZstdCompressor().compress(d)}
 # Incompressible data up to the last grain: the file ends right after that grain, no zero sector follows.
 LAYOUT = [(1 * MiB, 2 * MiB, "random"), (5 * MiB, 64 * 1024, "text"), (8 * MiB - 128 * 1024, 128 * 1024, "random")]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from diskport.net import RetryPolicy
 from diskport.oci.auth import Credentials
 from diskport.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_json, sha256_digest
 from diskport.oci.pull import open_registry_disk
@@ -123,7 +124,7 @@ def _push_layers(registry: RegistryServer, tmp_path: Path, repo: str,
                  layers: list[list[tuple[str, bytes]]]) -> str:
     """An image of uncompressed tar layers made with Python's tarfile, pushed with the client."""
     ref = f"{registry.name}/{repo}:t"
-    client = RegistryClient(ref, RegistryOptions(retries=1), credentials=None)
+    client = RegistryClient(ref, RegistryOptions(retry=RetryPolicy(attempts=1)), credentials=None)
     descriptors = []
     diff_ids = []
     for n, members in enumerate(layers):
@@ -229,7 +230,8 @@ def test_token_expiring_mid_pull_is_renewed(token_registry: RegistryServer, tmp_
             time.sleep(2.5)
 
     source, found = open_registry_disk(ref, credentials=Credentials(TOKEN_USER, TOKEN_PASSWORD, None, "test"),
-                                       http=HttpOptions(streams=1, chunk=MiB, retries=2, backoff=0.05),
+                                       http=HttpOptions(streams=1, chunk=MiB,
+                                                        retry=RetryPolicy(attempts=2, backoff=0.05)),
                                        on_bytes=slow)
     with source:
         assert found.access == "the uncompressed layer, read in place"

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from diskport.errors import RegistryError, SourceError, UsageError
+from diskport.net import RetryPolicy
 from diskport.oci.auth import (
     Credentials,
     RegistryAuth,
@@ -52,13 +53,18 @@ from tests.support.oci import b64, write_helper, write_json
 from tests.support.registry import TOKEN_PASSWORD, TOKEN_USER, RegistryFaultProxy, RegistryServer, Rule
 from tests.support.servers import FaultServer, NginxServer, ProxyServer
 
-FAST: dict[str, Any] = dict(retries=4, backoff=0.05, max_backoff=0.5, retry_time=30.0, timeout=20.0,
-                            connect_timeout=5.0)
+FAST_RETRY = RetryPolicy(attempts=4, backoff=0.05, max_backoff=0.5, budget=30.0)
+FAST: dict[str, Any] = dict(retry=FAST_RETRY, timeout=20.0, connect_timeout=5.0)
 
 
 def options(**kw: Any) -> RegistryOptions:
     """Options with small retry waits (the tests' faults are short)."""
     return RegistryOptions(**{**FAST, **kw})
+
+
+def fast_retry(**retry: Any) -> RegistryOptions:
+    """:func:`options` with some of the retry policy changed."""
+    return options(retry=replace(FAST_RETRY, **retry))
 
 
 @dataclass
@@ -459,7 +465,7 @@ def test_unreachable_registry(tmp_path: Path) -> None:
 
     port = free_port()
     started = time.monotonic()
-    with RegistryClient(f"127.0.0.1:{port}/no/one", options(retries=2), credentials=None) as client, \
+    with RegistryClient(f"127.0.0.1:{port}/no/one", fast_retry(attempts=2), credentials=None) as client, \
             pytest.raises(RegistryError) as err:
         client.ping()
     message = str(err.value)
@@ -499,7 +505,7 @@ def test_retry_after_is_honoured(registry_proxy: RegistryFaultProxy, tmp_path: P
     registry_proxy.add(Rule(method="PUT", min_body=1, status=429, retry_after="1"))
     registry_proxy.add(Rule(method="HEAD", status=502, times=2))
     started = time.monotonic()
-    with RegistryClient(f"{registry_proxy.name}/busy/reg", options(backoff=0.01), credentials=None) as client:
+    with RegistryClient(f"{registry_proxy.name}/busy/reg", fast_retry(backoff=0.01), credentials=None) as client:
         assert client.upload_blob(*blob_args(blob)).how == "uploaded"
         assert client.get_blob(blob.digest) == blob.data
     assert time.monotonic() - started >= 2.0  # two Retry-After: 1, not the 10 ms backoff
@@ -510,7 +516,7 @@ def test_retry_after_is_honoured(registry_proxy: RegistryFaultProxy, tmp_path: P
 
 def test_retries_are_bounded(registry_proxy: RegistryFaultProxy, tmp_path: Path) -> None:
     registry_proxy.add(Rule(method="GET", path="/manifests/", status=500, times=None))
-    with RegistryClient(f"{registry_proxy.name}/down/hill", options(retries=3), credentials=None) as client, \
+    with RegistryClient(f"{registry_proxy.name}/down/hill", fast_retry(attempts=3), credentials=None) as client, \
             pytest.raises(RegistryError) as err:
         client.get_manifest("v1")
     assert f"{registry_proxy.name}/down/hill" in str(err.value) and "after 4 attempts" in str(err.value)
@@ -680,7 +686,7 @@ def test_authorization_never_follows_a_redirect_to_another_host(
     blob = make_blob(tmp_path, 2 * MiB)
     creds = Credentials(TOKEN_USER, TOKEN_PASSWORD, None, "test")
     storage_url = fault_server.put("storage/blob", blob.data).replace("127.0.0.1", "localhost")
-    http = HttpOptions(retries=2, backoff=0.05)
+    http = HttpOptions(retry=RetryPolicy(attempts=2, backoff=0.05))
     with RegistryClient(f"{proxy.name}/redirect/me", options(), credentials=creds) as client:
         client.upload_blob(*blob_args(blob))
         proxy.add(Rule(method="GET", path="/blobs/sha256:", authorized=True, redirect=storage_url, times=None))

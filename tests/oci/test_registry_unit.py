@@ -17,11 +17,12 @@ import httpx
 import pytest
 
 from diskport.errors import RegistryError
+from diskport.net import RetryPolicy
 from diskport.oci.auth import Credentials
 from diskport.oci.registry import RegistryClient, RegistryOptions
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
-OPTIONS = RegistryOptions(retries=3, backoff=0.01, max_backoff=0.01, chunk_size=256 * 1024)
+OPTIONS = RegistryOptions(retry=RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.01), chunk_size=256 * 1024)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from diskport import convert
 from diskport.errors import CorruptImage, SourceError, UnsafeImage, UnsupportedImage, UsageError
 from diskport.importer import import_image
 from diskport.inspect import inspect_image
+from diskport.net import RetryPolicy
 from diskport.oci.build import build_image
 from diskport.oci.layout import read_layout
 from diskport.oci.media import Descriptor
@@ -28,7 +29,8 @@ from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_fi
 from tests.support.oci import image_of, layer_tar
 from tests.support.servers import NginxServer, PlainHTTPServer
 
-FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
+FAST = HttpOptions(retry=RetryPolicy(attempts=2, backoff=0.05, max_backoff=0.2), stall_timeout=1.0,
+                   connect_timeout=2.0)
 TAR_FORMATS = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
 
 

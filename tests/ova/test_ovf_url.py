@@ -12,6 +12,7 @@ import pytest
 
 from diskport.errors import UnsafeImage
 from diskport.importer import import_image
+from diskport.net import RetryPolicy
 from diskport.oci.build import build_image
 from diskport.sources.http import HttpOptions, HttpSource
 from tests.ova.build import Disk, Vm, make_ova, tar_members
@@ -20,7 +21,7 @@ from tests.support.clients import run, run_cli
 from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
 from tests.support.servers import NginxServer
 
-FAST = HttpOptions(retries=2, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
+FAST = HttpOptions(retry=RetryPolicy(attempts=2, backoff=0.05, max_backoff=0.2), stall_timeout=1.0, connect_timeout=2.0)
 
 
 def unpack(ova: Path, folder: Path) -> None:

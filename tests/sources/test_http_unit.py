@@ -14,12 +14,14 @@ import httpx
 import pytest
 
 from diskport.errors import SourceError
+from diskport.net import RetryPolicy
 from diskport.sources.base import Source
 from diskport.sources.http import HttpOptions, HttpSource
 
 KiB = 1024
 MiB = 1024 * KiB
-FAST = HttpOptions(retries=3, backoff=0.01, max_backoff=0.01, stall_timeout=5.0, streams=2, chunk=256 * KiB)
+FAST = HttpOptions(retry=RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.01), stall_timeout=5.0, streams=2,
+                   chunk=256 * KiB)
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +162,7 @@ def test_a_drop_every_700_kib_still_completes() -> None:
     that breaks 10 times in one range with retries=3 still delivers it (issue 10, transfer item 2)."""
     data = pattern(6 * MiB)
     server = FileServer(data, drop_every=700 * KiB)
-    options = HttpOptions(retries=3, backoff=0.01, streams=1, chunk=8 * MiB)
+    options = HttpOptions(retry=RetryPolicy(attempts=3, backoff=0.01), streams=1, chunk=8 * MiB)
     with open_source(server, options=options) as source:
         assert read_all(source, 8 * MiB) == data
     assert server.drops >= 8
@@ -313,7 +315,8 @@ def test_exact_reads_fetch_only_what_is_asked() -> None:
     """Guest inspection's reads (prefer_exact_reads): a 1 MiB read is one 1 MiB range, no 4 x 8 MiB read-ahead;
     without the hint the same read starts the bulk pipeline."""
     data = pattern(64 * MiB)
-    options = HttpOptions(retries=3, backoff=0.01, max_backoff=0.01, stall_timeout=5.0)  # 4 x 8 MiB pipeline
+    # 4 x 8 MiB pipeline
+    options = HttpOptions(retry=RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.01), stall_timeout=5.0)
     server = FileServer(data)
     with open_source(server, options=options) as source:
         source.prefer_exact_reads()

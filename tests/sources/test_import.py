@@ -20,14 +20,14 @@ import pytest
 
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
-from diskport.net import read_bounded
+from diskport.net import RetryPolicy, read_bounded
 from diskport.sources.http import HttpOptions
 from tests.support import MiB
 from tests.support.clients import run_cli
 from tests.support.images import loop_device, make_image, pvc_dir, qemu_raw_sha256, sha256_file
 from tests.support.servers import FaultServer, NginxServer, NginxTlsServer, PlainHTTPServer
 
-FAST = HttpOptions(retries=4, backoff=0.05, max_backoff=0.2, stall_timeout=1.0, connect_timeout=2.0)
+FAST = HttpOptions(retry=RetryPolicy(attempts=4, backoff=0.05, max_backoff=0.2), stall_timeout=1.0, connect_timeout=2.0)
 
 
 @pytest.fixture
@@ -208,7 +208,8 @@ def test_credentials_not_sent_to_another_host(fault_server: FaultServer, qcow2: 
     fault_server.faults.redirect_hops = 1
     fault_server.faults.redirect_cross_host = True
     dest = pvc_dir(tmp_path) / "disk.img"
-    options = HttpOptions(headers={"Authorization": "Bearer secret", "X-Token": "t0ken"}, retries=2, backoff=0.05)
+    options = HttpOptions(headers={"Authorization": "Bearer secret", "X-Token": "t0ken"},
+                          retry=RetryPolicy(attempts=2, backoff=0.05))
     import_image(fault_server.url("disk.qcow2"), dest, http=options)
     assert sha256_file(dest) == expected
     first = fault_server.requests[0]
@@ -407,7 +408,7 @@ def test_a_drop_every_700_kib_still_completes(fault_server: FaultServer, qcow2: 
     dest = pvc_dir(tmp_path) / "disk.img"
     import_image(fault_server.url("disk.qcow2"), dest, http=FAST)
     assert sha256_file(dest) == expected
-    assert fault_server.injected["drop"] > FAST.retries + 1  # one 8 MiB range alone breaks 11 times
+    assert fault_server.injected["drop"] > FAST.retry.attempts + 1  # one 8 MiB range alone breaks 11 times
 
 
 def _start_stalled_import(fault_server: FaultServer, dest: Path) -> subprocess.Popen[str]:

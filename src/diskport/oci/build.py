@@ -62,6 +62,7 @@ from diskport.oci.media import (
     Descriptor,
 )
 from diskport.oci.platform import host_architecture, parse_platform, platform_key
+from diskport.oci.reference import check_image_name
 
 if TYPE_CHECKING:
     from diskport.formats.base import DiskImage
@@ -74,9 +75,6 @@ CONVERT_FORMATS = ("qcow2",)
 CONVERT_COMPRESSIONS = ("zlib", "zstd")
 _COMPRESSED_SUFFIXES = (".gz", ".xz", ".zst", ".zstd", ".bz2")
 _IMAGE_SUFFIXES = (".qcow2", ".qcow", ".raw", ".img", ".iso", ".vmdk", ".vhd", ".vpc", ".vhdx", ".vdi")
-# OCI image-layout: ref ::= component ("/" component)*, component ::= alphanum (separator alphanum)*
-_REF_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
-_REF_NAME = re.compile(rf"{_REF_COMPONENT}(?:/{_REF_COMPONENT})*")
 
 Progress = Callable[[int, int], None]
 
@@ -336,9 +334,8 @@ def _check_options(compression: str, convert_to: str | None, convert_compression
         if convert_compression not in CONVERT_COMPRESSIONS:
             raise UsageError(f"unknown qcow2 compression '{convert_compression}' (choose from "
                              f"{', '.join(CONVERT_COMPRESSIONS)})")
-    if tag is not None and (len(tag) > 255 or not _REF_NAME.fullmatch(tag)):
-        raise UsageError(f"'{tag}' is not a valid tag (letters, digits and - . _ : @ + between them, '/' "
-                         "between parts)")
+    if tag is not None:
+        check_image_name(tag)
 
 
 def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[str], *,

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from diskport.errors import UsageError
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -47,6 +49,12 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 def is_digest(text: str) -> bool:
     """A sha256 digest in the ``sha256:<64 hex>`` form (the only algorithm diskport writes or trusts)."""
     return _DIGEST.fullmatch(text) is not None
+
+
+def check_digest(digest: str) -> None:
+    """UsageError unless ``digest`` is a sha256 digest (a digest a caller passes in, not one read)."""
+    if not is_digest(digest):
+        raise UsageError(f"{digest!r} is not a sha256 digest (sha256:<64 hex digits>)")
 
 
 def sha256_digest(data: bytes) -> str:

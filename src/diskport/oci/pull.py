@@ -15,6 +15,7 @@ import, so ``diskport pull`` is ``diskport import docker://REF``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class _Puller:
         raise CorruptImage(f"{self.where}: indexes nested more than {MAX_NESTING} deep")
 
     def blob(self, layer: Descriptor) -> HttpSource:
-        options = HttpOptions(**{**vars(self.http), "auth": self.client.auth})
+        options = dataclasses.replace(self.http, auth=self.client.auth)
         source = HttpSource(self.client.blob_url(layer.digest), options, on_bytes=self.on_bytes)
         source.name = f"{self.reference.name}@{layer.digest[:19]}"
         if source.size != layer.size:
@@ -181,9 +182,7 @@ def open_registry_disk(text: str, *, platform: str | None = None, registry: Regi
     reference = parse_reference(text.removeprefix("docker://"))
     options = registry or RegistryOptions()
     client = RegistryClient(reference, options, credentials=credentials)
-    base = http or HttpOptions()
-    blob_http = HttpOptions(**{**vars(base), "insecure": base.insecure or not options.tls_verify,
-                               "ca_bundle": base.ca_bundle or options.ca_bundle})
+    blob_http = options.http_options(http)
     try:
         puller = _Puller(reference, client, blob_http, on_bytes)
         wanted = platform or host_architecture()

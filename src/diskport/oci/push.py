@@ -14,7 +14,8 @@ from diskport.oci.auth import Credentials
 from diskport.oci.layout import Layout, read_layout
 from diskport.oci.media import INDEX_TYPES, MANIFEST_TYPES, Descriptor
 from diskport.oci.reference import Reference, parse_reference
-from diskport.oci.registry import RegistryClient, RegistryOptions, UploadResult
+from diskport.oci.registry import RegistryClient, RegistryOptions
+from diskport.oci.upload import UploadResult
 
 
 @dataclass

@@ -173,6 +173,24 @@ def repo_tag(text: str) -> str:
     return body if ref.tag else f"{body}:{DEFAULT_TAG}"
 
 
+def is_tag(text: str) -> bool:
+    """Whether ``text`` is a tag by this module's grammar (ASCII letters, digits, ``_ . -``, at most 128)."""
+    return _TAG.fullmatch(text) is not None
+
+
+def check_image_name(text: str) -> str:
+    """``text`` as the name a build gives its image (``-t``): a tag (``v1``) or a reference without a digest
+    (``quay.io/org/disk:v1``), both by this module's grammar; a :class:`UsageError` otherwise. A digest is
+    refused, not read as a tag: a build makes its own digest."""
+    if is_tag(text):
+        return text
+    ref = parse_reference(text)
+    if ref.digest is not None:
+        raise UsageError(f"{text!r} names a digest; a build makes its own digest, so name the image by a tag "
+                         "(like 'v1' or 'quay.io/org/disk:v1')")
+    return text
+
+
 def parse_repository(text: str) -> str:
     """A bare repository path (``namespace/name``), as in ``--mount-from``; a :class:`UsageError` when it is not."""
     for component in text.split("/"):

@@ -38,30 +38,25 @@ repository and what failed, with the registry's own error codes and messages (``
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
-import re
 import ssl
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
 
-from diskport.errors import RegistryError, SourceError, UsageError
+from diskport.errors import RegistryError, UsageError
 from diskport.net import (
     USER_AGENT,
-    Retrier,
-    RetriesExhausted,
     RetryPolicy,
     cap_body,
     is_transient_error,
     is_transient_status,
     make_client,
-    read_bounded,
     read_capped,
     retry_after,
 )
@@ -69,26 +64,24 @@ from diskport.oci.auth import (
     CREDENTIALS_HINT,
     Credentials,
     RegistryAuth,
-    ReplayableStream,
     TokenServerError,
     repository_scope,
     resolve_credentials,
 )
-from diskport.oci.media import MANIFEST_TYPES, is_digest, sha256_digest
+from diskport.oci.failures import Failures, NotTls, Transient, error_detail
+from diskport.oci.media import MANIFEST_TYPES, check_digest, is_digest, sha256_digest
 from diskport.oci.reference import Reference, parse_reference, parse_repository
+from diskport.oci.upload import DEFAULT_CHUNK, READ_BLOCK, BlobUpload, UploadResult
+from diskport.sources.http import HttpOptions
+
+__all__ = ["MAX_ANSWER", "MAX_MANIFEST", "MAX_SMALL_BLOB", "RegistryClient", "RegistryOptions", "UploadResult"]
 
 KiB = 1024
 MiB = 1024 * KiB
-DEFAULT_CHUNK = 64 * MiB
-MIN_CHUNK = 256 * KiB          # a 413 halves the chunk size down to this (or the registry's minimum)
-READ_BLOCK = 1 * MiB
 MAX_MANIFEST = 4 * MiB
 MAX_SMALL_BLOB = 16 * MiB
-MAX_ERROR_BODY = 64 * KiB
 #: No answer from a registry is read past this, whatever it says: the largest thing read whole is a small blob.
 MAX_ANSWER = MAX_SMALL_BLOB + MiB
-MAX_RESTARTS = 3               # new upload sessions after the registry forgot one
-_RANGE = re.compile(r"(?:bytes=)?(\d+)-(\d+)")
 
 
 @dataclass
@@ -102,132 +95,22 @@ class RegistryOptions:
     connect_timeout: float = 30.0
     commit_timeout: float = 900.0         # waiting for the answer to an upload's final PUT (a resumed upload is
                                           # hashed again by the registry before it answers)
-    retries: int = 8                      # failures in a row (without progress) before giving up ...
-    retry_time: float = 600.0             # ... or this long spent waiting to retry, in all, per request or upload
-    backoff: float = 0.5                  # first wait; doubles each retry
-    max_backoff: float = 30.0
-    max_retry_after: float = 120.0        # a Retry-After is honoured up to this
+    #: When to retry, how long to wait, when to give up (``budget``: per request or upload).
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     chunk_size: int = DEFAULT_CHUNK       # PATCH size of a chunked upload
     chunked: bool = False                 # upload in chunks from the start (no monolithic PUT first)
     read_block: int = READ_BLOCK          # bytes read from disk and handed to the socket at a time
     max_manifest: int = MAX_MANIFEST
     user_agent: str = USER_AGENT
 
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(attempts=self.retries, backoff=self.backoff, max_backoff=self.max_backoff,
-                           budget=self.retry_time, max_retry_after=self.max_retry_after)
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    """What ``upload_blob`` did: ``how`` is ``exists`` (HEAD found it: nothing sent), ``mounted`` (from another
-    repository: nothing sent) or ``uploaded``. ``chunked``: the blob went up in PATCH chunks; ``resumes``: times it
-    continued after a failure from the offset the registry reported; ``restarts``: new upload sessions."""
-
-    digest: str
-    size: int
-    how: Literal["exists", "mounted", "uploaded"]
-    chunked: bool = False
-    resumes: int = 0
-    restarts: int = 0
-
-
-class FileSlice(ReplayableStream):
-    """Bytes ``[start, end)`` of the file at ``path`` as a request body, read from disk in ``block``-sized pieces
-    each time it is iterated (so it can be sent again without being held in memory). ``on_position`` is told the
-    file offset reached after each piece is handed on."""
-
-    def __init__(self, path: str | os.PathLike[str], start: int, end: int, block: int = READ_BLOCK,
-                 on_position: Callable[[int], None] | None = None) -> None:
-        self.path = os.fspath(path)
-        self.start, self.end, self.block = start, end, max(1, block)
-        self.on_position = on_position
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise SourceError(f"cannot open the blob file: {e.strerror}", path=self.path) from None
-        try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, self.start, self.end - self.start, os.POSIX_FADV_SEQUENTIAL)
-            position = self.start
-            while position < self.end:
-                try:
-                    data = os.pread(fd, min(self.block, self.end - position), position)
-                except OSError as e:
-                    raise SourceError(f"cannot read the blob file: {e.strerror}", path=self.path,
-                                      offset=position) from None
-                if not data:
-                    raise SourceError(f"the file ended at byte {position} while {self.end} were to be sent",
-                                      path=self.path)
-                position += len(data)
-                yield data
-                if self.on_position is not None:
-                    self.on_position(position)
-        finally:
-            os.close(fd)
-
-
-class _Progress:
-    """Reports bytes sent beyond the furthest point reached, so a resent body is not counted twice."""
-
-    def __init__(self, callback: Callable[[int], None] | None) -> None:
-        self.callback = callback
-        self.high = 0
-        self._lock = threading.Lock()
-
-    def reach(self, position: int) -> None:
-        with self._lock:
-            delta = position - self.high
-            if delta <= 0:
-                return
-            self.high = position
-        if self.callback is not None:
-            self.callback(delta)
-
-
-class _Transient(Exception):
-    """A failure worth another attempt; ``wait`` overrides the backoff (Retry-After); ``broken``: the connection
-    broke (rather than the registry answering an error)."""
-
-    def __init__(self, reason: str, wait: float | None = None, broken: bool = False) -> None:
-        super().__init__(reason)
-        self.wait = wait
-        self.broken = broken
-
-
-class _NotTls(Exception):
-    """https found a server that does not speak TLS (a plain-http registry on loopback)."""
-
-
-class _Restart(Exception):
-    """The registry no longer has the upload session: start a new one."""
-
-
-class _Failures:
-    """The failures of one request or upload under the retry policy, as :class:`RegistryError` when it gives
-    up; ``reset`` when bytes got through."""
-
-    def __init__(self, options: RegistryOptions, where: str) -> None:
-        self.where = where
-        self._retrier = Retrier(options.policy)
-
-    def wait(self, error: _Transient, what: str) -> None:
-        try:
-            self._retrier.failed(str(error), error.wait)
-        except RetriesExhausted as e:
-            if e.spent:
-                raise RegistryError(f"{self.where}: {what} failed: {e.budget:g} s of retrying spent, last: "
-                                    f"{error}") from None
-            raise RegistryError(f"{self.where}: {what} failed after {e.attempts} attempts: {error}") from None
-
-    def reset(self) -> None:
-        self._retrier.progressed()
+    def http_options(self, base: HttpOptions | None = None, *, auth: httpx.Auth | None = None) -> HttpOptions:
+        """``base`` (default :class:`HttpOptions`) for fetching this registry's blobs over plain HTTP
+        (:class:`~diskport.sources.http.HttpSource`): its TLS trust widened by this registry's (``ca_bundle``,
+        ``tls_verify=False``) and, when given, the registry's ``auth``. The one place registry options become
+        HTTP options."""
+        base = base or HttpOptions()
+        return dataclasses.replace(base, insecure=base.insecure or not self.tls_verify,
+                                   ca_bundle=base.ca_bundle or self.ca_bundle, auth=auth or base.auth)
 
 
 def _ssl_error(error: BaseException) -> BaseException | None:
@@ -239,83 +122,6 @@ def _ssl_error(error: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def _error_detail(response: httpx.Response) -> str:
-    """The registry's explanation: ``CODE: message`` of each ``errors[]`` entry (OCI distribution spec, error
-    codes), else the first line of a text body; empty when there is none."""
-    length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_ERROR_BODY:
-        return ""
-    try:
-        body, _ = read_bounded(response, MAX_ERROR_BODY)
-    except (httpx.HTTPError, httpx.StreamError):
-        return ""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("errors"), list):
-        parts = []
-        for entry in obj["errors"]:
-            if isinstance(entry, dict):
-                code, message = entry.get("code"), entry.get("message")
-                parts.append(": ".join(str(x) for x in (code, message) if x))
-        return "; ".join(p for p in parts if p)
-    text = body.decode("utf-8", "replace").strip()
-    first = text.splitlines()[0] if text else ""
-    return first[:200] if first and not first.lstrip().startswith("<") else ""
-
-
-def _error_codes(response: httpx.Response) -> set[str]:
-    try:
-        obj = json.loads(read_bounded(response, MAX_ERROR_BODY)[0])
-    except (ValueError, httpx.HTTPError, httpx.StreamError):
-        return set()
-    errors = obj.get("errors") if isinstance(obj, dict) else None
-    return {str(e.get("code")) for e in errors if isinstance(e, dict)} if isinstance(errors, list) else set()
-
-
-def _uploaded_bytes(range_header: str | None) -> int | None:
-    """Bytes an upload holds from its ``Range: 0-N`` header (N+1; ``0-0`` is what registries say for an empty
-    upload); None when the header is absent or not of that form."""
-    if not range_header:
-        return None
-    m = _RANGE.fullmatch(range_header.strip())
-    if m is None or int(m.group(1)) != 0:
-        return None
-    end = int(m.group(2))
-    return 0 if end == 0 else end + 1
-
-
-@dataclass
-class _Session:
-    """An upload session: where to send the next request, and the registry's minimum chunk."""
-
-    location: httpx.URL
-    min_chunk: int = 0
-
-
-@dataclass
-class _Upload:
-    """The state of one blob upload as the protocol loop moves it on."""
-
-    digest: str
-    size: int
-    path: Path
-    tracker: _Progress
-    session: _Session
-    failures: _Failures
-    chunk: int
-    chunked: bool
-    offset: int = 0
-    resumes: int = 0
-    restarts: int = 0
-    resync: bool = False
-
-    @property
-    def what(self) -> str:
-        return f"uploading blob {self.digest}"
 
 
 class RegistryClient:
@@ -368,7 +174,7 @@ class RegistryClient:
 
     def blob_url(self, digest: str) -> str:
         """The URL a GET of blob ``digest`` goes to (it may redirect to storage on another host)."""
-        _check_digest(digest)
+        check_digest(digest)
         return f"{self.base_url}/v2/{self.repository}/blobs/{digest}"
 
     def close(self) -> None:
@@ -383,13 +189,13 @@ class RegistryClient:
     # -- sending -------------------------------------------------------------------------------------------
     def _send_once(self, request: httpx.Request, *, stream: bool = False, follow_redirects: bool = False,
                    tls_fallback: bool = False) -> httpx.Response:
-        """One request; the answer unless it is a failure worth retrying (raised as :class:`_Transient`)."""
+        """One request; the answer unless it is a failure worth retrying (raised as :class:`Transient`)."""
         try:
             response = self._client.send(request, stream=stream, follow_redirects=follow_redirects)
         except TokenServerError as e:
-            raise _Transient(str(e), wait=e.retry_after) from None
+            raise Transient(str(e), wait=e.retry_after) from None
         except httpx.TimeoutException as e:
-            raise _Transient(f"no answer within the timeout ({type(e).__name__})", broken=True) from None
+            raise Transient(f"no answer within the timeout ({type(e).__name__})", broken=True) from None
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
             raise RegistryError(f"{self.where}: unusable URL {request.url}: {e}") from None
         except httpx.TooManyRedirects:
@@ -402,39 +208,39 @@ class RegistryClient:
                                         hint="pass --ca-bundle with the registry's CA certificate, or "
                                              "--tls-verify=false") from None
                 if tls_fallback:
-                    raise _NotTls(str(cause)) from None
+                    raise NotTls(str(cause)) from None
                 raise RegistryError(f"{self.registry}: TLS handshake failed: {cause}",
                                     hint="is it a plain-http registry? only loopback registries may be") from None
             if not is_transient_error(e):
                 raise RegistryError(f"{self.where}: {request.method} {request.url.copy_with(query=None)} failed: "
                                     f"{e or type(e).__name__}") from None
-            raise _Transient(f"connection failed: {e or type(e).__name__}", broken=True) from None
+            raise Transient(f"connection failed: {e or type(e).__name__}", broken=True) from None
         status = response.status_code
         if is_transient_status(status):
             wait = retry_after(response)
-            detail = _error_detail(response)
+            detail = error_detail(response)
             response.close()
-            raise _Transient(f"HTTP {status} {response.reason_phrase}" + (f" ({detail})" if detail else ""), wait)
+            raise Transient(f"HTTP {status} {response.reason_phrase}" + (f" ({detail})" if detail else ""), wait)
         return response
 
     def _request(self, method: str, url: str | httpx.URL, *, what: str, headers: dict[str, str] | None = None,
                  content: bytes | None = None, stream: bool = False, follow_redirects: bool = False,
                  timeout: httpx.Timeout | None = None, tls_fallback: bool = False) -> httpx.Response:
         """A request with retries; the first answer that is not a retryable failure (the caller judges it)."""
-        failures = _Failures(self.options, self.where)
+        failures = Failures(self.options.retry, self.where)
         while True:
             request = self._client.build_request(method, url, headers=headers, content=content,
                                                  timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
             try:
                 return self._send_once(request, stream=stream, follow_redirects=follow_redirects,
                                        tls_fallback=tls_fallback)
-            except _Transient as e:
+            except Transient as e:
                 failures.wait(e, what)
 
     def _fail(self, response: httpx.Response, what: str) -> RegistryError:
         """The error for an answer that ends ``what``: one line naming registry, repository and the problem."""
         status = response.status_code
-        detail = _error_detail(response)
+        detail = error_detail(response)
         said = f"HTTP {status}" + (f": {detail}" if detail else "")
         creds = self._auth.credentials
         if status == 401:
@@ -467,7 +273,7 @@ class RegistryClient:
                 try:
                     response = self._request("GET", f"{base}/v2/", what="GET /v2/",
                                              tls_fallback=i + 1 < len(schemes))
-                except _NotTls:
+                except NotTls:
                     continue
                 if response.status_code == 404:
                     raise RegistryError(f"{self.registry} is not a registry: GET {base}/v2/ answered 404",
@@ -487,7 +293,7 @@ class RegistryClient:
     # -- blobs ---------------------------------------------------------------------------------------------
     def blob_exists(self, digest: str) -> int | None:
         """``HEAD`` the blob: its size when the repository has it (-1 if the registry gave no length), else None."""
-        _check_digest(digest)
+        check_digest(digest)
         response = self._request("HEAD", self.blob_url(digest), what=f"checking blob {digest}",
                                  follow_redirects=True)
         if response.status_code == 404:
@@ -500,205 +306,27 @@ class RegistryClient:
     def mount_blob(self, digest: str, from_repository: str) -> bool:
         """Mount blob ``digest`` from ``from_repository`` on the same registry: True when mounted (201). When the
         registry cannot (202: it opened an upload instead), that upload is cancelled and False returned."""
-        _check_digest(digest)
-        location = self._start_upload(digest, parse_repository(from_repository))
-        if location is None:
+        check_digest(digest)
+        uploads = BlobUpload(self)
+        session = uploads.start(digest, parse_repository(from_repository))
+        if session is None:
             return True
-        self._cancel_upload(location)
+        uploads.cancel(session)
         return False
-
-    def _start_upload(self, digest: str | None = None, mount_from: str | None = None) -> _Session | None:
-        """``POST /blobs/uploads/`` (a mount when ``mount_from``): None when mounted, else the upload session."""
-        self._need_push()
-        url = httpx.URL(self._url("blobs/uploads/"))
-        what = "starting an upload"
-        if mount_from is not None and digest is not None:
-            self._auth.add_scopes(repository_scope(mount_from, "pull"))
-            url = url.copy_merge_params({"mount": digest, "from": mount_from})
-            what = f"mounting {digest} from {mount_from}"
-        response = self._request("POST", url, what=what, content=b"")
-        status = response.status_code
-        if status == 201 and mount_from is not None and digest is not None:
-            reported = response.headers.get("docker-content-digest")
-            if reported and reported != digest:
-                raise RegistryError(f"{self.where}: {what}: the registry mounted {reported}")
-            return None
-        if status != 202:
-            raise self._fail(response, what)
-        minimum = response.headers.get("oci-chunk-min-length", "")
-        return _Session(self._location(response), int(minimum) if minimum.isdigit() else 0)
-
-    def _location(self, response: httpx.Response) -> httpx.URL:
-        location = response.headers.get("location")
-        if not location:
-            raise RegistryError(f"{self.where}: the registry answered HTTP {response.status_code} to "
-                                f"{response.request.method} {response.request.url.path} without a Location")
-        try:
-            return response.url.join(location)
-        except httpx.InvalidURL:
-            raise RegistryError(f"{self.where}: the registry answered an unusable Location {location!r}") from None
-
-    def _cancel_upload(self, session: _Session) -> None:
-        with contextlib.suppress(_Transient, RegistryError):  # best effort: registries purge abandoned uploads
-            self._send_once(self._client.build_request("DELETE", session.location))
 
     def upload_blob(self, digest: str, size: int, path: str | os.PathLike[str],
                     progress: Callable[[int], None] | None = None, *,
                     mount_from: Sequence[str] = ()) -> UploadResult:
         """Put the blob ``digest`` (``size`` bytes, the file at ``path``) into the repository; see the module
-        docstring for the protocol. ``progress`` is called with the number of new bytes sent (the whole size at
-        once when nothing needs sending). ``mount_from``: repositories on this registry to mount it from first."""
-        _check_digest(digest)
-        try:
-            actual = os.stat(path).st_size
-        except OSError as e:
-            raise SourceError(f"cannot read the blob file: {e.strerror}", path=os.fspath(path)) from None
-        if actual != size:
-            raise SourceError(f"the blob file has {actual} bytes, its descriptor says {size}", path=os.fspath(path))
-        tracker = _Progress(progress)
-        self._need_push()
-        if self.blob_exists(digest) is not None:
-            tracker.reach(size)
-            return UploadResult(digest, size, "exists")
-        session: _Session | None = None
-        for i, repository in enumerate(mount_from):
-            if repository == self.repository:
-                continue
-            started = self._start_upload(digest, parse_repository(repository))
-            if started is None:
-                tracker.reach(size)
-                return UploadResult(digest, size, "mounted")
-            if i + 1 < len(mount_from):
-                self._cancel_upload(started)
-            else:
-                session = started
-        if session is None:
-            session = self._start_upload()
-            assert session is not None
-        return self._upload(session, digest, size, Path(path), tracker)
-
-    def _body_request(self, method: str, url: httpx.URL, path: Path, start: int, end: int, tracker: _Progress,
-                      *, content_range: bool, timeout: httpx.Timeout | None = None) -> httpx.Request:
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(end - start)}
-        if content_range:
-            headers["Content-Range"] = f"{start}-{end - 1}"
-        request = self._client.build_request(method, url, headers=headers,
-                                             timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
-        if end > start:
-            request.stream = FileSlice(path, start, end, self.options.read_block, tracker.reach)
-        return request
-
-    def _upload_status(self, session: _Session) -> int:
-        """How many bytes the registry holds of the upload (``GET <location>``: ``Range: 0-N``); updates the
-        session's location. :class:`_Restart` when the registry no longer knows the upload."""
-        response = self._request("GET", session.location, what="asking for the upload's status")
-        if response.status_code in (404, 400):
-            raise _Restart(f"the registry no longer has the upload (HTTP {response.status_code}"
-                           f"{': ' + d if (d := _error_detail(response)) else ''})")
-        if response.status_code not in (200, 202, 204):
-            raise self._fail(response, "asking for the upload's status")
-        if response.headers.get("location"):
-            session.location = self._location(response)
-        held = _uploaded_bytes(response.headers.get("range"))
-        return 0 if held is None else held
-
-    def _upload(self, session: _Session, digest: str, size: int, path: Path, tracker: _Progress) -> UploadResult:
-        """Send the blob into ``session``: the protocol loop (monolithic PUT, chunked PATCHes, resync, restart)."""
-        o = self.options
-        up = _Upload(digest, size, path, tracker, session, _Failures(o, self.where),
-                     chunk=max(o.chunk_size, session.min_chunk, 1), chunked=o.chunked)
-        while True:
-            try:
-                if up.resync:
-                    self._resync(up)
-                if up.chunked and up.offset < size:
-                    self._send_chunk(up)
-                    continue
-                result = self._finish(up)
-                if result is not None:
-                    return result
-            except _Transient as e:
-                if e.broken and not up.chunked:
-                    up.chunked = True  # a body that broke off: go on in smaller pieces
-                up.failures.wait(e, up.what)
-                up.resync = True
-            except _Restart as e:
-                up.restarts += 1
-                if up.restarts > MAX_RESTARTS:
-                    raise RegistryError(f"{self.where}: {up.what} failed: {e}, {up.restarts} times") from None
-                new = self._start_upload()
-                assert new is not None
-                up.session, up.offset, up.resync = new, 0, False
-
-    def _resync(self, up: _Upload) -> None:
-        """After a failure: go on from what the registry holds."""
-        up.resync = False
-        held = self._upload_status(up.session)
-        if held > up.size:
-            raise _Restart(f"the registry holds {held} bytes of a {up.size}-byte blob")
-        if held > 0:
-            up.resumes += 1
-            up.chunked = True  # a monolithic PUT cannot go on from the middle
-        up.offset = held
-
-    def _send_chunk(self, up: _Upload) -> None:
-        """One PATCH of ``[offset, offset + chunk)``; moves ``offset`` to what the registry then holds."""
-        end = min(up.offset + up.chunk, up.size)
-        request = self._body_request("PATCH", up.session.location, up.path, up.offset, end, up.tracker,
-                                     content_range=True)
-        response = self._send_once(request)
-        status = response.status_code
-        if status == 202:
-            up.session.location = self._location(response)
-            before, up.offset = up.offset, _uploaded_bytes(response.headers.get("range")) or end  # "0-0": as sent
-            if up.offset > up.size:
-                raise _Restart(f"the registry holds {up.offset} bytes of a {up.size}-byte blob")
-            if up.offset > before:
-                up.failures.reset()
-            else:  # accepted, yet not taken: do not go round for ever
-                up.failures.wait(_Transient(f"the registry kept the upload at {up.offset} bytes"), up.what)
-        elif status == 413 and up.chunk > max(MIN_CHUNK, up.session.min_chunk):
-            up.chunk = max(up.chunk // 2, MIN_CHUNK, up.session.min_chunk)
-        elif status == 416:
-            up.failures.wait(_Transient("HTTP 416: the registry is at another offset"), up.what)
-            up.resync = True
-        elif status == 404:
-            raise _Restart("the registry no longer has the upload (HTTP 404)")
-        else:
-            raise self._fail(response, f"{up.what} (bytes {up.offset}-{end - 1})")
-
-    def _finish(self, up: _Upload) -> UploadResult | None:
-        """The ``PUT ?digest=``: with the whole body (monolithic) or none (after the chunks). None: go on (the
-        registry wants chunks)."""
-        o = self.options
-        commit = httpx.Timeout(o.timeout, connect=o.connect_timeout, read=max(o.timeout, o.commit_timeout))
-        url = up.session.location.copy_merge_params({"digest": up.digest})
-        start = up.offset if up.chunked else 0
-        response = self._send_once(self._body_request("PUT", url, up.path, start, up.size, up.tracker,
-                                                      content_range=False, timeout=commit))
-        status = response.status_code
-        if status in (201, 204):
-            reported = response.headers.get("docker-content-digest")
-            if reported and reported != up.digest:
-                raise RegistryError(f"{self.where}: the registry stored blob {up.digest} as {reported}")
-            up.tracker.reach(up.size)
-            return UploadResult(up.digest, up.size, "uploaded", up.chunked, up.resumes, up.restarts)
-        if status == 413 and not up.chunked:
-            up.chunked = True
-            up.chunk = min(up.chunk, max(MIN_CHUNK, up.session.min_chunk, up.size // 2))
-            up.resync = True
-            return None
-        if status == 404:
-            raise _Restart("the registry no longer has the upload (HTTP 404)")
-        if status == 400 and (up.resumes or up.restarts) and \
-                _error_codes(response) & {"DIGEST_INVALID", "BLOB_UPLOAD_INVALID", "SIZE_INVALID"}:
-            raise _Restart(f"the resumed upload does not verify ({_error_detail(response)})")
-        raise self._fail(response, up.what)
+        docstring for the protocol (the state machine is :class:`~diskport.oci.upload.BlobUpload`). ``progress`` is
+        called with the number of new bytes sent (the whole size at once when nothing needs sending).
+        ``mount_from``: repositories on this registry to mount it from first."""
+        return BlobUpload(self).run(digest, size, path, progress, mount_from=mount_from)
 
     # -- small blobs ---------------------------------------------------------------------------------------
     def get_blob(self, digest: str, *, limit: int = MAX_SMALL_BLOB) -> bytes:
         """The bytes of a small blob (a config), at most ``limit`` of them, checked against ``digest``."""
-        _check_digest(digest)
+        check_digest(digest)
         what = f"fetching blob {digest}"
         response = self._request("GET", self.blob_url(digest), what=what, stream=True, follow_redirects=True)
         try:
@@ -740,7 +368,7 @@ class RegistryClient:
                                  headers={"Accept": ", ".join(accept)})
         try:
             if response.status_code == 404:
-                detail = _error_detail(response)
+                detail = error_detail(response)
                 raise RegistryError(f"{name}: no such manifest" + (f" ({detail})" if detail else ""),
                                     hint="check the repository and tag")
             if response.status_code != 200:
@@ -792,8 +420,3 @@ def _cap_answer(response: httpx.Response) -> None:
     """No answer from a registry (or whatever answers in its place) is read past :data:`MAX_ANSWER`, also where
     httpx reads a body whole itself."""
     cap_body(response, MAX_ANSWER, RegistryError)
-
-
-def _check_digest(digest: str) -> None:
-    if not is_digest(digest):
-        raise UsageError(f"{digest!r} is not a sha256 digest (sha256:<64 hex digits>)")

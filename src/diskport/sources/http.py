@@ -70,22 +70,14 @@ class HttpOptions:
     headers: dict[str, str] = field(default_factory=dict)
     ca_bundle: str | None = None
     insecure: bool = False
-    retries: int = 8              # failures in a row without progress
-    backoff: float = 0.5          # first wait; doubles each retry
-    max_backoff: float = 30.0
-    retry_budget: float = 600.0   # seconds of waiting between retries, in all, per source
-    max_retry_after: float = 120.0
+    #: When to retry, how long to wait, when to give up (``budget``: seconds of waiting, in all, per source).
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     stall_timeout: float = 60.0   # seconds without a byte
     connect_timeout: float = 30.0
     streams: int = 4              # ranged requests in flight for large reads
     chunk: int = 8 * 1024 * 1024  # bytes per ranged request
     #: Authentication for the origin (a registry's token auth); never used for another origin after a redirect.
     auth: httpx.Auth | None = None
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(attempts=self.retries, backoff=self.backoff, max_backoff=self.max_backoff,
-                           budget=self.retry_budget, max_retry_after=self.max_retry_after)
 
 
 class _Retry(Exception):
@@ -132,7 +124,7 @@ class HttpSource(ReadintoSource):
         self._on_bytes = on_bytes
         self.downloaded = 0
         self._lock = threading.Lock()
-        self._policy = self.options.policy
+        self._policy = self.options.retry
         self._budget = RetryBudget(self._policy.budget)  # one budget of waiting for the whole transfer
         self._closed = threading.Event()
         timeout = httpx.Timeout(self.options.stall_timeout, connect=self.options.connect_timeout)
