@@ -46,6 +46,12 @@ _UNLIMITED = 1 << 60
 #: Writeback is started every KICK_BYTES written.
 KICK_BYTES = 16 * 1024 * 1024
 MIN_WINDOW = 64 * 1024 * 1024
+#: What goes through the page cache is written in pieces of at most this size. Measured here (kernel 6.18, ext4,
+#: ``dd`` of 1 GiB): once the memory a deleted output freed has gone back to the host, writes of 1 MiB or more
+#: cost 2.0-3.4 s of system time, writes of 32-768 KiB 0.28-0.5 s; just after the delete both cost 0.33-0.40 s.
+#: diskport's 8 MiB windows, written whole, made ``--cache writeback`` 5x slower than qemu-img, which writes
+#: smaller pieces. The extra system calls cost nothing measurable.
+PAGE_CACHE_WRITE = 512 * 1024
 MAX_WINDOW = 1024 * 1024 * 1024
 
 
@@ -259,3 +265,12 @@ class WriteBehind:
             os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
         except OSError:
             self.enabled = False
+
+
+def pwrite_cached(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` through the page cache, in pieces of :data:`PAGE_CACHE_WRITE`."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view[:PAGE_CACHE_WRITE], offset)
+        view = view[n:]
+        offset += n

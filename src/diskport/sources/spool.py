@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from diskport.cache import pwrite_cached
 from diskport.errors import DestinationError, UnsafeImage
 from diskport.sources.file import FileSource
 from diskport.sources.stream import DecompressingStream
@@ -42,7 +43,7 @@ def spool(stream: DecompressingStream, head: bytes, scratch_dir: str, limit: int
                                   path=stream.source.name, fmt=stream.kind)
             for a, b, is_zero in zero_runs(view[:n], pos, 4096):
                 if not is_zero:
-                    os.pwrite(fd, view[a:b], pos + a)
+                    pwrite_cached(fd, view[a:b], pos + a)
             pos += n
         os.ftruncate(fd, pos)
         source = FileSource.from_fd(os.dup(fd), f"{stream.source.name} (spooled)")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from diskport.cache import PAGE_CACHE_WRITE
 from diskport.errors import DestinationError
 
 if TYPE_CHECKING:
@@ -40,8 +41,9 @@ class Writer(ABC):
         """Write all of ``data`` at ``offset``; a failure (disk full) is a DestinationError naming the target.
 
         Writes whose offset, length and memory are 4 KiB aligned go through the O_DIRECT descriptor when there
-        is one; the rest (metadata, edges) through the page cache. The kernel keeps the two coherent. What goes
-        through the page cache is reported to :attr:`behind` when there is one.
+        is one; the rest (metadata, edges) through the page cache, in pieces of at most
+        :data:`~diskport.cache.PAGE_CACHE_WRITE` (large page-cache writes are slow on fresh memory). The kernel
+        keeps the two coherent. What goes through the page cache is reported to :attr:`behind` when there is one.
         """
         view = memoryview(data).cast("B")
         fd = self.fd
@@ -51,7 +53,7 @@ class Writer(ABC):
         try:
             while view:
                 try:
-                    n = os.pwrite(fd, view, offset)
+                    n = os.pwrite(fd, view if fd == self.direct_fd else view[:PAGE_CACHE_WRITE], offset)
                 except OSError as e:
                     if fd != self.direct_fd or e.errno != errno.EINVAL:
                         raise
