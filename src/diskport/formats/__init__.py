@@ -201,7 +201,7 @@ def open_ova_disk(pkg: package.OvaPackage, index: int, vm: str | None = None, *,
     with located(found.source.name, None):
         image = open_detected(found.source, None, scratch_dir=scratch_dir, size_limit=size_limit,
                               random_access=random_access, ova=None)
-    from diskport.ova.package import StreamedOva
+    from diskport.ova.streamed import StreamedOva
 
     if isinstance(pkg, StreamedOva) and pkg.stream.kind:
         image.compression.insert(0, pkg.stream.kind)

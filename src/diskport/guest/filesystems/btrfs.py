@@ -1,6 +1,10 @@
 """btrfs, read-only, single device: the chunk map, tree walks (root tree, subvolumes, FS trees), directories and
 file extents, over the on-disk layout of :mod:`diskport.guest.filesystems.btrfs_format`, whose docstring
-describes the format, the bounds kept and the sources used."""
+describes the format, the bounds kept and the sources used.
+
+It is a little over the house's 600 lines because it is one reader: the chunk map, the tree walks and the file
+extents share one node cache and one key order, and change together; the layout already lives apart.
+"""
 
 from __future__ import annotations
 
