@@ -8,9 +8,9 @@ OVA's source allows:
   no scratch. A member with a manifest digest is read through
   :class:`~diskport.sources.checksum.ChecksumSource`: a streamOptimized, gzip-compressed or chunked disk is read
   front to back anyway and is hashed as it passes; any other member is read through
-  :class:`~diskport.ova.members.InPlaceDigest`, hashed by the conversion's own reads as far as they run in order (a raw member: all of it, each byte read
-  once), the rest read a second time before the destination is committed (a sparse format's skipped clusters;
-  the summary says how many bytes).
+  :class:`~diskport.ova.members.InPlaceDigest`, hashed by the conversion's own reads as far as they run in order
+  (a raw member: all of it, each byte read once), the rest read a second time before the destination is
+  committed (a sparse format's skipped clusters; the summary says how many bytes).
 * **streaming** (HTTP without ranges, an OVA inside gzip): members are met in tar order, the descriptor first
   as DSP0243 requires. A disk member is handed over as a forward-only source at its first byte (a streamOptimized
   VMDK then converts straight from the stream; other formats are spooled by the opener, as for any stream) and
