@@ -11,8 +11,8 @@ import pytest
 import zstandard
 
 from diskport.formats import open_image, probe_scores, read_head
-from diskport.formats.compression import detect_compression
 from diskport.sources import FileSource
+from diskport.sources.compression import detect_compression
 from tests.support import MiB
 from tests.support.clients import qemu_img
 from tests.support.images import make_image

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 from diskport.errors import DiskportError, UnsupportedImage, UsageError, located
 from diskport.formats import foreign, iso, qcow2, raw, vdi, vhd, vhdx, vmdk
 from diskport.formats.base import Access, DiskImage, Extent
-from diskport.formats.compression import detect_compression
 from diskport.formats.stream import StreamedRawImage
 from diskport.names import FORMAT_ALIASES, INPUT_FORMATS, format_names
 from diskport.ova import DEFAULT, OvaChoice, is_ovf_descriptor, is_tar
 from diskport.sources import Source, open_source
 from diskport.sources.base import HeadSource
+from diskport.sources.compression import detect_compression
 from diskport.sources.spool import spool
 from diskport.sources.stream import DecompressingStream
 

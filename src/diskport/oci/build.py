@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any
 from diskport.engine import convert
 from diskport.errors import DiskportError, SourceError, UnsupportedImage, UsageError
 from diskport.formats import open_image
-from diskport.formats.compression import detect_compression
 from diskport.oci import archive as docker_archive_mod
 from diskport.oci import layout as layout_mod
 from diskport.oci.archive import ArchiveResult, write_docker_archive
@@ -63,6 +62,7 @@ from diskport.oci.media import (
 )
 from diskport.oci.platform import host_architecture, parse_platform, platform_key
 from diskport.oci.reference import check_image_name
+from diskport.sources.compression import detect_compression
 
 if TYPE_CHECKING:
     from diskport.formats.base import DiskImage

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from diskport.errors import CorruptImage, RegistryError, SourceError
-from diskport.formats.compression import detect_compression
 from diskport.oci.auth import Credentials
 from diskport.oci.media import INDEX_TYPES, LAYER_TYPES, Descriptor
 from diskport.oci.platform import host_architecture, parse_platform, platform_key
@@ -31,6 +30,7 @@ from diskport.oci.registry import RegistryClient, RegistryOptions
 from diskport.oci.tarscan import LayerScan, MemberStream, RandomTarReader, StreamTarReader, scan_layer
 from diskport.sources.base import SliceSource, Source
 from diskport.sources.checksum import ChecksumSource
+from diskport.sources.compression import detect_compression
 from diskport.sources.http import HttpOptions, HttpSource
 from diskport.sources.stream import DecompressingStream
 

@@ -17,9 +17,9 @@ import zstandard
 from isal import igzip
 
 from diskport.errors import CorruptImage, UnsupportedImage
-from diskport.formats.compression import BZIP2, GZIP, INFLATE_ERRORS, XZ, ZSTD
 from diskport.sources import xz
 from diskport.sources.base import Source
+from diskport.sources.compression import BZIP2, GZIP, INFLATE_ERRORS, XZ, ZSTD
 
 _CODEC_ERRORS: tuple[type[BaseException], ...] = (
     OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError, *INFLATE_ERRORS)

@@ -26,7 +26,6 @@ from isal import isal_zlib
 
 from diskport.errors import UnsupportedImage
 from diskport.formats.base import file_runs
-from diskport.formats.compression import INFLATE_ERRORS
 from diskport.formats.runs import RunKind, split_runs
 from diskport.formats.vmdk.descriptor import file_corrupt
 from diskport.formats.vmdk.spec import (
@@ -56,6 +55,7 @@ from diskport.formats.vmdk.spec import (
     SparseHeader,
 )
 from diskport.sources.base import Source
+from diskport.sources.compression import INFLATE_ERRORS
 
 _GT_CACHE = 16
 _GRAIN_CACHE = 4

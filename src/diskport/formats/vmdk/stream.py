@@ -19,7 +19,6 @@ from isal import isal_zlib
 
 from diskport.errors import CorruptImage
 from diskport.formats.base import DiskImage, Extent
-from diskport.formats.compression import INFLATE_ERRORS
 from diskport.formats.vmdk.descriptor import parse_descriptor, read_embedded_descriptor, read_identity
 from diskport.formats.vmdk.spec import (
     COMPRESSION_DEFLATE,
@@ -46,6 +45,7 @@ from diskport.formats.vmdk.spec import (
     SparseHeader,
 )
 from diskport.sources.base import HeadSource
+from diskport.sources.compression import INFLATE_ERRORS
 from diskport.sources.stream import DecompressingStream
 
 
