@@ -24,7 +24,8 @@ RULES = {
     "formats": ("diskport.oci", "diskport.guest", "diskport.manifest", "diskport.engine", "diskport.importer",
                 "diskport.cli"),
     # the writers share the readers' leaf spec modules (formats/qcow2_spec.py), nothing else of formats/
-    "writers": ("diskport.formats.qcow2", "diskport.formats.vmdk", "diskport.formats.vhdx", "diskport.oci", "diskport.guest", "diskport.manifest", "diskport.importer",
+    "writers": ("diskport.formats.qcow2", "diskport.formats.vmdk", "diskport.formats.vhdx", "diskport.oci",
+                "diskport.guest", "diskport.manifest", "diskport.importer",
                 "diskport.cli"),
 }
 
