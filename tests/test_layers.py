@@ -7,6 +7,8 @@ a deferred import inside a function counts as much as one at the top.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,11 @@ def test_the_rule_sees_a_lazy_import(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from diskport.formats import open_image\n    import diskport.oci.build\n")
     assert {"diskport.formats", "diskport.oci.build"} <= imported(probe)
+
+
+@pytest.mark.parametrize("module", ["diskport.zeros", "diskport.runs", "diskport.cache", "diskport.units",
+                                    "diskport.sources.spool", "diskport.sources.compression", "diskport.net"])
+def test_a_low_module_imports_on_its_own(module: str) -> None:
+    """A fresh interpreter imports it first, so an import cycle through a package above it fails here."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

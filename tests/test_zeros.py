@@ -8,7 +8,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import diskport.formats  # noqa: F401 - imports diskport.zeros the way the engine does (no import cycle)
 from diskport.zeros import DATA_RUN, ZERO_RUN, nonzero_blocks, zero_runs
 
 GRANULARITIES = [512, 4096, 65536]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diskport.formats.runs import split_runs
+from diskport.runs import split_runs
 
 ZERO_RUN, DATA_RUN = True, False
 

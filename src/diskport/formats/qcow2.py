@@ -56,7 +56,7 @@ from diskport.formats.qcow2_spec import (
     OFLAG_COMPRESSED,
     OFLAG_ZERO,
 )
-from diskport.formats.runs import RunKind, split_runs
+from diskport.runs import RunKind, split_runs
 from diskport.sources.base import Source
 
 if TYPE_CHECKING:

@@ -46,7 +46,7 @@ import numpy as np
 
 from diskport.errors import UnsafeImage
 from diskport.formats.base import DiskImage, Extent
-from diskport.formats.runs import split_runs
+from diskport.runs import split_runs
 from diskport.sources.base import Source
 
 FMT = "vdi"

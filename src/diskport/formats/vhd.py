@@ -70,7 +70,7 @@ import numpy as np
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
 from diskport.formats.base import DiskImage, Extent, file_runs
-from diskport.formats.runs import split_runs
+from diskport.runs import split_runs
 from diskport.sources.base import Source
 
 FMT = "vpc"

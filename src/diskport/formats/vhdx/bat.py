@@ -8,7 +8,6 @@ from collections import OrderedDict
 import numpy as np
 
 from diskport.formats.base import DiskImage
-from diskport.formats.runs import RunKind
 from diskport.formats.vhdx.header import ReadFile
 from diskport.formats.vhdx.log import Overlay
 from diskport.formats.vhdx.metadata import Metadata
@@ -24,6 +23,7 @@ from diskport.formats.vhdx.spec import (
     MiB,
     Region,
 )
+from diskport.runs import RunKind
 
 # Block kinds while decoding the BAT: zeros, data in place, data the log replay touched (read through it).
 ZERO, DATA, OVERLAID = RunKind.ZERO, RunKind.DATA, RunKind.MAPPED

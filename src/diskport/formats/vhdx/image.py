@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from diskport.formats.base import DiskImage, Extent
-from diskport.formats.runs import split_runs
 from diskport.formats.vhdx.bat import DATA, ZERO, Bat
 from diskport.formats.vhdx.header import current_header, read_region_table
 from diskport.formats.vhdx.log import Overlay, replay_log
@@ -24,6 +23,7 @@ from diskport.formats.vhdx.spec import (
     SIGNATURE,
     Region,
 )
+from diskport.runs import split_runs
 from diskport.sources.base import Source
 
 

@@ -26,7 +26,6 @@ from isal import isal_zlib
 
 from diskport.errors import UnsupportedImage
 from diskport.formats.base import file_runs
-from diskport.formats.runs import RunKind, split_runs
 from diskport.formats.vmdk.descriptor import file_corrupt
 from diskport.formats.vmdk.spec import (
     COMPRESSION_DEFLATE,
@@ -54,6 +53,7 @@ from diskport.formats.vmdk.spec import (
     SPARSE_MAGIC,
     SparseHeader,
 )
+from diskport.runs import RunKind, split_runs
 from diskport.sources.base import Source
 from diskport.sources.compression import INFLATE_ERRORS
 

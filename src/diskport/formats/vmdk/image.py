@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from diskport.formats.base import DiskImage, Extent
-from diskport.formats.runs import RunKind
 from diskport.formats.vmdk.descriptor import (
     Descriptor,
     ExtentLine,
@@ -39,6 +38,7 @@ from diskport.formats.vmdk.spec import (
     SECTOR,
     SPARSE_MAGIC,
 )
+from diskport.runs import RunKind
 from diskport.sources.base import Source
 
 _CREATE_TYPE_LINE = re.compile(rb"^[ \t]*createType[ \t]*=", re.MULTILINE)
