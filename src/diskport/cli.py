@@ -540,13 +540,9 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
     # A layout names its image by tag (ref.name), an archive by reference (RepoTags); a push names it by REF.
     tag = reference
     if reference:
-        from diskport.oci.reference import parse_reference
+        from diskport.oci.reference import check_image_name, layout_tag
 
-        ref = parse_reference(reference)
-        if ref.digest is not None:
-            raise UsageError(f"-t {reference}: a build makes its own digest; -t takes a name and a tag")
-        if not docker_archive and ref.tag:
-            tag = ref.tag
+        tag = check_image_name(reference) if docker_archive else layout_tag(reference)
     if push_it:
         tag = None
     with contextlib.ExitStack() as stack, JobProgress("packaging", bar=not quiet) as job:

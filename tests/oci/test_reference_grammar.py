@@ -11,7 +11,7 @@ import pytest
 
 from diskport.errors import UsageError
 from diskport.oci.build import build_image
-from diskport.oci.reference import check_image_name, is_tag, parse_reference, repo_tag
+from diskport.oci.reference import check_image_name, is_tag, layout_tag, parse_reference, repo_tag
 from tests.support import MiB
 from tests.support.clients import run_cli
 from tests.support.images import make_image
@@ -88,6 +88,36 @@ def test_cli_build_tags_the_layout_by_the_reference_tag(tmp_path: Path) -> None:
     layout = tmp_path / "o.oci"
     assert run_cli("build", "-q", disk, "-t", "quay.io/org/disk:v7", "--output", layout).returncode == 0
     assert '"org.opencontainers.image.ref.name":"v7"' in (layout / "index.json").read_text().replace(" ", "")
+
+
+def test_layout_tag_follows_the_grammar() -> None:
+    """Tags may be upper case (distribution's tag is [\\w][\\w.-]{0,127}); repository components may not."""
+    cases = {"V1": "V1", "v1": "v1", "disk": "disk", "disk:V7": "V7", "quay.io/org/disk:Rc_1.0": "Rc_1.0",
+             "127.0.0.1:5000/vm/disk": "127.0.0.1:5000/vm/disk", "X" * 128: "X" * 128}
+    assert {text: layout_tag(text) for text in cases} == cases
+    for bad in ("UPPER:case", "org/Disk:v1", ".V1", "X" * 129, DIGEST_REF, "tägg"):
+        with pytest.raises(UsageError):
+            layout_tag(bad)
+
+
+@pytest.mark.parametrize("text,tag", [("V1", "V1"), ("quay.io/org/disk:Beta-2", "Beta-2")])
+def test_cli_build_takes_an_upper_case_tag_for_a_layout(tmp_path: Path, text: str, tag: str) -> None:
+    disk = make_image(tmp_path, "raw", MiB, name="d.raw")
+    layout = tmp_path / "o.oci"
+    proc = run_cli("build", "-q", disk, "-t", text, "--output", layout)
+    assert proc.returncode == 0, proc.stderr
+    assert f'"org.opencontainers.image.ref.name":"{tag}"' in (layout / "index.json").read_text().replace(" ", "")
+
+
+def test_cli_build_refuses_an_upper_case_repository(tmp_path: Path) -> None:
+    """A docker-archive's RepoTags and a push need a repository, and ``V1`` read as one is not lowercase."""
+    disk = make_image(tmp_path, "raw", MiB, name="d.raw")
+    for args in (["--docker-archive", str(tmp_path / "a.tar")],
+                 ["--output", str(tmp_path / "o.oci"), "-t", "org/Disk:v1"], ["--push"]):
+        proc = run_cli("build", "-q", disk, "-t", "V1", *args)
+        assert proc.returncode == 2, proc.stderr
+        assert "lowercase" in proc.stderr and "Traceback" not in proc.stderr
+    assert listing(tmp_path) == ["d.raw"]
 
 
 @pytest.mark.parametrize("command", ["push", "pull"])

@@ -191,6 +191,16 @@ def check_image_name(text: str) -> str:
     return text
 
 
+def layout_tag(text: str) -> str:
+    """The tag an OCI layout names a build's image by, from ``-t text`` (checked by :func:`check_image_name`): a
+    tag as written (``V1``: tags may be upper case, repository names may not), else the reference's tag
+    (``v7`` of ``quay.io/org/disk:v7``), else the reference as written."""
+    check_image_name(text)
+    if is_tag(text):
+        return text
+    return parse_reference(text).tag or text
+
+
 def parse_repository(text: str) -> str:
     """A bare repository path (``namespace/name``), as in ``--mount-from``; a :class:`UsageError` when it is not."""
     for component in text.split("/"):
