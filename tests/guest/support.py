@@ -20,6 +20,7 @@ from typing import Any
 from diskport.formats import open_image
 from diskport.guest.view import GuestView
 from tests.support.clients import qemu_img, require_tool, run
+from tests.support.images import ReadCount
 
 MiB = 1024 * 1024
 
@@ -109,6 +110,22 @@ def view_of(location: Path | str, fmt: str | None = None) -> Iterator[GuestView]
     """A GuestView over the image at a path or URL."""
     with open_image(location if isinstance(location, str) else os.fspath(location), fmt) as image:
         yield GuestView(image)
+
+
+def count_preads(view: GuestView, budget: int | None = None) -> ReadCount:
+    """Count the ``pread`` calls made on ``view`` itself (cached or not): how many steps a walk of the partition
+    table took, which its block cache hides from ``view.stats``. Past a ``budget`` of calls one raises
+    :class:`~tests.support.images.ReadBudgetExceeded`."""
+    count = ReadCount(budget)
+    real = view.pread
+
+    def counted(offset: int, length: int) -> bytes:
+        data = real(offset, length)
+        count.add(1)
+        return data
+
+    setattr(view, "pread", counted)  # noqa: B010 - mypy refuses an assignment to a method
+    return count
 
 
 def convert(raw: Path, fmt: str, options: str = "") -> Path:

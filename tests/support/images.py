@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import os
 import random
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from diskport.formats.base import DiskImage, Extent
 from diskport.sources.base import Source
@@ -121,6 +124,88 @@ class BytesSource(Source):
 
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self.data[offset: offset + length])
+
+
+class ReadBudgetExceeded(AssertionError):
+    """A reader read more than a test allowed: not a DiskportError, so no ``except DiskportError`` hides it."""
+
+
+class ReadCount:
+    """What the sources sharing this count have returned: ``reads`` calls and ``bytes`` in all. With a
+    ``budget``, the read that takes ``bytes`` past it raises :class:`ReadBudgetExceeded`, so a reader that would
+    loop forever fails the test at once instead of hanging it."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
+        self.reads = 0
+        self.bytes = 0
+
+    def add(self, n: int) -> None:
+        self.reads += 1
+        self.bytes += n
+        if self.budget is not None and self.bytes > self.budget:
+            raise ReadBudgetExceeded(f"{self.bytes} bytes read in {self.reads} reads, over the budget of "
+                                     f"{self.budget}")
+
+
+class CountingSource(Source):
+    """``inner`` with every byte it returns counted in ``count`` (shared with the files it opens beside itself,
+    such as a VMDK's extents): a machine-independent measure of the work a reader does."""
+
+    def __init__(self, inner: Source, count: ReadCount | None = None) -> None:
+        self.inner = inner
+        self.count = count or ReadCount()
+        self.name = inner.name
+        self.size = inner.size
+        self.size_known = inner.size_known
+        self.sequential = inner.sequential
+        self.sequential_reason = inner.sequential_reason
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = self.inner.pread(offset, length)
+        self.count.add(len(data))
+        return data
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        n = self.inner.readinto(offset, buf)
+        self.count.add(n)
+        return n
+
+    def allocated_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        return self.inner.allocated_extents(offset, length)
+
+    @property
+    def is_block_device(self) -> bool:
+        return self.inner.is_block_device
+
+    def open_relative(self, name: str, what: str) -> Source:
+        return CountingSource(self.inner.open_relative(name, what), self.count)
+
+    def allocated_bytes(self) -> int | None:
+        return self.inner.allocated_bytes()
+
+    def prefer_exact_reads(self) -> None:
+        self.inner.prefer_exact_reads()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@contextlib.contextmanager
+def counting_opens(monkeypatch: pytest.MonkeyPatch, budget: int | None = None) -> Iterator[ReadCount]:
+    """Every image opened by path inside the block (``convert``, ``open_image``) reads through one
+    :class:`CountingSource` count."""
+    import diskport.formats
+
+    count = ReadCount(budget)
+    real = diskport.formats.open_source
+
+    def counted(location: str | os.PathLike[str]) -> Source:
+        return CountingSource(real(location), count)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(diskport.formats, "open_source", counted)
+        yield count
 
 
 def full_read(image: DiskImage) -> bytes:

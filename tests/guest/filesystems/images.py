@@ -15,6 +15,7 @@ from pathlib import Path
 
 from diskport.guest.filesystems.base import Filesystem
 from tests.support.clients import require_tool, run
+from tests.support.images import ReadCount
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -24,18 +25,31 @@ UTF8 = {**os.environ, "LC_ALL": "C.UTF-8", "MTOOLS_SKIP_CHECK": "1"}
 
 class BytesVolume:
     """A :class:`~diskport.guest.view.Readable` over bytes in memory (for mutated images): ``head`` (mutable,
-    not copied) over the start of ``base`` when both are given."""
+    not copied) over the start of ``base`` when both are given. It counts what is read (``reads`` calls,
+    ``bytes_read`` returned), the machine-independent measure of a reader's work; past a ``budget`` of bytes a
+    read raises :class:`~tests.support.images.ReadBudgetExceeded`, so a reader that loops fails at once."""
 
-    def __init__(self, head: bytes | bytearray, base: bytes = b"", name: str = "mem") -> None:
+    def __init__(self, head: bytes | bytearray, base: bytes = b"", name: str = "mem",
+                 budget: int | None = None) -> None:
         self.head = head
         self.base = base
         self.size = max(len(head), len(base))
         self.name = name
+        self.count = ReadCount(budget)
+
+    @property
+    def reads(self) -> int:
+        return self.count.reads
+
+    @property
+    def bytes_read(self) -> int:
+        return self.count.bytes
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise ValueError(f"read {offset}+{length}")
         end = min(offset + length, self.size)
+        self.count.add(max(0, end - offset))
         if end <= len(self.head):
             return bytes(self.head[offset:end])
         if offset >= len(self.head):

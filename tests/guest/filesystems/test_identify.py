@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import struct
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,13 +310,11 @@ class Memory:
 
 def test_tiny_and_random_volumes_identify_as_nothing() -> None:
     rng = random.Random(11)
-    started = time.monotonic()
     for size in (0, 1, 511, 512, 1023, 4095, 4096, 65535, 65536, 65536 + 4095, 70000, 300_000):
         for data in (bytes(size), rng.randbytes(size)):
             volume = Memory(data)
             assert identify(volume) is None, size
-            assert volume.read <= 64 * 1024, (size, volume.read)
-    assert time.monotonic() - started < 2
+            assert volume.read <= 64 * 1024, (size, volume.read)   # the bound on the work, not a time
 
 
 def test_hostile_fields_do_not_escape() -> None:
