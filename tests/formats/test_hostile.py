@@ -2,7 +2,7 @@
 clusters and grains, absurd declared sizes, named pipes as extents, and names that would drive the terminal.
 
 The cases about one reader live with it: qcow2 clusters shared between guest clusters in
-formats/test_qcow2_bad.py; seSparse descriptors and named-pipe extents in formats/test_vmdk.py."""
+formats/test_qcow2_bad.py; seSparse descriptors and named-pipe extents in formats/test_vmdk_bad.py."""
 
 from __future__ import annotations
 

@@ -194,11 +194,11 @@ class CountingSource(Source):
 @contextlib.contextmanager
 def counting_opens(monkeypatch: pytest.MonkeyPatch, budget: int | None = None) -> Iterator[ReadCount]:
     """Every image opened by path inside the block (``convert``, ``open_image``) reads through one
-    :class:`CountingSource` count."""
+    :class:`CountingSource` count (``diskport.formats`` opens paths with ``open_source``)."""
     import diskport.formats
+    from diskport.sources import open_source as real
 
     count = ReadCount(budget)
-    real = diskport.formats.open_source
 
     def counted(location: str | os.PathLike[str]) -> Source:
         return CountingSource(real(location), count)
