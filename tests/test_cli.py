@@ -186,13 +186,13 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_remote_options_are_one_set_with_one_help() -> None:
-    """--ca-bundle, --tls-verify, --creds, --insecure and --platform mean the same on every command that takes
-    them: one definition each (cli.registry_options / remote_options / platform_option), one help text."""
+    """--ca-bundle, --tls-verify, --creds, --pull-secret, --insecure and --platform mean the same on every command
+    that takes them: one definition each (cli.registry_options / remote_options / platform_option), one help text."""
     import click
 
     from diskport import cli
 
-    shared = ("ca_bundle", "tls_verify", "creds", "insecure", "platform")
+    shared = ("ca_bundle", "tls_verify", "creds", "pull_secret", "insecure", "platform")
     seen: dict[str, dict[str, str]] = {}
     for name, command in cli.main.commands.items():
         for param in command.params:
@@ -202,5 +202,6 @@ def test_remote_options_are_one_set_with_one_help() -> None:
     for option, by_command in seen.items():
         assert len(set(by_command.values())) == 1, (option, by_command)
     assert set(seen["ca_bundle"]) == {"import", "build", "push", "pull", "manifest", "inspect"}
+    assert set(seen["pull_secret"]) == set(seen["creds"]) == set(seen["ca_bundle"])
     assert set(seen["insecure"]) == {"import", "manifest", "inspect"}
     assert set(seen["platform"]) == {"import", "pull", "manifest", "inspect"}

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: Where registry_options leaves --pull-secret in the click context for _registry.
+PULL_SECRET = "diskport.pull_secret"
 
 
 def fail(message: str, code: int) -> None:
@@ -121,8 +123,24 @@ def _say_cache(policy: Any, verbose: bool, job: JobProgress | None = None) -> No
 
 
 def registry_options(func: Callable[P, R]) -> Callable[P, R]:
-    """--ca-bundle, --tls-verify and --creds: every command that talks to a registry (build --push, push, pull,
-    and import, manifest and inspect --guest of docker://REF), with the same help everywhere."""
+    """--ca-bundle, --tls-verify, --creds and --pull-secret: every command that talks to a registry (build --push,
+    push, pull, and import, manifest and inspect --guest of docker://REF), with the same help everywhere.
+    --pull-secret reaches :func:`_registry` through the click context, so no command's signature carries it."""
+
+    command = func
+
+    @wraps(command)
+    def with_pull_secret(*args: P.args, **kwargs: P.kwargs) -> R:
+        secret = kwargs.pop("pull_secret", None)
+        context = click.get_current_context(silent=True)
+        if context is not None and secret is not None:  # pull invokes import, which gets the default None
+            context.meta[PULL_SECRET] = secret
+        return command(*args, **kwargs)
+
+    func = click.option("--pull-secret", type=click.Path(dir_okay=False), metavar="FILE",
+                        help="A Kubernetes pull secret: the kubernetes.io/dockerconfigjson Secret (YAML or JSON, "
+                             "as kubectl get secret -o yaml prints it) or its .dockerconfigjson; asked after "
+                             "--creds, before the rest.")(with_pull_secret)
     func = click.option("--creds", metavar="USER:PASS",
                         help="Registry credentials [default: DISKPORT_USERNAME/DISKPORT_PASSWORD, then "
                              "~/.docker/config.json and credential helpers].")(func)
@@ -166,7 +184,9 @@ def _registry(creds: str | None, tls_verify: bool, ca_bundle: str | None, refere
         options.chunk_size = parse_size(chunk_size)
         if options.chunk_size < 1024 * 1024:
             raise UsageError(f"--chunk-size {chunk_size} is below 1M")
-    return options, resolve_credentials(ref, creds=creds)
+    context = click.get_current_context(silent=True)
+    pull_secret = context.meta.get(PULL_SECRET) if context is not None else None
+    return options, resolve_credentials(ref, creds=creds, pull_secret=pull_secret)
 
 
 def ova_options(func: Callable[P, R]) -> Callable[P, R]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diskport.errors import RegistryError, UsageError
 from diskport.oci import credentials
@@ -20,6 +22,10 @@ from diskport.oci.credentials import (
     resolve_credentials,
 )
 from diskport.oci.reference import parse_reference
+from tests.support import MiB
+from tests.support.clients import run_cli
+from tests.support.images import make_image, pvc_dir, qemu_raw_sha256, sha256_file
+from tests.support.registry import RegistryServer
 
 
 def b64(text: str) -> str:
@@ -114,3 +120,93 @@ def test_a_new_provider_is_one_class_and_one_registration(tmp_path: Path, monkey
 def test_pull_secret_provider_is_registered() -> None:
     assert any(isinstance(p, PullSecretFile) for p in PROVIDERS)
     assert PullSecretFile().find(Lookup("quay.io", "", {})) is None  # no file given: not this provider's turn
+
+
+# -- the Secret itself, as kubectl prints it, and --pull-secret on every registry command ---------------------------
+
+def secret_yaml(path: Path, config: dict[str, object], *, kind: str = "kubernetes.io/dockerconfigjson",
+                string_data: bool = False) -> Path:
+    """A Secret as ``kubectl get secret NAME -o yaml`` prints it (``data`` base64) or as one writes it by hand
+    (``stringData``)."""
+    body = json.dumps(config)
+    payload = {"stringData": {".dockerconfigjson": body}} if string_data else \
+        {"data": {".dockerconfigjson": b64(body)}}
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "type": kind,
+                                    "metadata": {"name": "regcred", "namespace": "vms"}, **payload}))
+    return path
+
+
+def test_pull_secret_as_the_secret_manifest(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    config: dict[str, object] = {"auths": {"quay.io": {"auth": b64("robot:from-yaml")}}}
+    for name, secret in (("data", secret_yaml(tmp_path / "s.yaml", config)),
+                         ("stringData", secret_yaml(tmp_path / "h.yaml", config, string_data=True))):
+        found = resolve_credentials(parse_reference("quay.io/org/disk"), pull_secret=secret, environ=env)
+        assert found is not None and (found.username, found.password) == ("robot", "from-yaml"), name
+        assert str(secret) in found.source
+    as_json = tmp_path / "s.json"  # kubectl get secret -o json
+    as_json.write_text(json.dumps(yaml.safe_load((tmp_path / "s.yaml").read_text())))
+    found = resolve_credentials("quay.io", pull_secret=as_json, environ=env)
+    assert found is not None and found.username == "robot"
+    assert resolve_credentials("ghcr.io", pull_secret=as_json, environ=env) is None
+
+
+def test_pull_secret_manifest_errors_are_one_line(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    opaque = secret_yaml(tmp_path / "opaque.yaml", {"auths": {}}, kind="Opaque")
+    with pytest.raises(RegistryError, match=r"of type 'Opaque', not 'kubernetes\.io/dockerconfigjson'"):
+        resolve_credentials("quay.io", pull_secret=opaque, environ=env)
+    bad = tmp_path / "bad64.yaml"
+    bad.write_text("kind: Secret\ntype: kubernetes.io/dockerconfigjson\ndata:\n  .dockerconfigjson: '***'\n")
+    with pytest.raises(RegistryError, match="not base64"):
+        resolve_credentials("quay.io", pull_secret=bad, environ=env)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("kind: Secret\ntype: kubernetes.io/dockerconfigjson\ndata: {}\n")
+    with pytest.raises(RegistryError, match=r"no \.dockerconfigjson"):
+        resolve_credentials("quay.io", pull_secret=empty, environ=env)
+    other = tmp_path / "other.yaml"
+    other.write_text("kind: ConfigMap\ndata: {}\n")
+    with pytest.raises(RegistryError, match=r"not valid JSON .* nor a Secret"):
+        resolve_credentials("quay.io", pull_secret=other, environ=env)
+
+
+def test_cli_pull_secret_on_every_registry_command(tls_registry: RegistryServer, tmp_path: Path) -> None:
+    """build --push, push, pull, import, inspect and manifest of docker://REF against docker-registry with
+    htpasswd auth, the Secret being the only credentials in reach (a clean HOME, no DISKPORT_* variables)."""
+    env = {**clean_env(tmp_path), "PATH": os.environ["PATH"]}
+    env.pop("DISKPORT_USERNAME", None)
+    image = make_image(tmp_path, "qcow2", 4 * MiB, name="vm.qcow2")
+    expected = qemu_raw_sha256(image, tmp_path)
+    secret = secret_yaml(tmp_path / "regcred.yaml", {"auths": {tls_registry.name: {
+        "auth": b64(f"{tls_registry.username}:{tls_registry.password}")}}})
+    ca = ["--ca-bundle", str(tls_registry.ca_bundle)]
+    ref = f"{tls_registry.name}/vms/disk:v1"
+    denied = run_cli("build", "-q", image, "-t", ref, "--push", *ca, env=env)
+    assert denied.returncode == 1 and "authentication" in denied.stderr, denied.stderr
+    built = run_cli("build", "-q", image, "-t", ref, "--push", "--pull-secret", secret, *ca, env=env)
+    assert built.returncode == 0, built.stderr
+    layout = tmp_path / "vm.oci"
+    assert run_cli("build", "-q", image, "--output", layout, env=env).returncode == 0
+    pushed = run_cli("push", layout, f"{tls_registry.name}/vms/again:v2", "--pull-secret", secret, *ca, env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    for command, source in (("pull", ref), ("import", f"docker://{tls_registry.name}/vms/again:v2")):
+        dest = pvc_dir(tmp_path) / f"{command}.raw"
+        done = run_cli(command, source, dest, "--pull-secret", secret, *ca, env=env)
+        assert done.returncode == 0, done.stderr
+        assert sha256_file(dest) == expected
+        dest.unlink()
+        refused = run_cli(command, source, dest, *ca, env=env)
+        assert refused.returncode == 1 and "authentication" in refused.stderr, refused.stderr
+        assert not dest.exists()
+    inspected = run_cli("inspect", "--guest", "--json", f"docker://{ref}", "--pull-secret", secret, *ca, env=env)
+    assert inspected.returncode == 0, inspected.stderr
+    facts = json.loads(inspected.stdout)
+    assert (facts["format"], facts["virtual-size"]) == ("qcow2", 4 * MiB)
+    manifest = run_cli("manifest", f"docker://{ref}", "--pull-secret", secret, *ca, env=env)
+    assert manifest.returncode == 0, manifest.stderr
+    assert f"image: {tls_registry.name}/vms/disk@sha256:" in manifest.stdout   # pinned: the registry was read
+    refused = run_cli("manifest", f"docker://{ref}", *ca, env=env)
+    assert refused.returncode == 1 and "authentication" in refused.stderr, refused.stderr
+    missing = run_cli("pull", ref, pvc_dir(tmp_path) / "x.raw", "--pull-secret", tmp_path / "nope.yaml", *ca,
+                      env=env)
+    assert missing.returncode == 2 and "the pull secret file does not exist" in missing.stderr, missing.stderr

@@ -3,10 +3,10 @@ r"""Where registry credentials come from: a chain of providers, asked in order, 
 The chain (:data:`PROVIDERS`), for the registry (and repository) of a reference:
 
 1. :class:`ExplicitCreds`: ``--creds USER:PASSWORD`` (the ``creds`` argument of :func:`resolve_credentials`);
-2. :class:`PullSecretFile`: a Kubernetes pull secret, the ``.dockerconfigjson`` of a
-   ``kubernetes.io/dockerconfigjson`` Secret as a file (the ``pull_secret`` argument: a file mounted from the
-   Secret, or ``kubectl get secret NAME -o jsonpath='{.data.\.dockerconfigjson}' | base64 -d``); its ``auths``
-   are read as a docker config's are;
+2. :class:`PullSecretFile`: a Kubernetes pull secret (``--pull-secret FILE``, the ``pull_secret`` argument): the
+   ``kubernetes.io/dockerconfigjson`` Secret itself in YAML or JSON (``kubectl get secret NAME -o yaml``), or its
+   ``.dockerconfigjson`` as a file (mounted from the Secret, or ``kubectl get secret NAME -o
+   jsonpath='{.data.\.dockerconfigjson}' | base64 -d``); its ``auths`` are read as a docker config's are;
 3. :class:`EnvironmentCreds`: ``DISKPORT_USERNAME`` and ``DISKPORT_PASSWORD`` (both set), for CI jobs that hold a
    secret;
 4. :class:`AuthFiles`: auth files, in this order (a file named explicitly by an environment variable before the
@@ -54,7 +54,8 @@ ENV_USERNAME = "DISKPORT_USERNAME"
 ENV_PASSWORD = "DISKPORT_PASSWORD"
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 HELPER_TIMEOUT = 30.0
-CREDENTIALS_HINT = ("pass --creds USER:PASSWORD, set DISKPORT_USERNAME and DISKPORT_PASSWORD, or log in with "
+CREDENTIALS_HINT = ("pass --creds USER:PASSWORD or --pull-secret FILE (a Kubernetes pull secret), set "
+                    "DISKPORT_USERNAME and DISKPORT_PASSWORD, or log in with "
                     "'docker login' / 'podman login' (config.json, auth.json)")
 _HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -137,7 +138,9 @@ class ExplicitCreds(CredentialProvider):
 
 
 class PullSecretFile(CredentialProvider):
-    """A Kubernetes pull secret's ``.dockerconfigjson`` (a docker config: its ``auths`` are read)."""
+    """A Kubernetes pull secret (``--pull-secret FILE``): the ``.dockerconfigjson`` itself (a docker config: its
+    ``auths`` are read), or the ``kubernetes.io/dockerconfigjson`` Secret holding it, in YAML or JSON as
+    ``kubectl get secret NAME -o yaml`` prints it (``data`` base64, or ``stringData``)."""
 
     def find(self, lookup: Lookup) -> Credentials | None:
         if lookup.pull_secret is None:
@@ -145,10 +148,69 @@ class PullSecretFile(CredentialProvider):
         path = Path(lookup.pull_secret)
         if not path.is_file():
             raise UsageError("the pull secret file does not exist", path=str(path))
-        data = _load_config(path)
+        data = _load_pull_secret(path)
         if data is None:
             return None
         return _from_auths(data, path, lookup.registry, lookup.repository)
+
+
+SECRET_TYPE = "kubernetes.io/dockerconfigjson"
+SECRET_KEY = ".dockerconfigjson"
+
+
+def _load_pull_secret(path: Path) -> dict[str, object] | None:
+    """The docker config of a pull secret file: the file itself when it is one, else the ``.dockerconfigjson``
+    of the Secret it holds."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegistryError(f"cannot read the pull secret: {getattr(e, 'strerror', None) or e}",
+                            path=str(path)) from None
+    if not text.strip():
+        return None
+    try:
+        data: object = json.loads(text)
+    except json.JSONDecodeError as e:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        if not (isinstance(data, dict) and data.get("kind") == "Secret"):
+            raise RegistryError(f"the pull secret is not valid JSON ({e.msg} at line {e.lineno}) nor a Secret in "
+                                "YAML", path=str(path),
+                                hint=f"give the {SECRET_KEY} or the {SECRET_TYPE} Secret holding it") from None
+    if not isinstance(data, dict):
+        raise RegistryError("the pull secret is not a JSON object", path=str(path))
+    if data.get("kind") != "Secret":
+        return data
+    kind = data.get("type")
+    if kind != SECRET_TYPE:
+        raise RegistryError(f"the Secret is of type {kind!r}, not {SECRET_TYPE!r}", path=str(path))
+    inner = _secret_value(data, path)
+    try:
+        config = json.loads(inner)
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"the Secret's {SECRET_KEY} is not valid JSON ({e.msg} at line {e.lineno})",
+                            path=str(path)) from None
+    if not isinstance(config, dict):
+        raise RegistryError(f"the Secret's {SECRET_KEY} is not a JSON object", path=str(path))
+    return config
+
+
+def _secret_value(secret: dict[object, object], path: Path) -> str:
+    """``stringData[.dockerconfigjson]`` as written, else ``data[.dockerconfigjson]`` decoded from base64."""
+    string_data, data = secret.get("stringData"), secret.get("data")
+    if isinstance(string_data, dict) and isinstance(string_data.get(SECRET_KEY), str):
+        return str(string_data[SECRET_KEY])
+    if isinstance(data, dict) and isinstance(data.get(SECRET_KEY), str):
+        try:
+            return base64.b64decode("".join(str(data[SECRET_KEY]).split()), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise RegistryError(f"the Secret's data[{SECRET_KEY}] is not base64 of UTF-8 text",
+                                path=str(path)) from None
+    raise RegistryError(f"the Secret has no {SECRET_KEY} in data or stringData", path=str(path))
 
 
 class EnvironmentCreds(CredentialProvider):
