@@ -3,7 +3,10 @@
 - ``clients``: the command-line tools the tests drive or ask as oracles (``run``, ``require_tool``,
   ``qemu_img``, ``qemu_io``, ``skopeo``, ``umoci``) and ``run_cli`` for diskport itself.
 - ``images``: image builders and checks (``make_image``, ``write_pattern_raw``, the qemu-img oracle's sha256,
-  ``BytesSource``, ``mutate`` for fuzz loops, the extent-contract check).
+  ``BytesSource``, ``mutate`` for fuzz loops, the extent-contract check, and ``CountingSource``/``ReadCount``/
+  ``counting_opens`` to bound a reader's work by the reads it makes, never by the clock).
+- ``vmdk``, ``vhdx``: those formats' builders and patchers, shared by ``test_<format>.py`` and
+  ``test_<format>_bad.py``.
 - ``servers``: nginx, plain HTTP, TLS (a test CA), fault-injecting and proxy servers on loopback, with fixtures.
 - ``registry``: Debian's docker-registry (plain, TLS + htpasswd, token auth), the token server and the fault proxy.
 
