@@ -464,13 +464,11 @@ def test_unreachable_registry(tmp_path: Path) -> None:
     from tests.support.servers import free_port
 
     port = free_port()
-    started = time.monotonic()
     with RegistryClient(f"127.0.0.1:{port}/no/one", fast_retry(attempts=2), credentials=None) as client, \
             pytest.raises(RegistryError) as err:
         client.ping()
     message = str(err.value)
     assert message.startswith(f"127.0.0.1:{port}/no/one: GET /v2/ failed after 3 attempts: connection failed")
-    assert time.monotonic() - started < 5
 
 
 def test_lying_digests_are_refused(registry_proxy: RegistryFaultProxy, tmp_path: Path,
