@@ -17,7 +17,7 @@ then:
   copy of each blob in its storage whatever the repository): skopeo remembers where it pushed a blob (its blob
   info cache, /var/lib/containers/cache for root) and would otherwise mount it from the previous repository
   instead of sending it. The registry's access log is checked after every run: a body was uploaded, nothing
-  mounted.
+  mounted. ``--diskport-arg`` options go to the builds only (``--diskport-arg=--cache=none``), not to push.
 
 The registry (``RegistryServer``) runs in a child process of this script (``--serve-registry``): the test
 helpers import pytest and cryptography, and a child's peak RSS (wait4) counts what its parent holds when it
@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from common import (  # noqa: E402
+    DISKPORT,
     DISKPORT_EXTRA,
     Compare,
     MiB,
@@ -67,6 +68,12 @@ from common import (  # noqa: E402
 )
 
 GB = 1e9
+
+
+def push_command(*args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+    """``diskport push ARGS``, without ``--diskport-arg``s: those are build options (``--cache=none``); push
+    writes nothing locally and takes none of them."""
+    return [*DISKPORT, "push", *args]
 
 
 def median(runs: list[Run]) -> float:
@@ -218,7 +225,7 @@ def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_byt
                 target = f"{registry.name}/{repository}:v1"
                 pushed.append(repository)
                 if tool == "dp":
-                    result = measure([*env, *diskport("push", "-q", layout, target)], [registry.storage])
+                    result = measure([*env, *push_command("-q", layout, target)], [registry.storage])
                 else:
                     result = measure([*env, skopeo, "--insecure-policy", "copy", "--dest-tls-verify=false",
                                       f"oci:{layout}:v1", f"docker://{target}"], [registry.storage])
@@ -233,7 +240,7 @@ def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_byt
                     cleaned.add(repository)
 
         # Once, not timed: diskport says it sent the bytes (a fresh repository has none of them).
-        probe = subprocess.run([*env, *map(str, diskport("push", layout, f"{registry.name}/bench/dp-probe:v1"))],
+        probe = subprocess.run([*env, *map(str, push_command(layout, f"{registry.name}/bench/dp-probe:v1"))],
                                capture_output=True, text=True, check=True)
         summary = probe.stderr.strip().splitlines()[-1]
         sent = re.search(r": (.+) sent, (.+) already there", summary)
