@@ -1,7 +1,7 @@
 """diskport build and push (containerDisk images) against their natural peers, same run, alternating.
 
     python bench/containerdisk.py [--size-gib 2] [--rounds 3] [--quick] [--regimes warm,settled]
-                                  [--diskport-arg=ARG] [--markdown] [--dir bench-out]
+                                  [--diskport-arg=ARG] [--markdown] [--dir bench-out] [--cache-modes]
 
 Makes a qcow2 of about half data (the sample raw image of the other benchmarks, through ``qemu-img convert``),
 then:
@@ -18,6 +18,10 @@ then:
   info cache, /var/lib/containers/cache for root) and would otherwise mount it from the previous repository
   instead of sending it. The registry's access log is checked after every run: a body was uploaded, nothing
   mounted. ``--diskport-arg`` options go to the builds only (``--diskport-arg=--cache=none``), not to push.
+
+``--cache-modes`` times only the builds, diskport against itself: ``build --cache auto`` (what auto chose is
+printed once) against ``build --cache none`` (O_DIRECT), per compression, alternating, with each side's user +
+system CPU beside the clocks.
 
 The registry (``RegistryServer``) runs in a child process of this script (``--serve-registry``): the test
 helpers import pytest and cryptography, and a child's peak RSS (wait4) counts what its parent holds when it
@@ -170,6 +174,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--serve-registry", type=Path, metavar="PREFIX", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-modes", action="store_true",
+                        help="only the builds: --cache auto against --cache none, per compression")
     args = parser.parse_args()
     if args.serve_registry is not None:
         return serve_registry(args.serve_registry)
@@ -182,9 +188,43 @@ def main() -> int:
     out = work / "containerdisk-build.oci"
     layout = work / "containerdisk-push.oci"
     try:
+        if args.cache_modes:
+            return cache_modes(args, regimes, disk, disk_bytes, out)
         return run(args, regimes, disk, disk_bytes, out, layout, skopeo, sha256sum, openssl)
     finally:
         rmtree(out, layout)
+
+
+def cache_modes(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_bytes: int, out: Path) -> int:
+    """``build --cache auto`` against ``build --cache none``, alternating, per compression (--cache-modes)."""
+    def build(mode: str, compression: str, *extra: str) -> list[str | os.PathLike[str]]:
+        return diskport("build", "-q", *extra, "--cache", mode, "--compression", compression, "--output", out,
+                        "--force", disk)
+
+    cases: list[Compare] = []
+    for compression in ("none", "gzip", "zstd"):
+        chosen = subprocess.run(list(map(str, build("auto", compression, "-v"))), capture_output=True, text=True,
+                                check=True).stderr.strip()
+        rmtree(out)
+        print(f"timing build --compression {compression}: --cache auto ({chosen}) vs --cache none ...", flush=True)
+        cases.append(compare(
+            Compare(f"build --compression {compression}"), args.rounds,
+            lambda c=compression: measure(build("auto", c), [out]),
+            lambda c=compression: measure(build("none", c), [out]),
+            lambda: rmtree(out), regimes))
+    print(f"\n{args.size_gib} GiB qcow2 ({disk_bytes / GB:.2f} GB file, about half data), {args.rounds} alternating "
+          "rounds per regime; medians of --cache auto against --cache none:")
+    print(table(cases, "--cache none", regimes))
+    if args.markdown:
+        print("\n" + table(cases, "--cache none", regimes, markdown=True))
+    print("\nuser + system CPU (medians):")
+    for case in cases:
+        for regime in regimes:
+            o, p = case.medians(regime, "cpu")
+            print(f"  {case.name:<28} {regime:<8} auto {o:.2f} s, none {p:.2f} s, ratio {o / p:.2f}x")
+    print("\nruns (wall/durable seconds):")
+    print(details(cases, "--cache none", regimes))
+    return 0
 
 
 def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_bytes: int, out: Path, layout: Path,
