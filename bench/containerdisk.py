@@ -1,7 +1,7 @@
 """diskport build and push (containerDisk images) against their natural peers, same run, alternating.
 
     python bench/containerdisk.py [--size-gib 2] [--rounds 3] [--quick] [--regimes warm,settled]
-                                  [--diskport-arg=ARG] [--markdown] [--dir bench-out]
+                                  [--diskport-arg=ARG] [--markdown] [--dir bench-out] [--cache-modes]
 
 Makes a qcow2 of about half data (the sample raw image of the other benchmarks, through ``qemu-img convert``),
 then:
@@ -17,7 +17,11 @@ then:
   copy of each blob in its storage whatever the repository): skopeo remembers where it pushed a blob (its blob
   info cache, /var/lib/containers/cache for root) and would otherwise mount it from the previous repository
   instead of sending it. The registry's access log is checked after every run: a body was uploaded, nothing
-  mounted.
+  mounted. ``--diskport-arg`` options go to the builds only (``--diskport-arg=--cache=none``), not to push.
+
+``--cache-modes`` times only the builds, diskport against itself: ``build --cache auto`` (what auto chose is
+printed once) against ``build --cache none`` (O_DIRECT), per compression, alternating, with each side's user +
+system CPU beside the clocks.
 
 The registry (``RegistryServer``) runs in a child process of this script (``--serve-registry``): the test
 helpers import pytest and cryptography, and a child's peak RSS (wait4) counts what its parent holds when it
@@ -51,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from common import (  # noqa: E402
+    DISKPORT,
     DISKPORT_EXTRA,
     Compare,
     MiB,
@@ -67,6 +72,12 @@ from common import (  # noqa: E402
 )
 
 GB = 1e9
+
+
+def push_command(*args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+    """``diskport push ARGS``, without ``--diskport-arg``s: those are build options (``--cache=none``); push
+    writes nothing locally and takes none of them."""
+    return [*DISKPORT, "push", *args]
 
 
 def median(runs: list[Run]) -> float:
@@ -163,6 +174,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--serve-registry", type=Path, metavar="PREFIX", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-modes", action="store_true",
+                        help="only the builds: --cache auto against --cache none, per compression")
     args = parser.parse_args()
     if args.serve_registry is not None:
         return serve_registry(args.serve_registry)
@@ -175,9 +188,43 @@ def main() -> int:
     out = work / "containerdisk-build.oci"
     layout = work / "containerdisk-push.oci"
     try:
+        if args.cache_modes:
+            return cache_modes(args, regimes, disk, disk_bytes, out)
         return run(args, regimes, disk, disk_bytes, out, layout, skopeo, sha256sum, openssl)
     finally:
         rmtree(out, layout)
+
+
+def cache_modes(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_bytes: int, out: Path) -> int:
+    """``build --cache auto`` against ``build --cache none``, alternating, per compression (--cache-modes)."""
+    def build(mode: str, compression: str, *extra: str) -> list[str | os.PathLike[str]]:
+        return diskport("build", "-q", *extra, "--cache", mode, "--compression", compression, "--output", out,
+                        "--force", disk)
+
+    cases: list[Compare] = []
+    for compression in ("none", "gzip", "zstd"):
+        chosen = subprocess.run(list(map(str, build("auto", compression, "-v"))), capture_output=True, text=True,
+                                check=True).stderr.strip()
+        rmtree(out)
+        print(f"timing build --compression {compression}: --cache auto ({chosen}) vs --cache none ...", flush=True)
+        cases.append(compare(
+            Compare(f"build --compression {compression}"), args.rounds,
+            lambda c=compression: measure(build("auto", c), [out]),
+            lambda c=compression: measure(build("none", c), [out]),
+            lambda: rmtree(out), regimes))
+    print(f"\n{args.size_gib} GiB qcow2 ({disk_bytes / GB:.2f} GB file, about half data), {args.rounds} alternating "
+          "rounds per regime; medians of --cache auto against --cache none:")
+    print(table(cases, "--cache none", regimes))
+    if args.markdown:
+        print("\n" + table(cases, "--cache none", regimes, markdown=True))
+    print("\nuser + system CPU (medians):")
+    for case in cases:
+        for regime in regimes:
+            o, p = case.medians(regime, "cpu")
+            print(f"  {case.name:<28} {regime:<8} auto {o:.2f} s, none {p:.2f} s, ratio {o / p:.2f}x")
+    print("\nruns (wall/durable seconds):")
+    print(details(cases, "--cache none", regimes))
+    return 0
 
 
 def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_bytes: int, out: Path, layout: Path,
@@ -218,7 +265,7 @@ def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_byt
                 target = f"{registry.name}/{repository}:v1"
                 pushed.append(repository)
                 if tool == "dp":
-                    result = measure([*env, *diskport("push", "-q", layout, target)], [registry.storage])
+                    result = measure([*env, *push_command("-q", layout, target)], [registry.storage])
                 else:
                     result = measure([*env, skopeo, "--insecure-policy", "copy", "--dest-tls-verify=false",
                                       f"oci:{layout}:v1", f"docker://{target}"], [registry.storage])
@@ -233,7 +280,7 @@ def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_byt
                     cleaned.add(repository)
 
         # Once, not timed: diskport says it sent the bytes (a fresh repository has none of them).
-        probe = subprocess.run([*env, *map(str, diskport("push", layout, f"{registry.name}/bench/dp-probe:v1"))],
+        probe = subprocess.run([*env, *map(str, push_command(layout, f"{registry.name}/bench/dp-probe:v1"))],
                                capture_output=True, text=True, check=True)
         summary = probe.stderr.strip().splitlines()[-1]
         sent = re.search(r": (.+) sent, (.+) already there", summary)

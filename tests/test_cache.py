@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,29 +15,13 @@ import pytest
 from diskport.cache import KICK_BYTES, MODES, WriteBehind, cgroup_memory_limit, decide, mem_available
 from diskport.engine import convert
 from tests.support import MiB
-from tests.support.clients import qemu_img, qemu_io, require_tool, run, run_cli
+from tests.support.clients import qemu_img, qemu_io, run_cli
+from tests.support.host import fake_host, memory_group, resident, run_in
 from tests.support.images import loop_device, qemu_raw_sha256, sha256_file
 from tests.support.registry import RegistryServer
 
 GiB = 1024 * MiB
 V1_UNLIMITED = "9223372036854771712"
-
-
-def fake_host(root: Path, cgroup: str, files: dict[str, str], available_kib: int | None = 16 * 1024 * 1024,
-              ) -> tuple[Path, Path]:
-    """A /proc and a /sys under ``root``: ``cgroup`` is /proc/self/cgroup, ``files`` are paths under /sys."""
-    proc, sysfs = root / "proc", root / "sys"
-    (proc / "self").mkdir(parents=True)
-    (proc / "self" / "cgroup").write_text(cgroup)
-    meminfo = "MemTotal:       32000000 kB\nMemFree:         1000000 kB\n"
-    if available_kib is not None:
-        meminfo += f"MemAvailable:   {available_kib} kB\n"
-    (proc / "meminfo").write_text(meminfo + "Buffers:           1000 kB\n")
-    for name, text in files.items():
-        path = sysfs / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return proc, sysfs
 
 
 def test_v2_without_a_limit_writes_back(tmp_path: Path) -> None:
@@ -141,11 +123,6 @@ def test_block_device_unknown_size_and_missing_facts_go_direct(tmp_path: Path) -
         decide("fast", block_device=False, size=MiB, proc=proc, sys=sysfs)
 
 
-def _resident(path: Path) -> int:
-    out = run(require_tool("fincore"), "--bytes", "--noheadings", "--output", "RES", path).stdout
-    return int(out.split()[0])
-
-
 def _write_64m(path: Path, behind: bool) -> int:
     """Write 64 MiB through the page cache, with or without a 16 MiB write-behind; bytes left in the cache."""
     chunk = os.urandom(MiB)
@@ -157,7 +134,7 @@ def _write_64m(path: Path, behind: bool) -> int:
             if wb is not None:
                 wb.wrote(i * MiB, MiB)
         assert wb is None or wb.enabled
-        return _resident(path)
+        return resident(path)
     finally:
         os.close(fd)
 
@@ -257,29 +234,10 @@ def test_block_device_gets_o_direct_in_auto(tmp_path: Path) -> None:
             assert f.read() == g.read()
 
 
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
-
-
 @pytest.fixture
 def memory_cgroup(request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A fresh cgroup v1 memory group (the machine has one; a host without it fails this test)."""
-    if not os.access(CGROUP_V1, os.W_OK) or not (CGROUP_V1 / "memory.limit_in_bytes").exists():
-        pytest.fail(f"{CGROUP_V1} is not a writable cgroup v1 memory hierarchy; run as root on a host with it",
-                    pytrace=False)
-    path = CGROUP_V1 / f"diskport-test-{os.getpid()}-{request.node.name.split('[')[0][-20:]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        path.rmdir()
-
-
-def _run_in(group: Path, limit: int, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    (group / "memory.limit_in_bytes").write_text(str(limit))
-    if (group / "memory.memsw.limit_in_bytes").exists():
-        (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
-    return subprocess.run([sys.executable, "-m", "diskport", *map(os.fspath, args)], capture_output=True,
-                          text=True, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    with memory_group(request.node.name.split("[")[0]) as group:
+        yield group
 
 
 @pytest.mark.slow
@@ -287,7 +245,7 @@ def test_auto_inside_a_memory_limit_goes_direct_and_finishes(tmp_path: Path, mem
     raw = _disk(tmp_path, 512)
     qemu_io(raw, "raw", "write -P 0x44 100M 300M")
     out = tmp_path / "out.qcow2"
-    proc = _run_in(memory_cgroup, 256 * MiB, "convert", "-v", "-O", "qcow2", raw, out)
+    proc = run_in(memory_cgroup, 256 * MiB, "convert", "-v", "-O", "qcow2", raw, out)
     assert proc.returncode == 0, proc.stderr
     assert "cache: none (512 MiB output > half of the 256 MiB cgroup memory limit)" in proc.stderr
     assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, out).returncode == 0
@@ -299,7 +257,7 @@ def test_writeback_inside_a_memory_limit_stays_bounded(tmp_path: Path, memory_cg
     raw = _disk(tmp_path, 512)
     qemu_io(raw, "raw", "write -P 0x44 100M 300M")
     out = tmp_path / "out.raw"
-    proc = _run_in(memory_cgroup, 160 * MiB, "convert", "-v", "--cache", "writeback", "--sync", raw, out)
+    proc = run_in(memory_cgroup, 160 * MiB, "convert", "-v", "--cache", "writeback", "--sync", raw, out)
     assert proc.returncode == 0, proc.stderr
     window = int(re.search(r"at most (\d+) MiB of the output", proc.stderr).group(1))  # type: ignore[union-attr]
     assert KICK_BYTES // MiB <= window <= 40, proc.stderr

@@ -103,7 +103,7 @@ FORMAT_OPTION = click.option("-f", "--format", "source_format", type=click.Choic
 
 
 def cache_options(func: Callable[P, R]) -> Callable[P, R]:
-    """--cache and -v, the same for every command that writes a disk (convert, import, pull)."""
+    """--cache and -v, the same for every command that writes a disk (convert, import, pull, build)."""
     func = click.option("-v", "--verbose", is_flag=True, help="Also say which page-cache mode was used and why.")(func)
     func = click.option("--cache", type=click.Choice(["auto", "writeback", "none"]), default="auto",
                         show_default=True, help="Page cache for the output: writeback (through it, bounded), none "
@@ -112,14 +112,15 @@ def cache_options(func: Callable[P, R]) -> Callable[P, R]:
     return func
 
 
-def _say_cache(policy: Any, verbose: bool, job: JobProgress | None = None) -> None:
-    """The -v line; ``job``'s last JSON line (--progress json) carries ``cache: {mode, reason}``."""
+def _say_cache(policy: Any, verbose: bool, job: JobProgress | None = None, prefix: str = "") -> None:
+    """The -v line (after ``prefix``: which file, when a job writes several); ``job``'s last JSON line
+    (--progress json) carries ``cache: {mode, reason}``."""
     if policy is None:
         return
     if job is not None:
         job.cache = policy.to_json()
     if verbose:
-        click.echo(policy.line(), err=True)
+        click.echo(prefix + policy.line(), err=True)
 
 
 def registry_options(func: Callable[P, R]) -> Callable[P, R]:
@@ -527,6 +528,7 @@ def _parse_disks(disk: str | None, disks: tuple[str, ...], arch: str | None) -> 
                    "the inspection the build does; the manifest options below apply.")
 @manifest_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@cache_options
 @handle_errors
 def build(disk: str | None, reference: str | None, output: str | None, docker_archive: str | None, push_it: bool,
           arch: str | None, disks: tuple[str, ...], compression: str, convert_to: str | None, compress: bool,
@@ -534,7 +536,8 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
           creds: str | None, chunk_size: str | None, quiet: bool, manifest_path: str | None = None,
           target: str = "cpln", name: str | None = None, bus: str | None = None, firmware: str | None = None,
           secure_boot: bool | None = None, volume_set: str | None = None, cpu: int | None = None,
-          memory: str | None = None, instancetype: str | None = None) -> None:
+          memory: str | None = None, instancetype: str | None = None, cache: str = "auto",
+          verbose: bool = False) -> None:
     """Package DISK as a containerDisk image: FROM scratch, the disk under /disk/ owned by 107:107 (qemu).
 
     Writes an OCI image layout (default ./NAME.oci), a docker-archive (--docker-archive), or pushes (--push -t
@@ -575,7 +578,7 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
                              convert_compression="zlib" if compress else None, source=source_url, force=force,
                              scratch_dir=scratch, progress=job, phase=job.set_phase,
                              warn=lambda text: click.echo(f"diskport: warning: {safe_text(text)}", err=True),
-                             instancetype=instancetype)
+                             instancetype=instancetype, cache=cache)
         pushed = None
         if push_it and registry is not None and result.output and reference:
             job.set_phase("pushing")
@@ -583,6 +586,9 @@ def build(disk: str | None, reference: str | None, output: str | None, docker_ar
                                  progress=job)
     if manifest_path is not None and pushed is not None and reference:
         _build_manifest(result, pushed, reference, target, overrides, manifest_path)
+    for key, image in result.images.items():
+        for what, policy in image.cache.items():
+            _say_cache(policy, verbose, prefix=f"{key} {what}: ")
     if quiet:
         return
     for key, image in result.images.items():

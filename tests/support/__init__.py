@@ -9,6 +9,8 @@
   ``test_<format>_bad.py``.
 - ``servers``: nginx, plain HTTP, TLS (a test CA), fault-injecting and proxy servers on loopback, with fixtures.
 - ``registry``: Debian's docker-registry (plain, TLS + htpasswd, token auth), the token server and the fault proxy.
+- ``host``: the host as ``--cache`` sees it: fake /proc and /sys trees, a real cgroup v1 memory group to run
+  diskport in, and ``resident`` (fincore: what the page cache holds of a file).
 
 ``tests/conftest.py`` loads ``servers`` and ``registry`` as pytest plugins, so their fixtures are everywhere.
 """

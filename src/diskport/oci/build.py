@@ -26,6 +26,10 @@ Rules chosen:
 * Every timestamp is ``SOURCE_DATE_EPOCH`` when set, else 0 (1970-01-01), so the same disk gives the same digests.
 * With both an output layout and a docker-archive, the disk is read twice (the archive's layer is uncompressed);
   the archive is renamed into place before the layout.
+* ``cache`` (``auto``, ``writeback``, ``none``) is the page-cache mode of every file written: the converted disk,
+  the layer blob and the docker-archive, each decided on its own as it opens, ``auto`` from a bound of its size
+  known up front (the disk's virtual size for a conversion, :func:`diskport.oci.layer.layer_bound` for a blob).
+  :attr:`ImageResult.cache` says what was chosen and why.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from diskport.cache import MODES as CACHE_MODES
+from diskport.cache import CachePolicy
 from diskport.engine import convert
 from diskport.errors import DiskportError, SourceError, UnsupportedImage, UsageError
 from diskport.formats import open_image
@@ -191,6 +197,9 @@ class ImageResult:
     archive: ArchiveResult | None = None
     #: What guest inspection found in the disk (its labels are in the config and the manifest), or None.
     guest: GuestReport | None = None
+    #: The page-cache policy of each file written for it: ``convert`` (the converted disk), ``layer``,
+    #: ``docker-archive``.
+    cache: dict[str, CachePolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -293,18 +302,19 @@ def _ovf_of(image: DiskImage) -> OvfFacts:
 
 @contextlib.contextmanager
 def _prepared(disk: _Disk, convert_to: str | None, convert_compression: str | None, scratch: str,
-              progress: Progress | None) -> Iterator[tuple[str, str, str]]:
-    """``(file to package, its name under disk/, its format)``; a conversion lives in scratch until the end."""
+              progress: Progress | None, cache: str) -> Iterator[tuple[str, str, str, CachePolicy | None]]:
+    """``(file to package, its name under disk/, its format, the conversion's page-cache policy)``; a conversion
+    lives in scratch until the end."""
     if convert_to is None:
-        yield disk.path, disk_file_name(disk.path), disk.fmt
+        yield disk.path, disk_file_name(disk.path), disk.fmt, None
         return
     name = disk_file_name(disk.path, convert_to)
     folder = tempfile.mkdtemp(prefix=".diskport-convert.", dir=scratch)
     try:
         converted = os.path.join(folder, name)
-        convert(disk.path, converted, output_format=convert_to, compression=convert_compression,
-                scratch_dir=scratch, progress=progress)
-        yield converted, name, convert_to
+        result = convert(disk.path, converted, output_format=convert_to, compression=convert_compression,
+                         scratch_dir=scratch, progress=progress, cache=cache)
+        yield converted, name, convert_to, result.cache
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -322,7 +332,9 @@ def _file_size(path: str) -> int:
 
 
 def _check_options(compression: str, convert_to: str | None, convert_compression: str | None,
-                   tag: str | None) -> None:
+                   tag: str | None, cache: str) -> None:
+    if cache not in CACHE_MODES:
+        raise UsageError(f"unknown cache mode '{cache}' (choose from {', '.join(CACHE_MODES)})")
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown layer compression '{compression}' (choose from {', '.join(COMPRESSIONS)})")
     if convert_to is not None and convert_to not in CONVERT_FORMATS:
@@ -344,7 +356,8 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 compression: str = "gzip", convert_to: str | None = None, convert_compression: str | None = None,
                 source: str | None = None, force: bool = False, scratch_dir: str | None = None,
                 progress: Progress | None = None, phase: Callable[[str], None] | None = None,
-                warn: Callable[[str], None] | None = None, instancetype: str | None = None) -> BuildResult:
+                warn: Callable[[str], None] | None = None, instancetype: str | None = None,
+                cache: str = "auto") -> BuildResult:
     """Package ``disks`` (architecture -> disk path; a single path means this machine's architecture) as a
     containerDisk image in the OCI layout ``output`` and/or the docker-archive ``docker_archive``.
 
@@ -354,10 +367,11 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
     ``org.opencontainers.image.source`` annotation. ``phase`` hears what is being done ("convert amd64",
     "package amd64"); ``progress`` the bytes done of that phase and its total; ``warn`` each warning (also kept
     in the result). An existing output is replaced only with ``force``. Nothing is left behind on failure.
-    ``instancetype`` (``u1.medium``...) becomes the image's default-instancetype hint for KubeVirt.
+    ``instancetype`` (``u1.medium``...) becomes the image's default-instancetype hint for KubeVirt. ``cache`` is
+    the page-cache mode of the files written (see the module docstring).
     """
     began = time.monotonic()
-    _check_options(compression, convert_to, convert_compression, tag)
+    _check_options(compression, convert_to, convert_compression, tag, cache)
     if instancetype is not None and not _RESOURCE_NAME.fullmatch(instancetype):
         raise UsageError(f"--instancetype {instancetype!r} is not a Kubernetes resource name (lowercase letters, "
                          "digits, '-' and '.')")
@@ -410,7 +424,8 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
         for key, disk in checked.items():
             if phase is not None and convert_to is not None:
                 phase(f"convert {key}")
-            with _prepared(disk, convert_to, convert_compression, scratch, progress) as (path, name, fmt):
+            with _prepared(disk, convert_to, convert_compression, scratch, progress, cache) as (path, name, fmt,
+                                                                                            converted):
                 guest = _inspect_guest(path, disk.path, warnings, warn)
                 labels = guest.labels() if guest is not None else {}
                 if guest is not None and disk.ovf is not None:
@@ -421,8 +436,12 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                 size = _file_size(path)
                 report = _reporter(progress, tar_size(size, name))
                 layer = config = manifest = None
+                policies = {"convert": converted} if converted is not None else {}
                 if writer is not None:
-                    layer = write_layer(path, name, writer.blobs_dir, compression, mtime=mtime, progress=report)
+                    layer = write_layer(path, name, writer.blobs_dir, compression, mtime=mtime, progress=report,
+                                        cache=cache)
+                    if layer.cache is not None:
+                        policies["layer"] = layer.cache
                     config = writer.add_json(image_config(disk.platform, [layer.diff_id], created, labels, env),
                                              OCI_CONFIG)
                     annotations = {ANNOTATION_CREATED: created, ANNOTATION_TITLE: name, **labels}
@@ -436,9 +455,12 @@ def build_image(disks: Mapping[str, str | os.PathLike[str]] | str | os.PathLike[
                     archived = write_docker_archive(
                         archive_path, path, name,
                         functools.partial(_one_layer_config, disk.platform, created, labels, env),
-                        mtime=mtime, repo_tags=[tag] if tag else [], force=force, progress=report)
+                        mtime=mtime, repo_tags=[tag] if tag else [], force=force, progress=report, cache=cache)
+                    if archived.cache is not None:
+                        policies["docker-archive"] = archived.cache
                 images[key] = ImageResult(disk.platform, disk.path, disk.fmt, name, fmt, size,
-                                          convert_to is not None, layer, config, manifest, archived, guest)
+                                          convert_to is not None, layer, config, manifest, archived, guest,
+                                          policies)
         if writer is not None:
             manifests = [image.manifest for image in images.values() if image.manifest is not None]
             if len(manifests) == 1:

@@ -18,6 +18,12 @@ per core; zstd: its own workers) and writes what comes out. hashlib, isa-l, zsta
 ``preadv``/``pwrite`` release the GIL, so the stages overlap. Memory stays at a few windows whatever the disk's
 size: four uncompressed, one per compression thread plus two compressed (threads: one per core, at most 8
 unless asked).
+
+Page cache (``cache``: ``auto``, ``writeback``, ``none``, as for convert): the blob's size is learnt only at its
+end, but a bound is known before it opens, :func:`layer_bound` (the tar's exact length, plus the compressor's
+worst-case growth when compressed), and :func:`diskport.cache.decide` takes that bound as the output's size, so
+``auto`` writes back under the same rules as convert (a regular file, at most half the cgroup memory limit and
+half of MemAvailable) and otherwise goes ``O_DIRECT``. :attr:`Layer.cache` is the policy chosen and why.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from diskport.cache import CachePolicy
 from diskport.destination import Destination
 from diskport.errors import UsageError
 from diskport.oci.compress import COMPRESSIONS, default_threads, make_compressor
@@ -51,8 +58,8 @@ from diskport.writers import RawWriter, Writer
 
 __all__ = [
     "BLOCK", "COMPRESSIONS", "DATA_ALIGN", "END_OF_ARCHIVE", "MAX_MTIME", "Layer", "Progress", "TarStream",
-    "check_disk_name", "copy_compressed", "copy_tar", "layer_header", "member_header", "padded", "tar_size",
-    "write_layer", "write_tar",
+    "check_disk_name", "copy_compressed", "copy_tar", "layer_bound", "layer_header", "member_header", "padded",
+    "tar_size", "write_layer", "write_tar",
 ]
 
 Progress = Callable[[int], None]
@@ -206,24 +213,43 @@ def copy_compressed(stream: TarStream, writer: Writer, compression: str, *, leve
 
 # --- the layer as a blob ----------------------------------------------------------------------------------------
 
+#: What a compressor may add to incompressible input: zstd's ZSTD_compressBound is ``n + n/256`` plus a little
+#: below 128 KiB; deflate's stored blocks cost 5 bytes per 64 KiB, and each 8 MiB gzip window ends with a sync
+#: flush of 5 more. ``n/256`` and a fixed 1 MiB cover both with room to spare.
+_GROWTH_SHIFT = 8
+_GROWTH_FIXED = 1024 * 1024
+
+
+def layer_bound(disk_size: int, name: str, compression: str) -> int:
+    """An upper bound of the blob's length, known before anything is read: the tar's exact length
+    (:func:`tar_size`) uncompressed, plus the compressor's worst-case growth for gzip and zstd. It is what
+    ``--cache auto`` weighs against memory (the blob's real size is learnt only at its end)."""
+    size = tar_size(disk_size, name)
+    return size if compression == "none" else size + (size >> _GROWTH_SHIFT) + _GROWTH_FIXED
+
+
 @dataclass(frozen=True)
 class Layer:
-    """A written layer blob: its descriptor (compressed digest and size), its diff_id and its tar's length."""
+    """A written layer blob: its descriptor (compressed digest and size), its diff_id and its tar's length;
+    ``cache`` is the page-cache policy it was written with (not part of the layer's identity)."""
 
     descriptor: Descriptor
     diff_id: str
     tar_size: int
+    cache: CachePolicy | None = field(default=None, compare=False)
 
 
 def write_layer(disk: str, name: str, blobs_dir: str, compression: str = "gzip", *, mtime: int,
-                progress: Progress | None = None, level: int | None = None, threads: int | None = None) -> Layer:
+                progress: Progress | None = None, level: int | None = None, threads: int | None = None,
+                cache: str = "auto") -> Layer:
     """Write the containerDisk layer of ``disk`` (the file, as it is) into ``blobs_dir/<digest hex>``.
 
     ``name`` is the file name under ``disk/``; ``compression`` is ``none``, ``gzip`` or ``zstd``; ``mtime`` is
     every timestamp in the tar. ``progress`` receives the tar bytes done (of :func:`tar_size`). The blob is
     written under a temporary name in ``blobs_dir`` and renamed once its digest is known; on any failure,
     Ctrl-C included, the temporary file is removed. ``level`` and ``threads`` tune the compressor (the output
-    depends on the level, not on the threads).
+    depends on the level, not on the threads). ``cache`` is the page-cache mode (``auto`` decides from
+    :func:`layer_bound`; see the module docstring).
     """
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown layer compression '{compression}' (choose from {', '.join(COMPRESSIONS)})")
@@ -231,7 +257,8 @@ def write_layer(disk: str, name: str, blobs_dir: str, compression: str = "gzip",
     threads = threads or default_threads()
     depth = DEPTH if compression == "none" else max(DEPTH, threads + 2)  # a window per thread, and one to read
     with TarStream(disk, name, mtime=mtime, scan_zeros=compression == "none", depth=depth) as stream, \
-            Destination(os.path.join(blobs_dir, "layer")) as dest:
+            Destination(os.path.join(blobs_dir, "layer"), size=layer_bound(stream.disk_size, name, compression),
+                        cache=cache) as dest:
         if compression == "none":
             # Sized first: what is not written (holes of the disk, zero blocks) stays a hole of the blob.
             writer = RawWriter(dest.fd, stream.size, name=dest.path, direct_fd=dest.direct_fd)
@@ -246,4 +273,4 @@ def write_layer(disk: str, name: str, blobs_dir: str, compression: str = "gzip",
         tar_length = stream.size
         # Destination renames its temporary file to ``path`` on a clean exit: name it after the digest now.
         dest.path = os.path.join(blobs_dir, digest.removeprefix("sha256:"))
-    return Layer(Descriptor(LAYER_MEDIA[compression], digest, size), diff_id, tar_length)
+    return Layer(Descriptor(LAYER_MEDIA[compression], digest, size), diff_id, tar_length, dest.policy)
