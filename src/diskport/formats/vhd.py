@@ -343,7 +343,8 @@ class VhdImage(DiskImage):
         raw = src.read_exact(table_at, needed * 4, "Block Allocation Table", FMT)
         bat = uint_table(raw, "I", "big")
         span = self.bitmap_size + bs  # the furthest allocated block (max at C speed, no numpy) must fit the file
-        if max(filter(BAT_UNALLOCATED.__ne__, bat), default=0) * SECTOR + span > src.size:
+        furthest = max(filter(BAT_UNALLOCATED.__ne__, bat), default=-1)
+        if furthest >= 0 and furthest * SECTOR + span > src.size:
             i = next(i for i, e in enumerate(bat) if e != BAT_UNALLOCATED and e * SECTOR + span > src.size)
             raise self.corrupt(f"BAT entry {i} puts block {i} at {int(bat[i]) * SECTOR:#x}, and its "
                              f"{self.bitmap_size + bs} bytes (bitmap and data) run past the end of the file "
