@@ -1,11 +1,12 @@
 """The VHDX block allocation table (2.5): payload entries decoded a window at a time into (kind, host offset)
-arrays, validated (states, placement, no two blocks sharing file bytes) when the image opens."""
+arrays, validated (states, placement, no two blocks sharing file bytes) when the image opens.
+
+numpy is imported when a VHDX image opens (the whole BAT is decoded then), not when this module loads."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from diskport.formats.base import DiskImage
 from diskport.formats.vhdx.header import ReadFile
@@ -25,6 +26,9 @@ from diskport.formats.vhdx.spec import (
 )
 from diskport.runs import RunKind
 
+if TYPE_CHECKING:
+    import numpy as np
+
 # Block kinds while decoding the BAT: zeros, data in place, data the log replay touched (read through it).
 ZERO, DATA, OVERLAID = RunKind.ZERO, RunKind.DATA, RunKind.MAPPED
 
@@ -38,6 +42,8 @@ class Bat:
 
     def __init__(self, image: DiskImage, read_file: ReadFile, meta: Metadata, region: Region,
                  reserved: list[tuple[str, Region]], overlay: Overlay | None, file_size: int) -> None:
+        import numpy as np
+
         self.image = image
         self.read_file = read_file
         self.block_size = meta.block_size
@@ -56,6 +62,8 @@ class Bat:
 
     def _validate(self) -> None:
         """Sizes checked against the region and file, then the whole BAT decoded (and so validated) once."""
+        import numpy as np
+
         self.payload_blocks = -(-self.virtual_size // self.block_size)
         self.bat_entries = (self.payload_blocks + (self.payload_blocks - 1) // self.chunk_ratio
                             if self.payload_blocks else 0)
@@ -92,6 +100,8 @@ class Bat:
 
     def window(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """(kind, host offset) for the payload blocks of one window, validated."""
+        import numpy as np
+
         cached = self._bat_cache.get(window)
         if cached is not None:
             self._bat_cache.move_to_end(window)
@@ -143,6 +153,8 @@ class Bat:
 
     def used_lengths(self, first: int, count: int) -> np.ndarray:
         """Bytes of each block the virtual disk uses (the last block may be cut short)."""
+        import numpy as np
+
         used = np.full(count, self.block_size, dtype=np.int64)
         if first + count == self.payload_blocks:
             used[-1] = self.virtual_size - (self.payload_blocks - 1) * self.block_size
@@ -151,6 +163,8 @@ class Bat:
     def _check_block_hosts(self, first: int, count: int, host_mb: np.ndarray, present: np.ndarray) -> None:
         """FULLY_PRESENT blocks must lie past the header section, inside the file, clear of the log, BAT and
         metadata regions. Compared in MiB units so nothing overflows."""
+        import numpy as np
+
         bad_reason: list[tuple[np.ndarray, str]] = []
         last_used = self.virtual_size - (self.payload_blocks - 1) * self.block_size
         used = self.used_lengths(first, count)

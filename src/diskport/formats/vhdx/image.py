@@ -5,9 +5,7 @@ extents."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.vhdx.bat import DATA, ZERO, Bat
@@ -25,6 +23,9 @@ from diskport.formats.vhdx.spec import (
 )
 from diskport.runs import split_runs
 from diskport.sources.base import Source
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def probe(head: bytes, source: Source) -> int:
@@ -116,6 +117,8 @@ class VhdxImage(DiskImage):
     def _overlaid_block(self, guest: int, host: int, used: int) -> Iterator[Extent]:
         """A block the log replay touched, split into source bytes (host set), zeros and replayed sectors."""
         pos = host
+        import numpy as np
+
         end = host + used
         i = int(np.searchsorted(self.bat.segment_ends, host, side="right"))
         while pos < end:

@@ -8,7 +8,6 @@ import uuid
 from dataclasses import dataclass
 
 import google_crc32c
-import numpy as np
 
 FMT = "vhdx"
 SIGNATURE = b"vhdxfile"
@@ -102,8 +101,9 @@ DATA_DESCRIPTOR_SIGNATURE = b"desc"
 ZERO_DESCRIPTOR_SIGNATURE = b"zero"
 DATA_SECTOR_SIGNATURE = b"data"
 DESCRIPTOR_SIZE = 32
-DESCRIPTOR_DTYPE = np.dtype([("signature", "S4"), ("trailing", "<u4"), ("leading_or_length", "<u8"),
-                             ("file_offset", "<u8"), ("sequence", "<u8")])
+#: A log descriptor's fields, as a numpy structured dtype's (name, type) list (the log reader builds the dtype).
+DESCRIPTOR_FIELDS = [("signature", "S4"), ("trailing", "<u4"), ("leading_or_length", "<u8"),
+                     ("file_offset", "<u8"), ("sequence", "<u8")]
 MAX_LOG_LENGTH = 1 * GiB
 MAX_DESCRIPTORS_PER_ENTRY = 1 << 20
 MAX_OVERLAY_BYTES = 64 * MiB
