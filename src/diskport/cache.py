@@ -31,14 +31,19 @@ fake trees.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diskport.units import human_size
+
+if TYPE_CHECKING:
+    import ctypes
+    from pathlib import Path
+
+# ctypes (whose util module imports subprocess, tempfile and shutil) and pathlib are imported by the functions
+# that use them: the spool imports this module, and reading a local file must not pay for them.
 
 MODES = ("auto", "writeback", "none")
 #: A cgroup limit at or above this means "no limit" (v1 writes 2**63 rounded down to the page size).
@@ -121,6 +126,8 @@ def cgroup_memory_limit(proc: str | os.PathLike[str] = "/proc",
     ``SYS/fs/cgroup/unified`` on a hybrid host). cgroup v1: the line whose controllers include ``memory``,
     ``memory.limit_in_bytes`` under ``SYS/fs/cgroup/memory``. A limit anywhere up the tree applies.
     """
+    from pathlib import Path
+
     text = _read(Path(proc) / "self" / "cgroup")
     if text is None:
         return None, None, ""
@@ -146,6 +153,8 @@ def cgroup_memory_limit(proc: str | os.PathLike[str] = "/proc",
 
 def mem_available(proc: str | os.PathLike[str] = "/proc") -> int | None:
     """MemAvailable from ``PROC/meminfo`` in bytes, or None."""
+    from pathlib import Path
+
     text = _read(Path(proc) / "meminfo") or ""
     for line in text.splitlines():
         if line.startswith("MemAvailable:"):
@@ -202,8 +211,12 @@ _libc: ctypes.CDLL | None = None
 
 
 def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    import ctypes  # loaded once, by the first call
+
     global _libc
     if _libc is None:
+        import ctypes.util
+
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     if _libc.sync_file_range(fd, offset, length, flags) != 0:
