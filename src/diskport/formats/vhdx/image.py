@@ -4,6 +4,7 @@ extents."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -117,10 +118,8 @@ class VhdxImage(DiskImage):
     def _overlaid_block(self, guest: int, host: int, used: int) -> Iterator[Extent]:
         """A block the log replay touched, split into source bytes (host set), zeros and replayed sectors."""
         pos = host
-        import numpy as np
-
         end = host + used
-        i = int(np.searchsorted(self.bat.segment_ends, host, side="right"))
+        i = bisect.bisect_right(self.bat.segment_ends, host)
         while pos < end:
             if i < len(self.bat.segments) and self.bat.segments[i][0] <= pos:
                 _, seg_end, is_zero = self.bat.segments[i]
