@@ -197,11 +197,11 @@ def ova_options(func: Callable[P, R]) -> Callable[P, R]:
 
 def _ova_targets(destination: str | None, all_disks: bool, disk_targets: tuple[str, ...]) -> dict[int, str] | None:
     """None for a single destination (the boot disk), else the disks asked for (``{-1: folder}`` for all)."""
-    from diskport.ova.export import parse_targets
-
     if all_disks and disk_targets:
         raise UsageError("give --all-disks FOLDER or --disk N=DEST options, not both")
     if disk_targets:
+        from diskport.ova.export import parse_targets  # the OVA writer: only when disks are named
+
         if destination:
             raise UsageError("with --disk N=DEST options, give no DESTINATION")
         return parse_targets(disk_targets)
