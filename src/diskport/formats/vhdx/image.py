@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def probe(head: bytes, source: Source) -> int:
-    return 100 if head[:8] == SIGNATURE else 0
-
-
 class VhdxImage(DiskImage):
     format = FMT
 

@@ -7,8 +7,6 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-import google_crc32c
-
 FMT = "vhdx"
 SIGNATURE = b"vhdxfile"
 
@@ -117,6 +115,8 @@ ZERO_GUID = bytes(16)
 
 def crc32c(data: bytes, checksum_at: int) -> int:
     """CRC-32C of ``data`` with its 4-byte checksum field at ``checksum_at`` taken as zero (2.2.2.1)."""
+    import google_crc32c  # the checksums are computed when an image opens, not when this module loads
+
     return int(google_crc32c.value(data[:checksum_at] + bytes(4) + data[checksum_at + 4:]))
 
 
