@@ -742,8 +742,6 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
     IMAGE is a path or an http(s) URL (read with range requests); with --guest also docker://REF (the disk of
     a containerDisk image).
     """
-    import json
-
     from diskport.ova import OvaChoice
 
     if guest:
@@ -774,6 +772,8 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
                     appliance = opened.appliance.facts(vm)
             report.filename = image
         if as_json:
+            import json
+
             data = report.to_json()
             if appliance is not None:
                 data["ova"] = appliance
@@ -792,7 +792,12 @@ def inspect(image: str, source_format: str | None, as_json: bool, guest: bool, c
             target = stack.enter_context(open_source(image, HttpOptions(ca_bundle=ca_bundle, insecure=insecure)))
         facts: dict[str, Any] = inspect_image(target, source_format, scratch_dir=scratch,
                                               size_scan_limit=parse_size(scan_limit), ova=OvaChoice(vm=vm))
-    click.echo(json.dumps(facts, indent=2) if as_json else render_text(facts))
+    if as_json:
+        import json  # only --json needs it
+
+        click.echo(json.dumps(facts, indent=2))
+    else:
+        click.echo(render_text(facts))
 
 
 if __name__ == "__main__":
