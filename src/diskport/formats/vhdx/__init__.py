@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from diskport.formats.vhdx.image import VhdxImage, open_vhdx
     from diskport.sources.base import Source
 
-from diskport.formats.vhdx.spec import FMT, SIGNATURE
+FMT = "vhdx"
+SIGNATURE = b"vhdxfile"  # the file type identifier (2.1.1)
 
 
 def probe(head: bytes, source: Source) -> int:

@@ -1,5 +1,6 @@
 """VHDX on-disk layout ([MS-VHDX] v20160714): constants, GUIDs and the fixed structures, each unpacked once
-into a named dataclass. A leaf: it imports nothing else of diskport's."""
+into a named dataclass. A leaf: it imports nothing else of diskport's but the two names the package face
+defines for its probe (which must not import this module: its dataclasses cost a few milliseconds)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-FMT = "vhdx"
-SIGNATURE = b"vhdxfile"
+from diskport.formats.vhdx import FMT as FMT  # re-exported: every module here takes them from spec
+from diskport.formats.vhdx import SIGNATURE as SIGNATURE
 
 KiB = 1024
 MiB = 1024 * KiB
