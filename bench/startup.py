@@ -1,6 +1,8 @@
-"""Start-up of the command line: ``diskport --version``, ``--help`` and ``inspect`` of a local qcow2 and raw,
-each a whole process, with the floors beside them: the interpreter's own start-up, click's import (every
-command pays it) and numpy's (the readers need it: qcow2's opener checks its tables with it).
+"""Start-up of the command line: ``diskport --version``, ``--help``, ``inspect`` of a local qcow2 (empty, and
+with 200 MiB of data), VHDX and raw, and ``convert`` of the empty qcow2 to raw, each a whole process, with the
+floors beside them: the interpreter's own start-up, click's import (every command pays it), numpy's (the
+mapping needs it, so convert pays it; the readers open without it, so inspect does not) and qemu-img's own
+convert of the same image.
 
     python bench/startup.py [--runs 15] [--baseline SRC]
 
@@ -53,9 +55,14 @@ def main() -> int:
         raise SystemExit("needs qemu-img (apt-get install qemu-utils)")
     work = Path(tempfile.mkdtemp(prefix="diskport-startup-"))
     try:
-        qcow2, raw = work / "disk.qcow2", work / "disk.raw"
+        qcow2, raw, vhdx = work / "disk.qcow2", work / "disk.raw", work / "disk.vhdx"
+        data, out = work / "data.qcow2", work / "out.raw"
         subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", qcow2, "1G"], check=True)
         subprocess.run([qemu_img, "create", "-q", "-f", "raw", raw, "64M"], check=True)
+        subprocess.run([qemu_img, "create", "-q", "-f", "vhdx", vhdx, "1G"], check=True)
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", data, "1G"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 200M", data], check=True,
+                       stdout=subprocess.DEVNULL)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         for tree in [REPO / "src", *([args.baseline] if args.baseline is not None else [])]:
             subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True)
@@ -69,11 +76,15 @@ def main() -> int:
         if script.exists():
             variants["installed script"] = ([str(script)], env)
         cases = {"--version": ["--version"], "--help": ["--help"], "inspect qcow2": ["inspect", str(qcow2)],
-                 "inspect raw": ["inspect", str(raw)]}
+                 "inspect qcow2, 200 MiB data": ["inspect", str(data)], "inspect vhdx": ["inspect", str(vhdx)],
+                 "inspect raw": ["inspect", str(raw)],
+                 "convert qcow2 -> raw": ["convert", "-q", "--force", str(qcow2), str(out)]}
         floors = {"python -c pass": [sys.executable, "-c", "pass"],
                   "python -c 'import click'": [sys.executable, "-c", "import click"],
                   "python -c 'import click, numpy'": [sys.executable, "-c", "import click, numpy"],
-                  "python -c 'import diskport.cli' (this tree)": [sys.executable, "-c", "import diskport.cli"]}
+                  "python -c 'import diskport.cli' (this tree)": [sys.executable, "-c", "import diskport.cli"],
+                  "qemu-img convert qcow2 -> raw": [qemu_img, "convert", "-f", "qcow2", "-O", "raw", str(qcow2),
+                                                    str(work / "peer.raw")]}
         here = {**env, "PYTHONPATH": str(REPO / "src")}
         plan: list[tuple[str, list[str], dict[str, str]]] = [(name, cmd, here) for name, cmd in floors.items()]
         for case, extra in cases.items():

@@ -31,14 +31,19 @@ fake trees.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diskport.units import human_size
+
+if TYPE_CHECKING:
+    import ctypes
+
+# ctypes (whose util module imports subprocess, tempfile and shutil) is imported by the function that uses it:
+# the spool imports this module, and reading a local file must not pay for it. The cgroup and /proc files are
+# named with os.path, not pathlib (whose import, with urllib.parse and ipaddress, costs a job 3-4 ms).
 
 MODES = ("auto", "writeback", "none")
 #: A cgroup limit at or above this means "no limit" (v1 writes 2**63 rounded down to the page size).
@@ -72,9 +77,10 @@ class CachePolicy:
         return {"mode": self.mode, "reason": self.reason}
 
 
-def _read(path: Path) -> str | None:
+def _read(path: str) -> str | None:
     try:
-        return path.read_text()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
     except OSError:
         return None
 
@@ -92,19 +98,19 @@ def _limit_value(text: str | None) -> int | None:
     return value if 0 < value < _UNLIMITED else None
 
 
-def _walk_up(mount: Path, cgroup_path: str, name: str) -> tuple[int | None, int | None]:
+def _walk_up(mount: str, cgroup_path: str, name: str) -> tuple[int | None, int | None]:
     """The smallest limit in file ``name`` from the cgroup up to the mount's root, and that cgroup's usage file
     value (``memory.current`` / ``memory.usage_in_bytes``). When the path named by /proc/self/cgroup is not
     under the mount (a container whose cgroup namespace is not its own), the mount's root is the cgroup."""
     parts = [p for p in cgroup_path.strip("/").split("/") if p and p != ".."]
-    while parts and not (mount.joinpath(*parts)).is_dir():
+    while parts and not os.path.isdir(os.path.join(mount, *parts)):
         parts.pop(0)  # a host path seen from inside a container: its tail may be the container's root
     usage_name = "memory.current" if name == "memory.max" else "memory.usage_in_bytes"
-    own = mount.joinpath(*parts)
-    usage = _limit_value(_read(own / usage_name))
+    own = os.path.join(mount, *parts)
+    usage = _limit_value(_read(os.path.join(own, usage_name)))
     limit: int | None = None
     while True:
-        value = _limit_value(_read(mount.joinpath(*parts) / name))
+        value = _limit_value(_read(os.path.join(mount, *parts, name)))
         if value is not None and (limit is None or value < limit):
             limit = value
         if not parts:
@@ -121,10 +127,10 @@ def cgroup_memory_limit(proc: str | os.PathLike[str] = "/proc",
     ``SYS/fs/cgroup/unified`` on a hybrid host). cgroup v1: the line whose controllers include ``memory``,
     ``memory.limit_in_bytes`` under ``SYS/fs/cgroup/memory``. A limit anywhere up the tree applies.
     """
-    text = _read(Path(proc) / "self" / "cgroup")
+    text = _read(os.path.join(proc, "self", "cgroup"))
     if text is None:
         return None, None, ""
-    cg = Path(sys) / "fs" / "cgroup"
+    cg = os.path.join(sys, "fs", "cgroup")
     best: tuple[int | None, int | None, str] = (None, None, "")
     for line in text.splitlines():
         hier, sep, rest = line.partition(":")
@@ -132,13 +138,13 @@ def cgroup_memory_limit(proc: str | os.PathLike[str] = "/proc",
         if not sep or not sep2:
             continue
         if hier == "0" and controllers == "":
-            for mount in (cg, cg / "unified"):
-                if (mount / "cgroup.controllers").exists():
+            for mount in (cg, os.path.join(cg, "unified")):
+                if os.path.exists(os.path.join(mount, "cgroup.controllers")):
                     limit, usage = _walk_up(mount, path, "memory.max")
                     if limit is not None and (best[0] is None or limit < best[0]):
                         best = (limit, usage, "v2")
         elif "memory" in controllers.split(","):
-            limit, usage = _walk_up(cg / "memory", path, "memory.limit_in_bytes")
+            limit, usage = _walk_up(os.path.join(cg, "memory"), path, "memory.limit_in_bytes")
             if limit is not None and (best[0] is None or limit < best[0]):
                 best = (limit, usage, "v1")
     return best
@@ -146,7 +152,7 @@ def cgroup_memory_limit(proc: str | os.PathLike[str] = "/proc",
 
 def mem_available(proc: str | os.PathLike[str] = "/proc") -> int | None:
     """MemAvailable from ``PROC/meminfo`` in bytes, or None."""
-    text = _read(Path(proc) / "meminfo") or ""
+    text = _read(os.path.join(proc, "meminfo")) or ""
     for line in text.splitlines():
         if line.startswith("MemAvailable:"):
             fields = line.split()
@@ -202,8 +208,12 @@ _libc: ctypes.CDLL | None = None
 
 
 def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    import ctypes  # loaded once, by the first call
+
     global _libc
     if _libc is None:
+        import ctypes.util
+
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     if _libc.sync_file_range(fd, offset, length, flags) != 0:

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import re
-import shutil
 import stat
 import tempfile
 from types import TracebackType
@@ -42,7 +40,6 @@ from types import TracebackType
 from diskport.cache import MODES, CachePolicy, WriteBehind, decide
 from diskport.errors import DestinationError, UsageError
 
-log = logging.getLogger(__name__)
 PART_SUFFIX = ".diskport-part"
 
 
@@ -95,6 +92,8 @@ def remove_stale_parts(path: str, *, folders: bool = False) -> list[str]:
             if os.lstat(candidate).st_ino != st.st_ino:
                 continue
             if folders:
+                import shutil  # logging and shutil only when a stale part is removed: not on every job
+
                 shutil.rmtree(candidate)  # does not follow links inside it
             else:
                 os.unlink(candidate)
@@ -102,7 +101,9 @@ def remove_stale_parts(path: str, *, folders: bool = False) -> list[str]:
                 # its own writer left beside it is as dead.
                 removed.extend(remove_stale_parts(candidate))
             removed.append(name)
-            log.info("removed %s, left by an earlier job that was killed", candidate)
+            import logging
+
+            logging.getLogger(__name__).info("removed %s, left by an earlier job that was killed", candidate)
         except OSError:
             continue
         finally:

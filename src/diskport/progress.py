@@ -17,7 +17,6 @@ import json
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +166,8 @@ class _MetricsServer:
     """``GET /metrics`` in Prometheus text format, on a thread, for the life of the job."""
 
     def __init__(self, job: JobProgress, port: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # 25-30 ms: only with --metrics-port
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):

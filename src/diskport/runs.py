@@ -1,5 +1,8 @@
 """Runs of equal kind in a reader's table of units (clusters, blocks, sectors), found with numpy.
 
+numpy is imported by :func:`split_runs` when it first runs: mapping extents is bulk work, opening a reader
+(``inspect``) must not pay for numpy's import.
+
 Every reader maps a table (an L2 table, a BAT, a block map, a sector bitmap) to one kind per unit and then
 wants the maximal runs of one kind, a DATA run also ending where the units stop being contiguous in the file.
 This is that split, once, with one vocabulary of kinds; a run becomes one :class:`~diskport.formats.base.Extent`.
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class RunKind(IntEnum):
@@ -30,6 +35,8 @@ def split_runs(kinds: np.ndarray, hosts: np.ndarray | None = None, step: int | n
     With ``hosts``, a run of units that must be contiguous in the file (``contiguous``; by default the DATA
     units) also ends where the next unit's host is not the previous one's plus ``step``.
     """
+    import numpy as np
+
     n = len(kinds)
     if n == 0:
         return iter(())

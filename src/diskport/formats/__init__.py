@@ -16,6 +16,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from diskport.errors import DiskportError, UnsupportedImage, UsageError, located
@@ -43,14 +44,20 @@ class FormatSpec:
     open: Callable[[Source], DiskImage]
 
 
+def _opener(module: ModuleType, name: str) -> Callable[[Source], DiskImage]:
+    """``module.name``, looked up when first called: a package face (vmdk, vhdx) offers its cheap ``probe`` at
+    once and imports its reader only when an image of its format is opened."""
+    return lambda source: getattr(module, name)(source)
+
+
 _READERS: dict[str, tuple[Callable[[bytes, Source], int], Callable[[Source], DiskImage]]] = {
-    "qcow2": (qcow2.probe, qcow2.open_qcow2),
-    "vmdk": (vmdk.probe, vmdk.open_vmdk),
-    "vpc": (vhd.probe, vhd.open_vhd),
-    "vhdx": (vhdx.probe, vhdx.open_vhdx),
-    "vdi": (vdi.probe, vdi.open_vdi),
-    "iso": (iso.probe, iso.open_iso),
-    "raw": (raw.probe, raw.open_raw),
+    "qcow2": (qcow2.probe, _opener(qcow2, "open_qcow2")),
+    "vmdk": (vmdk.probe, _opener(vmdk, "open_vmdk")),
+    "vpc": (vhd.probe, _opener(vhd, "open_vhd")),
+    "vhdx": (vhdx.probe, _opener(vhdx, "open_vhdx")),
+    "vdi": (vdi.probe, _opener(vdi, "open_vdi")),
+    "iso": (iso.probe, _opener(iso, "open_iso")),
+    "raw": (raw.probe, _opener(raw, "open_raw")),
 }
 # Registered under the names the command line offers without importing this package (diskport.names): a name
 # there without a reader here fails at import, a reader here without a name there is never chosen.

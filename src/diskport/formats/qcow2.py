@@ -19,6 +19,10 @@ terabyte of real data. The check keeps one bit per host cluster of the file (its
 1 TiB of 64 KiB clusters) and claims each L2 table's clusters once, when the table is first read. Compressed
 clusters are packed byte by byte and may share a host cluster, so for them only a descriptor repeated within
 one L2 table is refused.
+
+Opening needs no numpy (``inspect`` reads no L2 table): the L1 table is checked with the standard library at C
+speed (see :meth:`Qcow2Image._check_l1`), and numpy is imported when the mapping first decodes an L2 table;
+zstandard when a zstd cluster is first decompressed.
 """
 
 from __future__ import annotations
@@ -28,15 +32,12 @@ import io
 import os
 import struct
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import zstandard
-
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent
+from diskport.formats.base import DiskImage, Extent, uint_table
 from diskport.formats.qcow2_spec import (
     COMPRESSION_NAMES,
     EXT_DATA_FILE,
@@ -61,6 +62,8 @@ from diskport.sources.base import Source
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
 MAX_VIRTUAL_SIZE = 1 << 62
 _L2_CACHE = 16
@@ -175,26 +178,51 @@ class Qcow2Image(DiskImage):
         if needed and (l1_off % cs or l1_off == 0):
             raise self.corrupt(f"L1 table offset {l1_off:#x} is not cluster aligned", 40)
         self.l1_offset = l1_off
-        self.l1: np.ndarray = (np.frombuffer(src.read_exact(l1_off, needed * 8, "L1 table", FMT), dtype=">u8")
-                               .astype(np.uint64) if needed else np.zeros(0, dtype=np.uint64))
-        l2_offsets = self.l1 & np.uint64(L1_OFFSET_MASK)
-        bad = np.flatnonzero((l2_offsets != 0) & ((l2_offsets % np.uint64(cs) != 0)
-                                                   | (l2_offsets + np.uint64(cs) > np.uint64(src.size))))
-        if bad.size:
-            i = int(bad[0])
-            raise self.corrupt(f"L1 entry {i} points to an L2 table at {int(l2_offsets[i]):#x} that is unaligned "
-                             f"or past the end of the file", l1_off + 8 * i)
+        raw_l1 = src.read_exact(l1_off, needed * 8, "L1 table", FMT) if needed else b""
+        self.l1 = uint_table(raw_l1, "Q", "big")
+        self._check_l1(raw_l1, l1_off)
         # One bit per host cluster of the file: set once a cluster is known to hold metadata or one guest cluster.
+        # Made (numpy) when the mapping first reads an L2 table; opening alone claims nothing.
         self._host_clusters = -(-src.size // cs)
+        self._claimed: np.ndarray | None = None
+        self._l2_checked = bytearray(len(self.l1))
+
+    def _check_l1(self, raw: bytes, l1_off: int) -> None:
+        """Every L2 table the L1 table names is cluster aligned, lies inside the file, and belongs to one L1 entry.
+
+        Done on the whole table at C speed without numpy: the offsets are masked as one big integer, their
+        alignment is one AND of it, the furthest table is ``max`` over an array of the masked entries, and
+        sharing is a ``set`` of them. The first offending entry is only searched for once one is known to exist.
+        """
+        n = len(raw) // 8
+        if raw.count(0) == len(raw):  # no L2 table at all (an empty image): one memchr-speed pass
+            return
+        cs, size = self.cs, self.source.size
+        offsets = int.from_bytes(raw, "big") & int.from_bytes(L1_OFFSET_MASK.to_bytes(8, "big") * n, "big")
+        misaligned = offsets & int.from_bytes(((cs - 1) & L1_OFFSET_MASK).to_bytes(8, "big") * n, "big")
+        masked = uint_table(offsets.to_bytes(n * 8, "big"), "Q", "big")
+        furthest = max(masked)
+        if misaligned or (furthest and furthest + cs > size):
+            i = next(i for i, off in enumerate(masked) if off and (off % cs or off + cs > size))
+            raise self.corrupt(f"L1 entry {i} points to an L2 table at {masked[i]:#x} that is unaligned "
+                               f"or past the end of the file", l1_off + 8 * i)
+        tables = n - masked.count(0)
+        if tables > 1:
+            distinct = set(masked)
+            distinct.discard(0)
+            if len(distinct) != tables:
+                shared = min(off for off, count in Counter(masked).items() if off and count > 1)
+                raise self.corrupt(f"two L1 entries name the same L2 table at {shared:#x}; an L2 table belongs "
+                                   "to one L1 entry", l1_off)
+
+    def _claim_metadata(self) -> None:
+        """Start the claims bitmap: the header cluster and every L2 table (none shared: :meth:`_check_l1`)."""
+        import numpy as np
+
         self._claimed = np.zeros(-(-self._host_clusters // 8), dtype=np.uint8)
-        self._l2_checked = np.zeros(len(self.l1), dtype=bool)
-        tables = l2_offsets[l2_offsets != 0] // np.uint64(cs)
-        unique, counts = np.unique(tables, return_counts=True)
-        if np.any(counts > 1):
-            shared = int(unique[np.flatnonzero(counts > 1)[0]]) * cs
-            raise self.corrupt(f"two L1 entries name the same L2 table at {shared:#x}; an L2 table belongs to one "
-                             "L1 entry", l1_off)
-        self._claim(np.concatenate([np.zeros(1, dtype=np.uint64), unique]), "metadata")
+        l2_offsets = np.frombuffer(self.l1, dtype=np.uint64) & np.uint64(L1_OFFSET_MASK)
+        tables = np.sort(l2_offsets[l2_offsets != 0] // np.uint64(self.cs))
+        self._claim(np.concatenate([np.zeros(1, dtype=np.uint64), tables]), "metadata")
 
     def _parse_extensions(self, head: bytes, pos: int, cs: int) -> dict[int, bytes]:
         exts: dict[int, bytes] = {}
@@ -231,9 +259,13 @@ class Qcow2Image(DiskImage):
         if cached is not None:
             self._l2_cache.move_to_end(off)
             return cached
+        import numpy as np
+
         raw = self.source.read_exact(off, self.cs, f"L2 table {l1_index}", FMT)
         table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         if not self._l2_checked[l1_index]:
+            if self._claimed is None:
+                self._claim_metadata()
             self._claim_table(l1_index, table)
             self._l2_checked[l1_index] = True
         self._l2_cache[off] = table
@@ -243,6 +275,9 @@ class Qcow2Image(DiskImage):
 
     def _claim(self, clusters: np.ndarray, what: str) -> None:
         """Mark host clusters (indices, each once in ``clusters``) as used; one already used is corrupt."""
+        import numpy as np
+
+        assert self._claimed is not None
         clusters = clusters[clusters < np.uint64(self._host_clusters)]
         if clusters.size == 0:
             return
@@ -257,6 +292,8 @@ class Qcow2Image(DiskImage):
 
     def _claim_table(self, l1_index: int, table: np.ndarray) -> None:
         """Claim the host clusters of every data entry of an L2 table (within the virtual size), once."""
+        import numpy as np
+
         count = min(self.l2_entries, -(-(self.virtual_size - l1_index * self.l2_span) // self.cs))
         if self.extended_l2:
             entries = table[0::2][:count]
@@ -284,6 +321,8 @@ class Qcow2Image(DiskImage):
         A unit is a cluster, or a subcluster with extended L2 entries. ``host`` is the host offset of the
         run's first unit for DATA runs, the first cluster's descriptor for COMPRESSED runs.
         """
+        import numpy as np
+
         table = self._l2_table(l1_index)
         units_per_cluster = 32 if self.extended_l2 else 1
         if table is None:
@@ -339,6 +378,8 @@ class Qcow2Image(DiskImage):
         only as far as it wrote, and reads past the end as zeros. One that starts past the end means the file
         was truncated.
         """
+        import numpy as np
+
         if hosts.size == 0:
             return
         cs = np.uint64(self.cs)
@@ -396,13 +437,19 @@ class Qcow2Image(DiskImage):
         if offset >= self.source.size:
             raise self.corrupt(f"compressed cluster at {offset:#x} lies past the end of the file")
         data = self.source.pread(offset, min(csize, self.source.size - offset))
+        if self.compression_type == 0:
+            errors: tuple[type[Exception], ...] = (zlib.error,)
+        else:
+            import zstandard  # only zstd-compressed clusters need it: not at start-up
+
+            errors = (zstandard.ZstdError,)
         try:
             if self.compression_type == 0:
                 out = zlib.decompressobj(-12).decompress(data, cs)
             else:
                 reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
                 out = reader.read(cs)
-        except (zlib.error, zstandard.ZstdError) as e:
+        except errors as e:
             raise self.corrupt(f"compressed cluster does not decompress: {e}", offset) from None
         if len(out) != cs:
             raise self.corrupt(f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset)

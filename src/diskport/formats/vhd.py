@@ -64,14 +64,15 @@ import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from diskport.errors import CorruptImage, UnsafeImage, UnsupportedImage
-from diskport.formats.base import DiskImage, Extent, file_runs
+from diskport.formats.base import DiskImage, Extent, file_runs, uint_table
 from diskport.runs import split_runs
 from diskport.sources.base import Source
+
+if TYPE_CHECKING:
+    from array import array
 
 FMT = "vpc"
 COOKIE = b"conectix"
@@ -221,7 +222,7 @@ class VhdImage(DiskImage):
         self.dynamic: DynamicHeader | None = None
         self.block_size = 0
         self.bitmap_size = 0
-        self._bat = np.zeros(0, dtype=np.uint32)
+        self._bat: array[int] = uint_table(b"", "I", "big")
         if self.footer.disk_type == DISK_FIXED:
             self._check_fixed()
         else:
@@ -340,12 +341,11 @@ class VhdImage(DiskImage):
             raise self.corrupt(f"Block Allocation Table at {table_at:#x} ({entries} entries) runs past the end "
                              f"of the file ({src.size} bytes)", self.footer.data_offset + 16)
         raw = src.read_exact(table_at, needed * 4, "Block Allocation Table", FMT)
-        bat = np.frombuffer(raw, dtype=">u4").astype(np.uint32)
-        allocated = bat != np.uint32(BAT_UNALLOCATED)
-        block_ends = bat.astype(np.int64) * SECTOR + (self.bitmap_size + bs)
-        bad = np.flatnonzero(allocated & (block_ends > src.size))
-        if bad.size:
-            i = int(bad[0])
+        bat = uint_table(raw, "I", "big")
+        span = self.bitmap_size + bs  # the furthest allocated block (max at C speed, no numpy) must fit the file
+        furthest = max(filter(BAT_UNALLOCATED.__ne__, bat), default=-1)
+        if furthest >= 0 and furthest * SECTOR + span > src.size:
+            i = next(i for i, e in enumerate(bat) if e != BAT_UNALLOCATED and e * SECTOR + span > src.size)
             raise self.corrupt(f"BAT entry {i} puts block {i} at {int(bat[i]) * SECTOR:#x}, and its "
                              f"{self.bitmap_size + bs} bytes (bitmap and data) run past the end of the file "
                              f"({src.size} bytes)", table_at + 4 * i)
@@ -359,12 +359,15 @@ class VhdImage(DiskImage):
         return self._dynamic_runs(start, stop)
 
     def _dynamic_runs(self, start: int, stop: int) -> Iterator[Extent]:
+        import numpy as np
+
         bs = self.block_size
         first = start // bs
         last = ceil_div(stop, bs)
+        bat = np.frombuffer(self._bat, dtype=np.uint32)
         for step_first in range(first, last, _BLOCKS_PER_STEP):
             step_last = min(step_first + _BLOCKS_PER_STEP, last)
-            entries = self._bat[step_first:step_last]
+            entries = bat[step_first:step_last]
             zero_from = step_first
             for i in np.flatnonzero(entries != np.uint32(BAT_UNALLOCATED)).tolist():
                 block = step_first + i
@@ -388,6 +391,8 @@ class VhdImage(DiskImage):
         if self._full_bitmap and bitmap.startswith(self._full_bitmap):
             yield Extent(lo, hi - lo, False, data_at + (lo - base))
             return
+        import numpy as np
+
         first_sector = (lo - base) // SECTOR
         last_sector = ceil_div(hi - base, SECTOR)
         present = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8),

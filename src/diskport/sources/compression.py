@@ -2,21 +2,27 @@
 
 gzip RFC 1952 2.3.1; xz "The .xz File Format" 2.1.1.1; zstd RFC 8878 3.1.1 (and skippable frames, 3.1.2);
 bzip2 stream header ``BZh1``..``BZh9`` followed by a block or end-of-stream magic.
+
+Detection is the magic bytes only: no codec is imported here (each is imported by what decodes its kind).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from typing import cast
 
-from isal import isal_zlib
-
 GZIP, XZ, ZSTD, BZIP2 = "gzip", "xz", "zstd", "bzip2"
 
-#: What damaged deflate data raises: zlib's error, and isa-l's own IsalError (an Exception only; isal's stub
-#: declares it as an instance, hence the cast).
-INFLATE_ERRORS: tuple[type[BaseException], ...] = (cast(type[BaseException], isal_zlib.error), zlib.error)
+
+@functools.cache
+def inflate_errors() -> tuple[type[BaseException], ...]:
+    """What damaged deflate data raises: zlib's error, and isa-l's own IsalError (an Exception only; isal's stub
+    declares it as an instance, hence the cast). Imports isal: call it where deflate data is decoded."""
+    from isal import isal_zlib
+
+    return (cast(type[BaseException], isal_zlib.error), zlib.error)
 
 
 def detect_compression(head: bytes) -> str | None:

@@ -14,7 +14,6 @@ from diskport.cache import pwrite_cached
 from diskport.errors import DestinationError, UnsafeImage
 from diskport.sources.file import FileSource
 from diskport.sources.stream import DecompressingStream
-from diskport.zeros import zero_runs
 
 CHUNK = 8 * 1024 * 1024
 
@@ -22,6 +21,8 @@ CHUNK = 8 * 1024 * 1024
 def spool(stream: DecompressingStream, head: bytes, scratch_dir: str, limit: int, what: str) -> FileSource:
     """Copy ``head`` (already read from the stream) and the rest of ``stream`` into an unlinked scratch file."""
     import tempfile  # imported when a spool is made, not by every command that could make one
+
+    from diskport.zeros import zero_runs  # numpy: only a spool scans for zeros
 
     try:
         handle = tempfile.TemporaryFile(prefix=".diskport-spool-", dir=scratch_dir)  # noqa: SIM115 - closed below

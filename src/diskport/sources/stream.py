@@ -4,25 +4,20 @@ Each codec is the well-kept library made for it: isal's igzip for gzip (several 
 multi-member files), the standard library's lzma (multi-stream, stream padding) and bz2 (multi-stream), and
 zstandard (multi-frame). They read from a :class:`SourceReader`, a file object over any
 :class:`~diskport.sources.base.Source`, so a local file and, later, an HTTP body decompress alike.
+Each codec is imported when a stream of its kind is opened, so reading a plain file loads none of them.
 """
 
 from __future__ import annotations
 
-import bz2
 import io
-import lzma
 from typing import BinaryIO
 
-import zstandard
-from isal import igzip
-
 from diskport.errors import CorruptImage, UnsupportedImage
-from diskport.sources import xz
 from diskport.sources.base import Source
-from diskport.sources.compression import BZIP2, GZIP, INFLATE_ERRORS, XZ, ZSTD
+from diskport.sources.compression import BZIP2, GZIP, XZ, ZSTD, inflate_errors
 
-_CODEC_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError, *INFLATE_ERRORS)
+#: What any decoder raises on damaged input (beside its own error class, added per kind).
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
 
 
 def _is_end_check(error: BaseException) -> bool:
@@ -64,18 +59,32 @@ class DecompressingStream:
         self._raw = SourceReader(source)
         buffered = io.BufferedReader(self._raw, buffer_size=1024 * 1024)
         self._reader: BinaryIO
+        self._errors = _STREAM_ERRORS
         if kind is None:
             self._reader = buffered
         elif kind == GZIP:
+            from isal import igzip
+
+            self._errors += inflate_errors()
             self._reader = igzip.IGzipFile(fileobj=buffered, mode="rb")  # type: ignore[no-untyped-call,assignment]
         elif kind == XZ:
+            import lzma
+
+            from diskport.sources import xz
+
+            self._errors += (lzma.LZMAError,)
             # Multi-block files decode on every core; the rest through the standard, sequential decoder.
             parallel = xz.parallel_reader(source)
             self._reader = (parallel if parallel is not None  # type: ignore[assignment]
                             else lzma.LZMAFile(buffered))  # noqa: SIM115 - closed in close()
         elif kind == BZIP2:
+            import bz2
+
             self._reader = bz2.BZ2File(buffered)  # type: ignore[assignment]
         elif kind == ZSTD:
+            import zstandard
+
+            self._errors += (zstandard.ZstdError,)
             self._reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
         else:
             raise UnsupportedImage(f"unknown compression '{kind}'", path=source.name)
@@ -96,7 +105,7 @@ class DecompressingStream:
                 if not n:
                     break
                 done += n
-        except _CODEC_ERRORS as e:
+        except self._errors as e:
             # The decoder has decoded more than it handed out (its buffers, and a CRC or length checked only at
             # the end of a member), so the decompressed count is a lower bound; the compressed position, read
             # ahead by at most the 1 MiB buffer, says where in the file the decoder stopped.

@@ -46,7 +46,27 @@ the fixed structures as named dataclasses; a leaf), :mod:`.header` (steps 1 and 
 :mod:`.metadata` (step 4), :mod:`.bat` (step 5) and :mod:`.image`, which runs them in order and maps extents.
 """
 
-from diskport.formats.vhdx.image import VhdxImage, open_vhdx, probe
-from diskport.formats.vhdx.spec import FMT, SIGNATURE
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diskport._lazy import lazy_getattr
+
+if TYPE_CHECKING:
+    from diskport.formats.vhdx.image import VhdxImage, open_vhdx
+    from diskport.sources.base import Source
+
+FMT = "vhdx"
+SIGNATURE = b"vhdxfile"  # the file type identifier (2.1.1)
+
+
+def probe(head: bytes, source: Source) -> int:
+    """The file type identifier's signature (2.1.1). Here, not in :mod:`.image`, so that probing loads no reader:
+    the reader (with the BAT, the log and google_crc32c) is imported when a VHDX is opened."""
+    return 100 if head[:8] == SIGNATURE else 0
+
+
+__getattr__ = lazy_getattr(__name__, {"VhdxImage": "diskport.formats.vhdx.image",
+                                      "open_vhdx": "diskport.formats.vhdx.image"})
 
 __all__ = ["FMT", "SIGNATURE", "VhdxImage", "open_vhdx", "probe"]

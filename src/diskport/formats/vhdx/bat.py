@@ -1,13 +1,19 @@
 """The VHDX block allocation table (2.5): payload entries decoded a window at a time into (kind, host offset)
-arrays, validated (states, placement, no two blocks sharing file bytes) when the image opens."""
+arrays, validated (states, placement, no two blocks sharing file bytes) when the image opens.
+
+Opening validates the whole BAT with the standard library; numpy is imported by :meth:`Bat.window`, when
+the mapping first decodes a window."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import sys
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from diskport.formats.base import DiskImage
+from diskport.formats.base import DiskImage, uint_table
 from diskport.formats.vhdx.header import ReadFile
 from diskport.formats.vhdx.log import Overlay
 from diskport.formats.vhdx.metadata import Metadata
@@ -25,8 +31,17 @@ from diskport.formats.vhdx.spec import (
 )
 from diskport.runs import RunKind
 
+if TYPE_CHECKING:
+    from array import array
+
+    import numpy as np
+
 # Block kinds while decoding the BAT: zeros, data in place, data the log replay touched (read through it).
 ZERO, DATA, OVERLAID = RunKind.ZERO, RunKind.DATA, RunKind.MAPPED
+
+#: A BAT entry's low byte to its state (the low three bits), and the states a payload entry may have.
+_STATE_OF_BYTE = bytes(b & BAT_STATE_MASK for b in range(256))
+_KNOWN_STATES = bytes([*ZERO_STATES, PAYLOAD_FULLY_PRESENT])
 
 
 class Bat:
@@ -49,13 +64,19 @@ class Bat:
         self._reserved = reserved
         self._bat_cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.segments = (overlay or Overlay()).segments(image.source.size, file_size)
-        self.segment_starts = np.array([a for a, _, _ in self.segments], dtype=np.int64)
-        self.segment_ends = np.array([b for _, b, _ in self.segments], dtype=np.int64)
-        self.segment_zero = np.array([z for _, _, z in self.segments], dtype=bool)
+        self.segment_ends = [end for _, end, _ in self.segments]
+        self._segment_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._validate()
 
     def _validate(self) -> None:
-        """Sizes checked against the region and file, then the whole BAT decoded (and so validated) once."""
+        """Sizes checked against the region and file, then every payload entry of the BAT checked once, a window
+        at a time, so corruption shows at open: its state, where its block lies, and that no two payload blocks
+        share file bytes (a small file must not expand into a huge disk).
+
+        Done without numpy, so opening a VHDX does not import it: a window's states are one byte slice and
+        ``translate`` (C speed), and only the FULLY_PRESENT blocks, found with ``bytes.find``, are looked at one
+        by one; their number is bounded by the file's size in MiB before they are sorted for the overlap check.
+        """
         self.payload_blocks = -(-self.virtual_size // self.block_size)
         self.bat_entries = (self.payload_blocks + (self.payload_blocks - 1) // self.chunk_ratio
                             if self.payload_blocks else 0)
@@ -65,33 +86,107 @@ class Bat:
         if self.bat_region.offset + self.bat_entries * 8 > self.file_size:
             raise self.image.corrupt(f"BAT at {self.bat_region.offset:#x} ({self.bat_entries} entries) lies beyond the "
                              f"end of the file ({self.file_size} bytes)")
-        # Decode (and so validate) the whole BAT once, a window at a time, so corruption shows at open, and
-        # make sure no two payload blocks share file bytes (a small file must not expand into a huge disk).
-        placed: list[np.ndarray] = []
-        placed_count = 0
+        placed: list[tuple[int, int, int]] = []  # (host, bytes used, block) of every block in the file
         max_blocks = self.file_size // MiB + 1
         for window in range(-(-self.payload_blocks // BAT_WINDOW_BLOCKS)):
-            kinds, hosts = self.window(window)
             first = window * BAT_WINDOW_BLOCKS
-            in_file = np.flatnonzero(kinds != ZERO)
-            in_file = in_file[hosts[in_file] != 0]
-            placed_count += len(in_file)
-            if placed_count > max_blocks:
+            entries = self._payload_entries(first, min(BAT_WINDOW_BLOCKS, self.payload_blocks - first))
+            present = self._check_states(first, entries)
+            placed.extend(self._check_block_hosts(first, entries, present))
+            if len(placed) > max_blocks:
                 raise self.image.corrupt(f"BAT maps more payload blocks than the {self.file_size} byte file can hold "
                                  "without overlapping")
-            placed.append(np.stack([hosts[in_file], self.used_lengths(first, len(kinds))[in_file],
-                                    in_file + first]))
-        if placed_count > 1:
-            table = np.concatenate(placed, axis=1)
-            table = table[:, np.argsort(table[0], kind="stable")]
-            overlap = np.flatnonzero(table[0, 1:] < table[0, :-1] + table[1, :-1])
-            if overlap.size:
-                k = int(overlap[0])
-                raise self.image.corrupt(f"payload blocks {int(table[2, k])} and {int(table[2, k + 1])} overlap in the "
-                                 f"file at {int(table[0, k + 1]):#x}")
+        if len(placed) > 1:
+            placed.sort(key=lambda block: block[0])  # stable: equal hosts keep block order
+            for (host, used, block), (next_host, _, next_block) in itertools.pairwise(placed):
+                if next_host < host + used:
+                    raise self.image.corrupt(f"payload blocks {block} and {next_block} overlap in the file at "
+                                     f"{next_host:#x}")
+
+    def _payload_entries(self, first: int, count: int) -> array[int]:
+        """The BAT entries of payload blocks ``first .. first + count - 1`` (the sector bitmap entries between
+        them dropped, at C speed)."""
+        last = first + count - 1
+        bat_first = first + first // self.chunk_ratio
+        bat_last = last + last // self.chunk_ratio
+        raw = self.read_file(self.bat_region.offset + bat_first * 8, (bat_last - bat_first + 1) * 8, "BAT")
+        entries = uint_table(raw, "Q", "little")
+        period = self.chunk_ratio + 1  # every period-th entry of the BAT (from index chunk_ratio) is a bitmap's
+        del entries[(self.chunk_ratio - bat_first % period) % period::period]
+        return entries
+
+    def _entry_at(self, block: int) -> int:
+        """File offset of the BAT entry of payload ``block``."""
+        return self.bat_region.offset + 8 * (block + block // self.chunk_ratio)
+
+    def _check_states(self, first: int, entries: array[int]) -> list[int]:
+        """Indexes (in the window) of the FULLY_PRESENT entries; any state but those and the zero states is
+        corrupt."""
+        low_byte = 0 if sys.byteorder == "little" else 7
+        states = entries.tobytes()[low_byte::8].translate(_STATE_OF_BYTE)
+        unknown = states.translate(None, _KNOWN_STATES)
+        if unknown:
+            i = min(states.find(bytes([state])) for state in set(unknown))
+            state = states[i]
+            if state == PAYLOAD_PARTIALLY_PRESENT:
+                raise self.image.corrupt(f"payload block {first + i} is PARTIALLY_PRESENT, a state only differencing "
+                                 "images may use", self._entry_at(first + i))
+            raise self.image.corrupt(f"payload block {first + i} has the reserved state {state}",
+                                     self._entry_at(first + i))
+        present = []
+        i = states.find(PAYLOAD_FULLY_PRESENT)
+        while i >= 0:
+            present.append(i)
+            i = states.find(PAYLOAD_FULLY_PRESENT, i + 1)
+        return present
+
+    def _used(self, block: int) -> int:
+        """Bytes of ``block`` the virtual disk uses (the last block may be cut short)."""
+        return min(self.block_size, self.virtual_size - block * self.block_size)
+
+    def _check_block_hosts(self, first: int, entries: array[int], present: list[int]) -> list[tuple[int, int, int]]:
+        """FULLY_PRESENT blocks must lie past the header section, inside the file, clear of the log, BAT and
+        metadata regions (compared in MiB units, as the BAT stores them). Returns (host, used, block) of the
+        blocks read from the file (not those a zero range of the replayed log covers)."""
+        blocks = [(first + i, entries[i] >> BAT_OFFSET_SHIFT) for i in present]
+
+        def limit_mb(used: int) -> int:
+            return (self.file_size - used) // MiB if self.file_size >= used else -1
+
+        checks: list[tuple[Callable[[int, int, int], bool], str]] = [
+            (lambda _b, mb, _u: mb < HEADER_SECTION_SIZE // MiB, "inside the header section"),
+            (lambda _b, mb, used: mb > limit_mb(used), f"past the end of the file ({self.file_size} bytes)")]
+        for name, region in self._reserved:
+            # block [h, h+used) meets [start, end) when h < end and h + used > start
+            def meets(_b: int, mb: int, used: int, region: Region = region) -> bool:
+                return -(-region.end // MiB) > mb > (region.offset - used) // MiB
+
+            checks.append((meets, f"overlapping the {name} region"))
+        for bad, reason in checks:
+            hit = next(((block, mb) for block, mb in blocks if bad(block, mb, self._used(block))), None)
+            if hit is not None:
+                block, mb = hit
+                raise self.image.corrupt(f"BAT maps payload block {block} to {mb * MiB:#x}, {reason}",
+                                         self._entry_at(block))
+        placed = []
+        for block, mb in blocks:
+            host, used = mb << BAT_OFFSET_SHIFT, self._used(block)
+            if not self._zeroed(host, used):
+                placed.append((host, used, block))
+        return placed
+
+    def _zeroed(self, host: int, used: int) -> bool:
+        """Whether one zero range of the replayed log covers the file bytes ``[host, host + used)``."""
+        i = bisect.bisect_right(self.segment_ends, host)
+        if i >= len(self.segments):
+            return False
+        start, end, zero = self.segments[i]
+        return zero and start <= host and end >= host + used
 
     def window(self, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """(kind, host offset) for the payload blocks of one window, validated."""
+        """(kind, host offset) for the payload blocks of one window (their entries were checked at open)."""
+        import numpy as np
+
         cached = self._bat_cache.get(window)
         if cached is not None:
             self._bat_cache.move_to_end(window)
@@ -110,29 +205,23 @@ class Bat:
         kinds = np.full(count, ZERO, dtype=np.int8)
         present = states == PAYLOAD_FULLY_PRESENT
         kinds[present] = DATA
-        unknown = ~present & ~np.isin(states, ZERO_STATES)
-        if np.any(unknown):
-            i = int(np.flatnonzero(unknown)[0])
-            state = int(states[i])
-            at = self.bat_region.offset + 8 * (first + i + (first + i) // self.chunk_ratio)
-            if state == PAYLOAD_PARTIALLY_PRESENT:
-                raise self.image.corrupt(f"payload block {first + i} is PARTIALLY_PRESENT, a state only differencing "
-                                 "images may use", at)
-            raise self.image.corrupt(f"payload block {first + i} has the reserved state {state}", at)
-        if np.any(present):
-            self._check_block_hosts(first, count, host_mb, present)
-        hosts = np.where(present, host_mb, 0) << BAT_OFFSET_SHIFT  # checked above: no overflow
+        hosts = np.where(present, host_mb, 0) << BAT_OFFSET_SHIFT  # checked at open: no overflow
         if np.any(present):
             # Blocks the log replay touched (or that lie past the source's end) are read through the overlay,
             # or are zeros when a zero range covers all of them.
             used = self.used_lengths(first, count)
-            idx = np.searchsorted(self.segment_ends, hosts, side="right")
+            if self._segment_arrays is None:
+                self._segment_arrays = (np.array([a for a, _, _ in self.segments], dtype=np.int64),
+                                        np.array(self.segment_ends, dtype=np.int64),
+                                        np.array([z for _, _, z in self.segments], dtype=bool))
+            segment_starts, segment_ends, segment_zero = self._segment_arrays
+            idx = np.searchsorted(segment_ends, hosts, side="right")
             near = present & (idx < len(self.segments))
             rows = np.flatnonzero(near)
             seg = idx[rows]
-            touched = self.segment_starts[seg] < hosts[rows] + used[rows]
-            covered = (touched & self.segment_zero[seg] & (self.segment_starts[seg] <= hosts[rows])
-                       & (self.segment_ends[seg] >= hosts[rows] + used[rows]))
+            touched = segment_starts[seg] < hosts[rows] + used[rows]
+            covered = (touched & segment_zero[seg] & (segment_starts[seg] <= hosts[rows])
+                       & (segment_ends[seg] >= hosts[rows] + used[rows]))
             kinds[rows[touched]] = OVERLAID
             kinds[rows[covered]] = ZERO
         result = (kinds, hosts)
@@ -143,31 +232,9 @@ class Bat:
 
     def used_lengths(self, first: int, count: int) -> np.ndarray:
         """Bytes of each block the virtual disk uses (the last block may be cut short)."""
+        import numpy as np
+
         used = np.full(count, self.block_size, dtype=np.int64)
         if first + count == self.payload_blocks:
             used[-1] = self.virtual_size - (self.payload_blocks - 1) * self.block_size
         return used
-
-    def _check_block_hosts(self, first: int, count: int, host_mb: np.ndarray, present: np.ndarray) -> None:
-        """FULLY_PRESENT blocks must lie past the header section, inside the file, clear of the log, BAT and
-        metadata regions. Compared in MiB units so nothing overflows."""
-        bad_reason: list[tuple[np.ndarray, str]] = []
-        last_used = self.virtual_size - (self.payload_blocks - 1) * self.block_size
-        used = self.used_lengths(first, count)
-        limit_mb = np.where(used == self.block_size,
-                            (self.file_size - self.block_size) // MiB if self.file_size >= self.block_size else -1,
-                            (self.file_size - last_used) // MiB if self.file_size >= last_used else -1)
-        bad_reason.append((present & (host_mb < HEADER_SECTION_SIZE // MiB), "inside the header section"))
-        bad_reason.append((present & (host_mb > limit_mb), f"past the end of the file ({self.file_size} bytes)"))
-        for name, region in self._reserved:
-            # block [h, h+used) meets [start, end) when h < end and h + used > start
-            end_mb = -(-region.end // MiB)
-            after_start_mb = np.floor_divide(region.offset - used, MiB)
-            hit = present & (host_mb < end_mb) & (host_mb > after_start_mb)
-            bad_reason.append((hit, f"overlapping the {name} region"))
-        for bad, reason in bad_reason:
-            if np.any(bad):
-                i = int(np.flatnonzero(bad)[0])
-                at = self.bat_region.offset + 8 * (first + i + (first + i) // self.chunk_ratio)
-                raise self.image.corrupt(f"BAT maps payload block {first + i} to {int(host_mb[i]) * MiB:#x}, "
-                                 f"{reason}", at)

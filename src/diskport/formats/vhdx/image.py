@@ -4,10 +4,9 @@ extents."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from diskport.formats.base import DiskImage, Extent
 from diskport.formats.vhdx.bat import DATA, ZERO, Bat
@@ -26,9 +25,8 @@ from diskport.formats.vhdx.spec import (
 from diskport.runs import split_runs
 from diskport.sources.base import Source
 
-
-def probe(head: bytes, source: Source) -> int:
-    return 100 if head[:8] == SIGNATURE else 0
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class VhdxImage(DiskImage):
@@ -117,7 +115,7 @@ class VhdxImage(DiskImage):
         """A block the log replay touched, split into source bytes (host set), zeros and replayed sectors."""
         pos = host
         end = host + used
-        i = int(np.searchsorted(self.bat.segment_ends, host, side="right"))
+        i = bisect.bisect_right(self.bat.segment_ends, host)
         while pos < end:
             if i < len(self.bat.segments) and self.bat.segments[i][0] <= pos:
                 _, seg_end, is_zero = self.bat.segments[i]

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import google_crc32c
-import numpy as np
 
 from diskport.errors import CorruptImage, UnsupportedImage
 from diskport.formats.base import DiskImage
 from diskport.formats.vhdx.spec import (
     DATA_DESCRIPTOR_SIGNATURE,
     DATA_SECTOR_SIGNATURE,
-    DESCRIPTOR_DTYPE,
+    DESCRIPTOR_FIELDS,
     DESCRIPTOR_SIZE,
     FMT,
     HEADER_SECTION_SIZE,
@@ -36,6 +36,11 @@ from diskport.formats.vhdx.spec import (
     Region,
 )
 from diskport.sources.base import Source
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported by the log search and replay, which run only for an image whose log must be replayed.
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ class LogReader:
 
     def _candidates(self) -> list[int]:
         """Log positions whose sector starts like an entry header for this log."""
+        import numpy as np
+
         found: list[int] = []
         signature = np.frombuffer(LOG_ENTRY_SIGNATURE, dtype=np.uint8)
         guid = np.frombuffer(self.log_guid, dtype=np.uint8)
@@ -187,8 +194,10 @@ class LogReader:
         return found
 
     def _descriptors(self, position: int, count: int) -> tuple[np.ndarray, bytes]:
+        import numpy as np
+
         raw = self._read(position + LOG_ENTRY_HEADER.size, count * DESCRIPTOR_SIZE)
-        return np.frombuffer(raw, dtype=DESCRIPTOR_DTYPE), raw
+        return np.frombuffer(raw, dtype=np.dtype(DESCRIPTOR_FIELDS)), raw
 
     @staticmethod
     def _descriptor_sectors(count: int) -> int:
@@ -210,6 +219,8 @@ class LogReader:
             raise UnsupportedImage(f"log entry at {position:#x} has {count} descriptors, more than the "
                                    f"{MAX_DESCRIPTORS_PER_ENTRY} diskport replays", path=self.source.name,
                                    fmt=FMT)
+        import numpy as np
+
         descriptors, _ = self._descriptors(position, count)
         is_data = descriptors["signature"] == DATA_DESCRIPTOR_SIGNATURE
         is_zero = descriptors["signature"] == ZERO_DESCRIPTOR_SIGNATURE

@@ -1,5 +1,6 @@
 """VHDX on-disk layout ([MS-VHDX] v20160714): constants, GUIDs and the fixed structures, each unpacked once
-into a named dataclass. A leaf: it imports nothing else of diskport's."""
+into a named dataclass. A leaf: it imports nothing else of diskport's but the two names the package face
+defines for its probe (which must not import this module: its dataclasses cost a few milliseconds)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,8 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-import google_crc32c
-import numpy as np
-
-FMT = "vhdx"
-SIGNATURE = b"vhdxfile"
+from diskport.formats.vhdx import FMT as FMT  # re-exported: every module here takes them from spec
+from diskport.formats.vhdx import SIGNATURE as SIGNATURE
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -102,8 +100,9 @@ DATA_DESCRIPTOR_SIGNATURE = b"desc"
 ZERO_DESCRIPTOR_SIGNATURE = b"zero"
 DATA_SECTOR_SIGNATURE = b"data"
 DESCRIPTOR_SIZE = 32
-DESCRIPTOR_DTYPE = np.dtype([("signature", "S4"), ("trailing", "<u4"), ("leading_or_length", "<u8"),
-                             ("file_offset", "<u8"), ("sequence", "<u8")])
+#: A log descriptor's fields, as a numpy structured dtype's (name, type) list (the log reader builds the dtype).
+DESCRIPTOR_FIELDS = [("signature", "S4"), ("trailing", "<u4"), ("leading_or_length", "<u8"),
+                     ("file_offset", "<u8"), ("sequence", "<u8")]
 MAX_LOG_LENGTH = 1 * GiB
 MAX_DESCRIPTORS_PER_ENTRY = 1 << 20
 MAX_OVERLAY_BYTES = 64 * MiB
@@ -117,6 +116,8 @@ ZERO_GUID = bytes(16)
 
 def crc32c(data: bytes, checksum_at: int) -> int:
     """CRC-32C of ``data`` with its 4-byte checksum field at ``checksum_at`` taken as zero (2.2.2.1)."""
+    import google_crc32c  # the checksums are computed when an image opens, not when this module loads
+
     return int(google_crc32c.value(data[:checksum_at] + bytes(4) + data[checksum_at + 4:]))
 
 

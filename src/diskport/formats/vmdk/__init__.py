@@ -42,25 +42,81 @@ all), :mod:`.descriptor` parses descriptor text, :mod:`.extents` reads the flat,
 file front to back from a stream.
 """
 
-from diskport.formats.vmdk.descriptor import (
-    Descriptor,
-    ExtentLine,
-    decode_descriptor_text,
-    parse_descriptor,
-    read_embedded_descriptor,
-    read_identity,
+from __future__ import annotations
+
+import re
+import struct
+from typing import TYPE_CHECKING
+
+from diskport._lazy import lazy_getattr
+from diskport.formats.vmdk.spec import (
+    COWD_MAGIC,
+    DESCRIPTOR_MARK,
+    DISAGREE,
+    FMT,
+    GD_AT_END,
+    SECTOR,
+    SPARSE_MAGIC,
+    SparseHeader,
 )
-from diskport.formats.vmdk.extents import (
-    ExtentReader,
-    FlatExtent,
-    SparseExtent,
-    ZeroExtent,
-    read_sparse_header,
-    resolve_footer,
-)
-from diskport.formats.vmdk.image import VmdkImage, open_vmdk, probe
-from diskport.formats.vmdk.spec import COWD_MAGIC, DISAGREE, FMT, GD_AT_END, SECTOR, SPARSE_MAGIC, SparseHeader
-from diskport.formats.vmdk.stream import StreamedVmdkImage, is_stream_optimized
+
+if TYPE_CHECKING:
+    from diskport.formats.vmdk.descriptor import (
+        Descriptor,
+        ExtentLine,
+        decode_descriptor_text,
+        parse_descriptor,
+        read_embedded_descriptor,
+        read_identity,
+    )
+    from diskport.formats.vmdk.extents import (
+        ExtentReader,
+        FlatExtent,
+        SparseExtent,
+        ZeroExtent,
+        read_sparse_header,
+        resolve_footer,
+    )
+    from diskport.formats.vmdk.image import VmdkImage, open_vmdk
+    from diskport.formats.vmdk.stream import StreamedVmdkImage, is_stream_optimized
+    from diskport.sources.base import Source
+
+_CREATE_TYPE_LINE = re.compile(rb"^[ \t]*createType[ \t]*=", re.MULTILINE)
+
+
+def probe(head: bytes, source: Source) -> int:
+    """A sparse extent's magic and version, a COWD magic, or descriptor text. Here, not in :mod:`.image`, so
+    that probing loads no reader: the readers are imported when a VMDK is opened (or streamed)."""
+    if head[:4] == SPARSE_MAGIC and len(head) >= 8 and struct.unpack_from("<I", head, 4)[0] in (1, 2, 3):
+        return 100
+    if head[:4] == SPARSE_MAGIC:
+        return 60
+    if head[:4] == COWD_MAGIC:
+        return 90
+    text = head[:4096]
+    if text.startswith(DESCRIPTOR_MARK) or (b"\0" not in text[:1024] and _CREATE_TYPE_LINE.search(text)):
+        return 90
+    return 0
+
+
+__getattr__ = lazy_getattr(__name__, {
+    "Descriptor": "diskport.formats.vmdk.descriptor",
+    "ExtentLine": "diskport.formats.vmdk.descriptor",
+    "decode_descriptor_text": "diskport.formats.vmdk.descriptor",
+    "parse_descriptor": "diskport.formats.vmdk.descriptor",
+    "read_embedded_descriptor": "diskport.formats.vmdk.descriptor",
+    "read_identity": "diskport.formats.vmdk.descriptor",
+    "ExtentReader": "diskport.formats.vmdk.extents",
+    "FlatExtent": "diskport.formats.vmdk.extents",
+    "SparseExtent": "diskport.formats.vmdk.extents",
+    "ZeroExtent": "diskport.formats.vmdk.extents",
+    "read_sparse_header": "diskport.formats.vmdk.extents",
+    "resolve_footer": "diskport.formats.vmdk.extents",
+    "VmdkImage": "diskport.formats.vmdk.image",
+    "open_vmdk": "diskport.formats.vmdk.image",
+    "StreamedVmdkImage": "diskport.formats.vmdk.stream",
+    "is_stream_optimized": "diskport.formats.vmdk.stream",
+})
 
 __all__ = [
     "COWD_MAGIC", "DISAGREE", "FMT", "GD_AT_END", "SECTOR", "SPARSE_MAGIC",

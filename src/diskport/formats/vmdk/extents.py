@@ -19,13 +19,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
-from isal import isal_zlib
+from typing import TYPE_CHECKING, Any
 
 from diskport.errors import UnsupportedImage
-from diskport.formats.base import file_runs
+from diskport.formats.base import file_runs, uint_table
 from diskport.formats.vmdk.descriptor import file_corrupt
 from diskport.formats.vmdk.spec import (
     COMPRESSION_DEFLATE,
@@ -55,7 +52,12 @@ from diskport.formats.vmdk.spec import (
 )
 from diskport.runs import RunKind, split_runs
 from diskport.sources.base import Source
-from diskport.sources.compression import INFLATE_ERRORS
+from diskport.sources.compression import inflate_errors
+
+if TYPE_CHECKING:
+    from array import array
+
+    import numpy as np
 
 _GT_CACHE = 16
 _GRAIN_CACHE = 4
@@ -65,6 +67,8 @@ _ZERO, _DATA, _COMPRESSED = RunKind.ZERO, RunKind.DATA, RunKind.COMPRESSED
 
 
 def _zero_fill(buf: memoryview) -> None:
+    import numpy as np
+
     np.frombuffer(buf, dtype=np.uint8)[:] = 0
 
 
@@ -215,8 +219,9 @@ class SparseExtent(ExtentReader):
         self.gd = self._read_grain_directory()
         self._slot = SECTOR if self.compressed else self.grain_size
         self._slots = -(-source.size // self._slot)
-        self._claimed = np.zeros(-(-self._slots // 8), dtype=np.uint8)
-        self._gt_checked = np.zeros(len(self.gd), dtype=bool)
+        # One bit per slot of the file, made (numpy) when the mapping first reads a grain table.
+        self._claimed: np.ndarray | None = None
+        self._gt_checked = bytearray(len(self.gd))
         self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray] | None] = OrderedDict()
         self._grains: OrderedDict[int, bytes] = OrderedDict()
 
@@ -225,12 +230,14 @@ class SparseExtent(ExtentReader):
         rest = self.size - gt_index * self.gt_span
         return min(self.gtes, -(-rest // self.grain_size))
 
-    def _read_grain_directory(self) -> np.ndarray:
+    def _read_grain_directory(self) -> array[int]:
+        """The grain directory, each table it names inside the file (checked on the furthest one, with ``max``
+        at C speed and no numpy; the first bad entry is only searched for once one is known to exist)."""
         src = self.source
         assert src is not None
         entries = -(-self.size // self.gt_span)
         if entries == 0:
-            return np.zeros(0, dtype=np.uint32)
+            return uint_table(b"", "I", "little")
         if entries > MAX_GD_ENTRIES:
             raise UnsupportedImage(f"grain directory of {entries} entries exceeds the {MAX_GD_ENTRIES} entry "
                                    "limit", path=src.name, fmt=FMT)
@@ -238,13 +245,17 @@ class SparseExtent(ExtentReader):
         if at + 4 * entries > src.size:
             raise file_corrupt(src, f"grain directory at {at:#x} ({entries} entries) lies beyond the end of the "
                            f"file ({src.size} bytes)", 56)
-        gd = np.frombuffer(src.read_exact(at, 4 * entries, "grain directory", FMT), dtype="<u4").astype(np.uint32)
-        table_ends = gd.astype(np.uint64) * np.uint64(SECTOR) + np.uint64(4 * self.gtes)
-        table_ends[-1] -= np.uint64(4 * (self.gtes - self._grain_count(entries - 1)))
-        bad = np.flatnonzero((gd != 0) & (table_ends > np.uint64(src.size)))
-        if bad.size:
-            i = int(bad[0])
-            raise file_corrupt(src, f"grain directory entry {i} points to a grain table at {int(gd[i]) * SECTOR:#x} "
+        gd = uint_table(src.read_exact(at, 4 * entries, "grain directory", FMT), "I", "little")
+        last_table = 4 * self._grain_count(entries - 1)  # only the last table is short
+
+        def table_end(i: int) -> int:
+            return gd[i] * SECTOR + (4 * self.gtes if i < entries - 1 else last_table)
+
+        furthest = max(filter(None, gd[:-1]), default=0)
+        if ((furthest and furthest * SECTOR + 4 * self.gtes > src.size)
+                or (gd[-1] and table_end(entries - 1) > src.size)):
+            i = next(i for i, sector in enumerate(gd) if sector and table_end(i) > src.size)
+            raise file_corrupt(src, f"grain directory entry {i} points to a grain table at {gd[i] * SECTOR:#x} "
                            f"beyond the end of the file ({src.size} bytes)", at + 4 * i)
         return gd
 
@@ -265,6 +276,8 @@ class SparseExtent(ExtentReader):
         if raw.count(0) == len(raw):
             self._remember(gt_index, None)
             return None
+        import numpy as np
+
         entries = np.frombuffer(raw, dtype="<u4").astype(np.uint64)
         absent = entries == 0
         if self.zeroed_grains:
@@ -290,6 +303,10 @@ class SparseExtent(ExtentReader):
 
     def _claim(self, hosts: np.ndarray, gt_index: int) -> None:
         """Mark the file slots of a grain table's grains as used; a slot used twice is a shared grain."""
+        import numpy as np
+
+        if self._claimed is None:
+            self._claimed = np.zeros(-(-self._slots // 8), dtype=np.uint8)
         src = self.source
         assert src is not None
         slots, counts = np.unique(hosts // np.uint64(self._slot), return_counts=True)
@@ -318,10 +335,13 @@ class SparseExtent(ExtentReader):
         Scans in doubling chunks, so a long stretch of unallocated tables costs one numpy pass, not a Python
         step per table.
         """
+        import numpy as np
+
+        gd = np.frombuffer(self.gd, dtype=np.uint32)
         index = gt_index + 1
         step = 64
         while index <= last:
-            chunk = self.gd[index: min(index + step, last + 1)]
+            chunk = gd[index: min(index + step, last + 1)]
             present = np.flatnonzero(chunk)
             if present.size:
                 return index + int(present[0])
@@ -330,6 +350,8 @@ class SparseExtent(ExtentReader):
         return last + 1
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        import numpy as np
+
         grain = self.grain_size
         span = self.gt_span
         pos = start
@@ -421,6 +443,8 @@ class SparseExtent(ExtentReader):
             data = src.read_exact(host + GRAIN_MARKER.size, size, "compressed grain", FMT)
         else:
             data = src.pread(host, min(limit, src.size - host))
+        from isal import isal_zlib
+
         try:
             # ISA-L inflates the same zlib streams as zlib, about three times faster.
             inflater = isal_zlib.decompressobj()
@@ -431,7 +455,7 @@ class SparseExtent(ExtentReader):
                     raise file_corrupt(src, f"compressed grain inflates to more than {self.grain_size} bytes", host)
                 if not inflater.eof:
                     raise file_corrupt(src, "compressed grain is truncated", host)
-        except INFLATE_ERRORS as e:
+        except inflate_errors() as e:
             raise file_corrupt(src, f"compressed grain does not inflate: {e}", host) from None
         return out
 

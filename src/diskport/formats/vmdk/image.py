@@ -4,8 +4,6 @@ extents laid end to end in guest order, and the probe that recognises a VMDK fil
 from __future__ import annotations
 
 import bisect
-import re
-import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +25,6 @@ from diskport.formats.vmdk.extents import (
 )
 from diskport.formats.vmdk.spec import (
     COWD_MAGIC,
-    DESCRIPTOR_MARK,
     DEVICE_CREATE_TYPES,
     ESX_EXTENT_TYPES,
     FLAT_EXTENT_TYPES,
@@ -40,21 +37,6 @@ from diskport.formats.vmdk.spec import (
 )
 from diskport.runs import RunKind
 from diskport.sources.base import Source
-
-_CREATE_TYPE_LINE = re.compile(rb"^[ \t]*createType[ \t]*=", re.MULTILINE)
-
-
-def probe(head: bytes, source: Source) -> int:
-    if head[:4] == SPARSE_MAGIC and len(head) >= 8 and struct.unpack_from("<I", head, 4)[0] in (1, 2, 3):
-        return 100
-    if head[:4] == SPARSE_MAGIC:
-        return 60
-    if head[:4] == COWD_MAGIC:
-        return 90
-    text = head[:4096]
-    if text.startswith(DESCRIPTOR_MARK) or (b"\0" not in text[:1024] and _CREATE_TYPE_LINE.search(text)):
-        return 90
-    return 0
 
 
 class VmdkImage(DiskImage):

@@ -8,14 +8,10 @@ the file is corrupt (two disks in one file).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections.abc import Iterator
-from typing import Any
-
-import numpy as np
-from isal import isal_zlib
+from typing import TYPE_CHECKING, Any
 
 from diskport.errors import CorruptImage
 from diskport.formats.base import DiskImage, Extent
@@ -45,8 +41,13 @@ from diskport.formats.vmdk.spec import (
     SparseHeader,
 )
 from diskport.sources.base import HeadSource
-from diskport.sources.compression import INFLATE_ERRORS
+from diskport.sources.compression import inflate_errors
 from diskport.sources.stream import DecompressingStream
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy, isal and hashlib are imported where a stream is read: this module loads with every VMDK reader.
 
 
 class StreamedVmdkImage(DiskImage):
@@ -61,7 +62,10 @@ class StreamedVmdkImage(DiskImage):
     format = FMT
 
     def __init__(self, stream: DecompressingStream, head: bytes) -> None:
+        import hashlib
+
         super().__init__(stream.source)
+        self._blake2b = hashlib.blake2b
         self.stream = stream
         self.compression = [stream.kind] if stream.kind else []
         src = HeadSource(stream.source.name, head)
@@ -94,7 +98,7 @@ class StreamedVmdkImage(DiskImage):
         self._footer_gd: int | None = None
 
     def _pair(self, host_sector: int, index: int) -> int:
-        digest = hashlib.blake2b(struct.pack("<QQ", host_sector, index), key=self._key, digest_size=16).digest()
+        digest = self._blake2b(struct.pack("<QQ", host_sector, index), key=self._key, digest_size=16).digest()
         return int.from_bytes(digest, "little")
 
     def _read_metadata(self, kind: int, sectors: int, at: int) -> None:
@@ -110,6 +114,8 @@ class StreamedVmdkImage(DiskImage):
             needed = -(-self.virtual_size // (header.gtes_per_gt * self.grain_size))
             if needed > MAX_GD_ENTRIES or 4 * needed > sectors * SECTOR:
                 raise self.corrupt(f"grain directory of {sectors} sectors does not fit the capacity", at)
+            import numpy as np
+
             raw = self._read(4 * needed)
             self._directories[data_sector] = np.frombuffer(raw, dtype="<u4").copy()
             self._skip(sectors * SECTOR - 4 * needed)
@@ -122,6 +128,8 @@ class StreamedVmdkImage(DiskImage):
         self._skip(sectors * SECTOR)
 
     def _table_sum(self, raw: bytes) -> int:
+        import numpy as np
+
         header = self.header
         entries = np.frombuffer(raw[: 4 * header.gtes_per_gt], dtype="<u4")
         present = entries != 0
@@ -156,6 +164,8 @@ class StreamedVmdkImage(DiskImage):
             if gd_at < stop and pos < gd_end:
                 gd += chunk[max(gd_at, pos) - pos: min(gd_end, stop) - pos]
                 if len(gd) == gd_end - gd_at:
+                    import numpy as np
+
                     directory = np.frombuffer(bytes(gd), dtype="<u4").copy()
                     self._directories[header.gd_offset] = directory
                     wanted = sorted({int(x) * SECTOR for x in directory.tolist() if x})
@@ -292,10 +302,12 @@ class StreamedVmdkImage(DiskImage):
     def _inflate_grain(self, data: bytes, length: int, offset: int) -> bytes:
         """One compressed grain (a zlib stream) inflated to exactly ``length`` bytes (the last grain may be
         short)."""
+        from isal import isal_zlib
+
         try:
             inflater = isal_zlib.decompressobj()
             out = inflater.decompress(data, self.grain_size)
-        except INFLATE_ERRORS as e:
+        except inflate_errors() as e:
             raise self.corrupt(f"compressed grain for guest offset {offset:#x} does not inflate: {e}") from None
         if len(out) < length:
             out += bytes(length - len(out)) if inflater.eof else b""
