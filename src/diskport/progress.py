@@ -13,11 +13,9 @@ renderers show it:
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +93,8 @@ class JobProgress:
         if not force and now - self._json_last < 0.5:
             return
         self._json_last = now
+        import json  # only --progress json pays for it
+
         sys.stderr.write(json.dumps(self.snapshot()) + "\n")
         sys.stderr.flush()
 
@@ -167,6 +167,8 @@ class _MetricsServer:
     """``GET /metrics`` in Prometheus text format, on a thread, for the life of the job."""
 
     def __init__(self, job: JobProgress, port: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # only --metrics-port pays for it
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
