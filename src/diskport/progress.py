@@ -13,7 +13,6 @@ renderers show it:
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -94,6 +93,8 @@ class JobProgress:
         if not force and now - self._json_last < 0.5:
             return
         self._json_last = now
+        import json  # only --progress json pays for it
+
         sys.stderr.write(json.dumps(self.snapshot()) + "\n")
         sys.stderr.flush()
 

@@ -7,8 +7,6 @@ import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from diskport.cache import PAGE_CACHE_WRITE
 from diskport.errors import DestinationError
 
@@ -16,6 +14,16 @@ if TYPE_CHECKING:
     from diskport.cache import WriteBehind
 
 DIRECT_ALIGN = 4096
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether ``view``'s memory starts on a :data:`DIRECT_ALIGN` boundary (only writable memory can be: the
+    engine's windows are page-aligned mappings; bytes objects never are, their data follows a header)."""
+    if view.readonly or not view:
+        return False
+    import ctypes  # only O_DIRECT jobs get here
+
+    return not ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN
 
 
 class Writer(ABC):
@@ -47,8 +55,7 @@ class Writer(ABC):
         """
         view = memoryview(data).cast("B")
         fd = self.fd
-        if (self.direct_fd >= 0 and not (offset | len(view)) % DIRECT_ALIGN
-                and not np.frombuffer(view, dtype=np.uint8).ctypes.data % DIRECT_ALIGN):
+        if self.direct_fd >= 0 and not (offset | len(view)) % DIRECT_ALIGN and _aligned(view):
             fd = self.direct_fd
         try:
             while view:

@@ -14,7 +14,8 @@ Zero clusters stay unallocated (the image has no backing file, so they read as z
 (deflate as qemu writes it: raw deflate with a 4 KiB window; or zstd), clusters are compressed on a thread pool
 (zlib and zstandard release the GIL) and packed byte by byte as qemu does; a cluster that does not shrink is
 stored uncompressed. Refcounts are kept as one 16-bit counter per host cluster: 32 KiB per GiB of output at
-64 KiB clusters.
+64 KiB clusters. The tables are :mod:`array` arrays in native order, byte-swapped to big-endian as they are
+written (no numpy: the copy path does not pay its import).
 
 The L1 table is never sized from a declared virtual size up front: it grows as L2 tables are written, so memory
 follows the data actually written. The virtual size itself is checked before anything is written
@@ -26,13 +27,12 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
 import zlib
+from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
-import zstandard
 
 from diskport.errors import DestinationError, UsageError
 from diskport.formats.qcow2_spec import (
@@ -74,8 +74,22 @@ def _zstd(data: memoryview) -> bytes:
     # A ZstdCompressor is not thread safe: one per worker thread.
     comp = getattr(_zstd_local, "compressor", None)
     if comp is None:
+        import zstandard  # only a zstd job pays its import
+
         comp = _zstd_local.compressor = zstandard.ZstdCompressor(level=3)
     return bytes(comp.compress(data))
+
+
+def _big_endian(table: array[int]) -> bytes:
+    """``table``'s bytes in big-endian order (qcow2's), leaving ``table`` as it is."""
+    if sys.byteorder == "little":
+        table = array(table.typecode, table)
+        table.byteswap()
+    return table.tobytes()
+
+
+def _zeros(typecode: str, n: int) -> array[int]:
+    return array(typecode, bytes(n * array(typecode).itemsize))
 
 
 class Qcow2Writer(Writer):
@@ -101,12 +115,12 @@ class Qcow2Writer(Writer):
         self.l2_span = self.l2_entries * cluster_size
         if virtual_size is not None:
             check_virtual_size(virtual_size, cluster_size, name)
-        self.l1 = np.zeros(0, dtype=np.uint64)  # grows with the L2 tables written (never from a declared size)
+        self.l1: array[int] = array("Q")  # grows with the L2 tables written (never from a declared size)
         self.next_cluster = 1  # first free host cluster; cluster 0 holds the header
         self.comp_pos: int | None = None     # byte offset for the next compressed cluster, if one is open
-        self.refcounts = np.zeros(1024, dtype=np.uint16)
-        self.refcounts[: self.next_cluster] = 1
-        self.l2: np.ndarray | None = None
+        self.refcounts = _zeros("H", 1024)
+        self.refcounts[0] = 1  # the header's cluster
+        self.l2: array[int] | None = None
         self.l2_index = -1
         self.pending_index = -1
         self.pending: bytearray | None = None
@@ -121,11 +135,14 @@ class Qcow2Writer(Writer):
     # -- low level ---------------------------------------------------------------------------------------
     def _ref(self, first: int, count: int) -> None:
         end = first + count
-        if end > len(self.refcounts):
-            grown = np.zeros(max(end, len(self.refcounts) * 2), dtype=np.uint16)
-            grown[: len(self.refcounts)] = self.refcounts
-            self.refcounts = grown
-        self.refcounts[first:end] += 1
+        rc = self.refcounts
+        if end > len(rc):
+            rc.extend(_zeros("H", max(end, len(rc) * 2) - len(rc)))
+        if count > 2 and not any(rc[first:end]):  # fresh clusters (all but a compressed run's edges)
+            rc[first:end] = array("H", [1]) * count
+        else:
+            for i in range(first, end):
+                rc[i] += 1
 
     def _close_compressed(self) -> None:
         if self.comp_pos is not None:
@@ -140,10 +157,10 @@ class Qcow2Writer(Writer):
         self._ref(first, count)
         return first
 
-    def _l2_for(self, l1_index: int) -> np.ndarray:
+    def _l2_for(self, l1_index: int) -> array[int]:
         if l1_index != self.l2_index:
             self._flush_l2()
-            self.l2 = np.zeros(self.l2_entries, dtype=np.uint64)
+            self.l2 = _zeros("Q", self.l2_entries)
             self.l2_index = l1_index
         assert self.l2 is not None
         return self.l2
@@ -152,18 +169,18 @@ class Qcow2Writer(Writer):
         if self.l2 is None:
             return
         host = self._alloc_clusters(1) * self.cs
-        self._pwrite(self.l2.astype(">u8").tobytes(), host)
+        self._pwrite(_big_endian(self.l2), host)
         if self.l2_index >= len(self.l1):
             if (self.l2_index + 1) * 8 > MAX_L1_BYTES:
                 raise DestinationError(f"data at guest offset {self.l2_index * self.l2_span:#x} is beyond what a "
                                        f"qcow2 L1 table of {MAX_L1_BYTES} bytes maps", path=self.name, fmt="qcow2")
             grow = min(max(self.l2_index + 1 - len(self.l1), len(self.l1)), MAX_L1_BYTES // 8 - len(self.l1))
-            self.l1 = np.concatenate([self.l1, np.zeros(grow, dtype=np.uint64)])
-        self.l1[self.l2_index] = np.uint64(host | OFLAG_COPIED)
+            self.l1.extend(_zeros("Q", grow))
+        self.l1[self.l2_index] = host | OFLAG_COPIED
         self.l2 = None
         self.l2_index = -1
 
-    def _map(self, guest_cluster: int, entries: np.ndarray) -> None:
+    def _map(self, guest_cluster: int, entries: array[int]) -> None:
         """Store L2 entries for consecutive guest clusters starting at ``guest_cluster``."""
         i = 0
         while i < len(entries):
@@ -179,13 +196,14 @@ class Qcow2Writer(Writer):
         if self._compress is None:
             first = self._alloc_clusters(n)
             self._pwrite(data, first * self.cs)
-            hosts = (np.arange(first, first + n, dtype=np.uint64) * np.uint64(self.cs)) | np.uint64(OFLAG_COPIED)
-            self._map(guest_cluster, hosts)
+            cs = self.cs  # OFLAG_COPIED is bit 63, above every host offset: adding it is or-ing it
+            self._map(guest_cluster, array("Q", range(first * cs | OFLAG_COPIED, (first + n) * cs | OFLAG_COPIED,
+                                                      cs)))
             return
         assert self._pool is not None
         cs = self.cs
         pieces = [data[i * cs: (i + 1) * cs] for i in range(n)]
-        entries = np.zeros(n, dtype=np.uint64)
+        entries = _zeros("Q", n)
         for i, packed in enumerate(self._pool.map(self._compress, pieces)):
             entries[i] = self._store_compressed(pieces[i], packed)
         self._map(guest_cluster, entries)
@@ -214,7 +232,7 @@ class Qcow2Writer(Writer):
         buf, index = self.pending, self.pending_index
         self.pending = None
         self.pending_index = -1
-        if np.frombuffer(buf, dtype=np.uint64).any():  # the cluster size is a multiple of 8
+        if buf.count(0) != len(buf):
             self._write_full(index, memoryview(buf))
 
     # -- Writer API ----------------------------------------------------------------------------------------
@@ -260,15 +278,15 @@ class Qcow2Writer(Writer):
         self._flush_pending()
         self._flush_l2()
         l1_size = -(-virtual_size // self.l2_span)
-        if len(self.l1) > l1_size and np.any(self.l1[l1_size:]):
+        if len(self.l1) > l1_size and any(self.l1[l1_size:]):
             raise DestinationError(f"data was written past the virtual size {virtual_size}", path=self.name,
                                    fmt="qcow2")
-        l1 = np.zeros(l1_size, dtype=">u8")
-        l1[: min(l1_size, len(self.l1))] = self.l1[:l1_size]
+        l1 = self.l1[:l1_size]
+        l1.extend(_zeros("Q", l1_size - len(l1)))
         l1_offset = 0
         if l1_size:
             l1_offset = self._alloc_clusters(-(-l1_size * 8 // cs)) * cs
-            self._pwrite(l1.tobytes(), l1_offset)
+            self._pwrite(_big_endian(l1), l1_offset)
         self._close_compressed()
         used = self.next_cluster
         per_block = cs * 8 // 16
@@ -283,12 +301,12 @@ class Qcow2Writer(Writer):
         first_block = self._alloc_clusters(blocks)
         table_at = self._alloc_clusters(table)
         total = self.next_cluster
-        counts = np.zeros(blocks * per_block, dtype=">u2")
-        counts[:total] = self.refcounts[:total]
-        self._pwrite(counts.tobytes(), first_block * cs)
-        rc_table = np.zeros(table * cs // 8, dtype=">u8")
-        rc_table[:blocks] = (np.arange(first_block, first_block + blocks, dtype=np.uint64) * np.uint64(cs))
-        self._pwrite(rc_table.tobytes(), table_at * cs)
+        counts = self.refcounts[:total]
+        counts.extend(_zeros("H", blocks * per_block - len(counts)))
+        self._pwrite(_big_endian(counts), first_block * cs)
+        rc_table = array("Q", range(first_block * cs, (first_block + blocks) * cs, cs))
+        rc_table.extend(_zeros("Q", table * cs // 8 - blocks))
+        self._pwrite(_big_endian(rc_table), table_at * cs)
         incompat = INCOMPAT_COMPRESSION if self.compression == "zstd" else 0
         ctype = COMPRESSION_TYPES.get(self.compression or "zlib", 0)
         header = struct.pack(">4sIQIIQIIQQIIQQQQII", MAGIC, 3, 0, 0, self.cluster_bits, virtual_size, 0,
