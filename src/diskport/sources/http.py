@@ -30,6 +30,7 @@ are not in any client library:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import ssl
@@ -612,6 +613,12 @@ class _Cursor:
             raise SourceError(f"{what}, last: {error or type(error).__name__}", path=self.source.name) from None
 
     def close(self) -> None:
+        if (self._chunks is not None and not self._pending and self.end is not None
+                and self.position > self.end):
+            # Every byte asked for is in: one more step lets httpx see the body's end (no wait: the length is
+            # known), so it keeps the connection for the next range instead of closing it with the response.
+            with contextlib.suppress(httpx.TransportError, httpx.StreamError):
+                next(self._chunks, None)
         if self.response is not None:
             self.response.close()
             self.response = None
