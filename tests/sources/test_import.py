@@ -21,7 +21,7 @@ import pytest
 from diskport.errors import DiskportError, SourceError
 from diskport.importer import import_image, parse_size
 from diskport.net import RetryPolicy, read_bounded
-from diskport.sources.http import HttpOptions
+from diskport.sources.http import HttpOptions, HttpSource
 from tests.support import MiB
 from tests.support.clients import run_cli
 from tests.support.images import loop_device, make_image, pvc_dir, qemu_raw_sha256, sha256_file
@@ -336,7 +336,8 @@ def test_proxy_from_environment(proxy_server: object, nginx: NginxServer, qcow2:
     proc = run_cli("import", "-q", nginx.url("disk.qcow2"), dest, env=env)
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(dest) == expected
-    assert any("disk.qcow2" in r.path for r in proxy_server.requests)
+    through = [r for r in proxy_server.requests if "disk.qcow2" in r.path]
+    assert through and len(through) == len(nginx.access_entries()), "every request goes through the proxy"
 
 
 def test_spurious_416_is_retried_and_a_persistent_one_fails_cleanly(fault_server: FaultServer,
@@ -482,3 +483,62 @@ def test_the_next_run_removes_what_a_killed_run_left(fault_server: FaultServer, 
     finally:
         live.kill()
         live.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_bulk_comes_over_a_few_kept_connections_with_the_user_headers(nginx: NginxServer,
+                                                                         qcow2: tuple[Path, str], tmp_path: Path,
+                                                                         direct: bool) -> None:
+    """Ranged bodies come over http.client (``direct``) or httpx; the server sees the same: the user's headers,
+    If-Range on every range after the first, and connections kept (here a range of 1 MiB at a time on 2 streams)."""
+    _, expected = qcow2
+    dest = pvc_dir(tmp_path) / "disk.img"
+    options = HttpOptions(headers={"Authorization": "Bearer s3cret"}, streams=2, chunk=MiB, direct=direct)
+    import_image(nginx.url("disk.qcow2"), dest, http=options)
+    assert sha256_file(dest) == expected
+    entries = nginx.access_entries()
+    assert len(entries) >= 8, entries
+    assert all(e["authorization"] == "Bearer s3cret" and e["user_agent"].startswith("diskport/") for e in entries)
+    assert all(e["if_range"] for e in entries[1:]), entries
+    assert len({e["connection"] for e in entries}) <= 4, entries
+
+
+def _read_all(source: HttpSource) -> bytes:
+    out = bytearray(source.size)
+    view, done = memoryview(out), 0
+    while done < len(out):
+        n = source.readinto(done, view[done: done + 3 * MiB])
+        assert n, f"nothing at {done}"
+        done += n
+    return bytes(out)
+
+
+def test_a_redirect_after_the_first_answer_goes_back_to_httpx(fault_server: FaultServer, serve_dir: Path) -> None:
+    """The direct path is for the URL that answered itself: a redirect later is followed by httpx (with its rules
+    for credentials), and the direct path is not tried again for that transfer."""
+    data = os.urandom(10 * MiB + 17)
+    (serve_dir / "blob.bin").write_bytes(data)
+    source = HttpSource(fault_server.url("blob.bin"), HttpOptions(**{**vars(FAST), "streams": 2, "chunk": MiB}))
+    try:
+        fault_server.faults.redirect_hops = 1
+        assert _read_all(source) == data
+    finally:
+        source.close()
+    followed = [r for r in fault_server.requests if r.path.startswith("/_r/")]
+    assert len(followed) >= 10
+    # a direct attempt from each of the 2 streams at most (both may be on their way), then httpx only
+    assert len(followed) + 1 <= fault_server.injected["redirect"] <= len(followed) + 2
+
+
+def test_a_passing_error_on_the_direct_path_is_retried_through_httpx(fault_server: FaultServer,
+                                                                     serve_dir: Path) -> None:
+    data = os.urandom(6 * MiB + 5)
+    (serve_dir / "blob.bin").write_bytes(data)
+    source = HttpSource(fault_server.url("blob.bin"), HttpOptions(**{**vars(FAST), "streams": 2, "chunk": MiB}))
+    try:
+        fault_server.faults.status_sequence = [503, 503]
+        fault_server.faults.retry_after = 0
+        assert _read_all(source) == data
+    finally:
+        source.close()
+    assert fault_server.injected["status"] == 2

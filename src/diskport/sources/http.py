@@ -30,6 +30,7 @@ are not in any client library:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import ssl
@@ -38,7 +39,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httpx
@@ -55,6 +56,7 @@ from diskport.net import (
     make_client,
     retry_after,
 )
+from diskport.net.direct import DirectConnections, DirectError, DirectResponse, environment_proxy
 from diskport.sources.base import ReadintoSource
 
 HEAD_BYTES = 64 * 1024
@@ -63,6 +65,14 @@ CACHE_BLOCKS = 64          # 16 MiB of small reads
 MAX_REDIRECTS = 10
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _SENSITIVE = {"authorization", "cookie", "proxy-authorization"}
+#: The most a direct body read asks for at once: a cancelled transfer stops within one such piece.
+_PIECE = 1024 * 1024
+
+
+class _Headers(Protocol):
+    """httpx's headers and http.client's alike: a case-insensitive ``get``."""
+
+    def get(self, key: str, default: None = None) -> str | None: ...
 
 
 @dataclass
@@ -78,6 +88,9 @@ class HttpOptions:
     chunk: int = 8 * 1024 * 1024  # bytes per ranged request
     #: Authentication for the origin (a registry's token auth); never used for another origin after a redirect.
     auth: httpx.Auth | None = None
+    #: Read ranged bodies with http.client (:mod:`diskport.net.direct`) where it does what httpx would;
+    #: False keeps every request on httpx.
+    direct: bool = True
 
 
 class _Retry(Exception):
@@ -133,6 +146,7 @@ class HttpSource(ReadintoSource):
                                   transport=transport)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cursor: _Cursor | None = None   # the body of a server without ranges
+        self._direct: DirectConnections | None = None  # http.client for the ranged bodies, where it fits
         self._pipeline: _Pipeline | None = None
         self._exact = False
         self._head = b""
@@ -193,6 +207,7 @@ class HttpSource(ReadintoSource):
                 return
             self.size = total
             self._remember_validators(response)
+            self._direct = self._direct_connections(response)
             self._head = self._read_body(response, min(HEAD_BYTES, total))
             return
         if response.status_code == 416:
@@ -221,19 +236,56 @@ class HttpSource(ReadintoSource):
         head = bytearray(HEAD_BYTES)
         self._head = bytes(head[: self._cursor.readinto(memoryview(head))])
 
+    def _direct_connections(self, response: httpx.Response) -> DirectConnections | None:
+        """http.client connections for the ranged bodies, when they would send what httpx sends to where it
+        sends it: the URL answered itself (no redirect, whose target may need other headers), over HTTP/1.1,
+        no proxy in the environment, no auth flow, no cookie set, the real network (not a test's transport)."""
+        url = httpx.URL(self.url)
+        if (not self.options.direct or self._transport is not None or self.options.auth is not None
+                or response.url != url or response.http_version != "HTTP/1.1" or self.client.cookies
+                or url.scheme not in ("http", "https") or environment_proxy(url.scheme)):
+            return None
+        return DirectConnections(self.url, connect_timeout=self.options.connect_timeout,
+                                 read_timeout=self.options.stall_timeout, ca_bundle=self.options.ca_bundle,
+                                 insecure=self.options.insecure, headers=self.options.headers,
+                                 max_idle=max(1, self.options.streams) + 1)
+
+    def _send_direct(self, start: int, end: int | None, cancel: threading.Event) -> DirectResponse | None:
+        """A ranged GET over :attr:`_direct`: the 206 answer, or None when the caller should ask httpx
+        instead (no answer came, or another status: httpx's path retries, follows, reports). An answer that
+        redirects or wants credentials turns the direct path off for the rest of the transfer."""
+        direct = self._direct
+        if direct is None or cancel.is_set():
+            return None
+        headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
+        if self.validator:
+            headers["If-Range"] = self.validator
+        try:
+            response = direct.get(headers)
+        except DirectError:
+            return None
+        if response.status == 206:
+            return response
+        response.close()
+        if 300 <= response.status < 400 or response.status in (401, 403, 407):
+            self._direct = None
+            direct.close()
+        return None
+
     def _remember_validators(self, response: httpx.Response) -> None:
         self._etag = response.headers.get("etag")
         self._last_modified = response.headers.get("last-modified")
         strong = self._etag if self._etag and not self._etag.startswith("W/") else None
         self.validator = strong or self._last_modified  # a weak tag never matches If-Range (RFC 9110 13.1.5)
 
-    def check_same_file(self, response: httpx.Response) -> None:
+    def check_same_file(self, response: httpx.Response | DirectResponse) -> None:
         """A ranged answer must come from the file the transfer started with: the same ETag and Last-Modified
         as the first answer (a server that ignores If-Range sends the new file's bytes with the new file's
         validators). A :class:`SourceError` otherwise: the output is never a splice of two files."""
         if self._etag is None and self._last_modified is None:
             return
-        etag, modified = response.headers.get("etag"), response.headers.get("last-modified")
+        headers: _Headers = response.headers
+        etag, modified = headers.get("etag"), headers.get("last-modified")
         if etag is None and modified is None:
             changed = "the answer to a range request carries no ETag or Last-Modified to match"
         elif self._etag is not None and etag is not None and etag != self._etag:
@@ -250,8 +302,9 @@ class HttpSource(ReadintoSource):
         return Retrier(self._policy, self._budget, cancel or self._closed)
 
     @staticmethod
-    def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
-        m = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+    def _content_range(response: httpx.Response | DirectResponse) -> tuple[int, int, int | None]:
+        headers: _Headers = response.headers
+        m = _CONTENT_RANGE.fullmatch((headers.get("content-range") or "").strip())
         if m is None:
             raise _Retry("206 answer without a valid Content-Range")
         total = None if m.group(3) == "*" else int(m.group(3))
@@ -422,6 +475,8 @@ class HttpSource(ReadintoSource):
         if self._cursor is not None:
             self._cursor.close()
             self._cursor = None
+        if self._direct is not None:
+            self._direct.close()
         self.client.close()
 
 
@@ -431,12 +486,16 @@ UNDECLARED_SIZE = 1 << 62
 
 
 class _Cursor:
-    """An open response body at ``position``, resumed with If-Range when it breaks off."""
+    """An open response body at ``position``, resumed with If-Range when it breaks off.
+
+    A ranged body comes over :mod:`diskport.net.direct` where the source has it, straight into the reader's
+    buffer; otherwise (and for the body of a server without ranges) from httpx's chunks.
+    """
 
     def __init__(self, source: HttpSource, response: httpx.Response | None, position: int,
                  end: int | None = None, cancel: threading.Event | None = None) -> None:
         self.source = source
-        self.response = response
+        self.response: httpx.Response | DirectResponse | None = response
         self.position = position
         self.end = end
         self._chunks: Iterator[bytes] | None = None
@@ -446,17 +505,21 @@ class _Cursor:
 
     def _open(self) -> None:
         src = self.source
-        response = src._send(self.position, self.end, if_range=True, cancel=self._cancel)
-        if response.status_code == 416 and self.position >= src.size:
-            response.close()
-            self.response = None
-            return
-        if response.status_code != 206:
-            response.close()
-            raise SourceError("the file changed on the server while it was being read (the resumed request "
-                              "no longer matches its ETag/Last-Modified)" if response.status_code == 200
-                              else f"unexpected HTTP {response.status_code} to a range request",
-                              path=src.name, hint="start the import again")
+        response: httpx.Response | DirectResponse | None = None
+        if not src.sequential:
+            response = src._send_direct(self.position, self.end, self._cancel)
+        if response is None:
+            response = src._send(self.position, self.end, if_range=True, cancel=self._cancel)
+            if response.status_code == 416 and self.position >= src.size:
+                response.close()
+                self.response = None
+                return
+            if response.status_code != 206:
+                response.close()
+                raise SourceError("the file changed on the server while it was being read (the resumed request "
+                                  "no longer matches its ETag/Last-Modified)" if response.status_code == 200
+                                  else f"unexpected HTTP {response.status_code} to a range request",
+                                  path=src.name, hint="start the import again")
         start, _, total = src._content_range(response)
         if start != self.position or (total is not None and total != src.size):
             response.close()
@@ -466,27 +529,31 @@ class _Cursor:
         self.response = response
 
     def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` from the body (fewer bytes only at its end), resuming through breaks."""
         done = 0
         while done < len(buf):
-            chunk = self.next_chunk(len(buf) - done)
-            if chunk is None:
+            n = self._read_some(buf[done:])
+            if n == 0:
                 break
-            buf[done: done + len(chunk)] = chunk  # memoryview slices: no copies but this one
-            done += len(chunk)
+            done += n
         return done
 
-    def next_chunk(self, limit: int = 1 << 62) -> memoryview | None:
-        """The next bytes of the body as the socket gave them (at most ``limit``), None at its end."""
+    def _read_some(self, buf: memoryview) -> int:
+        """Some bytes of the body into ``buf`` (the next piece the socket gave), 0 at its end."""
         while True:
             if self._pending:
-                chunk = self._pending[:limit]
-                self._pending = self._pending[len(chunk):]
-                self.position += len(chunk)
-                return chunk
-            if self.end is not None and self.position > self.end:
-                return None
+                n = min(len(buf), len(self._pending))
+                buf[:n] = self._pending[:n]  # memoryview slices: no copies but this one
+                self._pending = self._pending[n:]
+                self.position += n
+                return n
+            want = len(buf)
+            if self.end is not None:
+                if self.position > self.end:
+                    return 0
+                want = min(want, self.end + 1 - self.position)
             if self.source.sequential and self.position >= self.source.size:
-                return None
+                return 0
             try:
                 if self.response is None:
                     if self.source.sequential:
@@ -498,28 +565,40 @@ class _Cursor:
                                           "Last-Modified to resume safely", path=self.source.name)
                     self._open()
                     if self.response is None:
-                        return None
-                if self._chunks is None:
-                    assert self.response is not None
-                    # httpx's own chunks (what the socket gave): re-chunking costs 3x the throughput.
-                    self._chunks = self.response.iter_raw()
+                        return 0
                 if self._cancel.is_set():
                     raise Cancelled()
-                raw = next(self._chunks, None)
-            except (httpx.TransportError, httpx.StreamError, _Retry) as e:
+                response = self.response
+                if isinstance(response, DirectResponse):
+                    got = response.readinto(buf[:min(want, _PIECE)])
+                    raw = None
+                else:
+                    if self._chunks is None:
+                        # httpx's own chunks (what the socket gave): re-chunking costs 3x the throughput.
+                        self._chunks = response.iter_raw()
+                    raw = next(self._chunks, None)
+                    if raw == b"":
+                        continue
+                    got = len(raw) if raw is not None else 0
+            except (httpx.TransportError, httpx.StreamError, _Retry, *DirectError) as e:
                 self._broken(e)
                 continue
-            if raw is None:
+            if got == 0:
                 if not self.source.size_known:
-                    return None  # the body ended, and nobody said how long it would be
+                    return 0  # the body ended, and nobody said how long it would be
                 expected_end = self.source.size if self.end is None else self.end + 1
                 if self.position < expected_end:
                     self._broken(SourceError(f"body ended at {self.position} of {expected_end} bytes"))
                     continue
-                return None
-            if raw:
-                self._retries.progressed()
-            self.source._count(len(raw))
+                self.close()  # read to its end: a direct connection goes back for the next request
+                return 0
+            self._retries.progressed()
+            self.source._count(got)
+            if raw is None:
+                self.position += got
+                if self.end is not None and self.position > self.end:
+                    self.close()
+                return got
             self._pending = memoryview(raw)
 
     def _broken(self, error: BaseException) -> None:
@@ -527,26 +606,32 @@ class _Cursor:
         breaks in a row are bounded, breaks after progress are not)."""
         self.close()
         try:
-            self._retries.failed(str(error))
+            self._retries.failed(str(error) or type(error).__name__)
         except RetriesExhausted as e:
             what = (f"{e.budget:g} s of retrying spent" if e.spent
                     else f"transfer broke off {e.attempts} times in a row")
-            raise SourceError(f"{what}, last: {error}", path=self.source.name) from None
+            raise SourceError(f"{what}, last: {error or type(error).__name__}", path=self.source.name) from None
 
     def close(self) -> None:
+        if (self._chunks is not None and not self._pending and self.end is not None
+                and self.position > self.end):
+            # Every byte asked for is in: one more step lets httpx see the body's end (no wait: the length is
+            # known), so it keeps the connection for the next range instead of closing it with the response.
+            with contextlib.suppress(httpx.TransportError, httpx.StreamError):
+                next(self._chunks, None)
         if self.response is not None:
             self.response.close()
             self.response = None
         self._chunks = None
 
 
-
 class _Pipeline:
     """Ranged requests of ``chunk`` bytes, ``streams`` of them in flight ahead of a reader going forward.
 
-    Each chunk is fetched whole into its own buffer by a worker (through a :class:`_Cursor`, so a break resumes
-    with If-Range); the reader copies chunks out in order. A read behind the pipeline, or far ahead of what is
-    in flight, starts a new one; a read a little ahead skips forward through the chunks already on their way.
+    Each chunk is fetched whole into a buffer of its own by a worker (through a :class:`_Cursor`, so a break
+    resumes with If-Range); the reader copies chunks out in order, and a buffer it has read is the next fetch's.
+    A read behind the pipeline, or far ahead of what is in flight, starts a new one; a read a little ahead skips
+    forward through the chunks already on their way.
     """
 
     def __init__(self, source: HttpSource, start: int) -> None:
@@ -556,8 +641,11 @@ class _Pipeline:
         self._streams = max(1, source.options.streams)
         self._chunk = max(BLOCK, source.options.chunk)
         self._cancel = threading.Event()
-        self._inflight: deque[tuple[int, Future[deque[memoryview]]]] = deque()
-        self._parts: deque[memoryview] = deque()  # the chunk being read, as the socket gave it
+        self._inflight: deque[tuple[int, Future[int]]] = deque()
+        self._buffers: deque[bytearray] = deque()      # the fetches', in request order
+        self._free: list[bytearray] = []               # read, for the next fetch
+        self._current: bytearray | None = None          # the chunk being read
+        self._part = memoryview(b"")                    # what of it is still to read
         self._fill()
 
     def serves(self, offset: int) -> bool:
@@ -566,46 +654,46 @@ class _Pipeline:
     def _fill(self) -> None:
         while len(self._inflight) < self._streams and self._next < self.source.size:
             length = min(self._chunk, self.source.size - self._next)
-            self._inflight.append((self._next, _spawn(functools.partial(self._fetch, self._next, length))))
+            buffer = self._free.pop() if self._free else bytearray(self._chunk)
+            self._buffers.append(buffer)
+            self._inflight.append((self._next, _spawn(functools.partial(
+                self._fetch, self._next, memoryview(buffer)[:length]))))
             self._next += length
 
-    def _fetch(self, start: int, length: int) -> deque[memoryview]:
-        """The range's bytes as the socket delivered them: kept, not joined, so each byte is copied once."""
-        parts: deque[memoryview] = deque()
-        got = 0
-        cursor = _Cursor(self.source, None, start, end=start + length - 1, cancel=self._cancel)
+    def _fetch(self, start: int, buf: memoryview) -> int:
+        """The range's bytes into ``buf``, whole."""
+        cursor = _Cursor(self.source, None, start, end=start + len(buf) - 1, cancel=self._cancel)
         try:
-            while (part := cursor.next_chunk()) is not None:
-                parts.append(part)
-                got += len(part)
+            got = cursor.readinto(buf)
         finally:
             cursor.close()
-        if got != length:
-            raise SourceError(f"range {start}+{length} ended after {got} bytes", path=self.source.name)
-        return parts
+        if got != len(buf):
+            raise SourceError(f"range {start}+{len(buf)} ended after {got} bytes", path=self.source.name)
+        return got
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         done = 0
-        parts = self._parts
         while done < len(buf):
-            if not parts:
+            part = self._part
+            if not part:
+                if self._current is not None:
+                    self._free.append(self._current)
+                    self._current = None
                 if not self._inflight:
                     break
                 _, future = self._inflight.popleft()
-                parts.extend(future.result())
+                buffer = self._buffers.popleft()
+                got = future.result()
+                self._current, self._part = buffer, memoryview(buffer)[:got]
                 self._fill()
                 continue
-            part = parts[0]
             skip = offset + done - self.position  # a read that starts ahead of the reader: drop what lies between
             n = min(len(part), skip) if skip else min(len(part), len(buf) - done)
             if not skip:
                 buf[done: done + n] = part[:n]
                 done += n
             self.position += n
-            if n == len(part):
-                parts.popleft()
-            else:
-                parts[0] = part[n:]
+            self._part = part[n:]
         return done
 
     def close(self) -> None:
@@ -613,4 +701,6 @@ class _Pipeline:
         for _, future in self._inflight:
             future.cancel()
         self._inflight.clear()
-        self._parts.clear()
+        self._buffers.clear()
+        self._free.clear()
+        self._current, self._part = None, memoryview(b"")
