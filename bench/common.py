@@ -243,6 +243,13 @@ def table(cases: Sequence[Compare], peer_label: str, regimes: Sequence[str], mar
     return "\n".join(lines)
 
 
+def print_tables(cases: Sequence[Compare], peer_label: str, regimes: Sequence[str], markdown: bool) -> None:
+    """The ratio table as text, and again in Markdown when asked (--markdown)."""
+    print(table(cases, peer_label, regimes))
+    if markdown:
+        print("\n" + table(cases, peer_label, regimes, markdown=True))
+
+
 def details(cases: Sequence[Compare], peer_label: str, regimes: Sequence[str]) -> str:
     """Every run (wall/durable) and each side's peak RSS."""
     lines = []

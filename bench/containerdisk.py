@@ -67,8 +67,8 @@ from common import (  # noqa: E402
     diskport,
     measure,
     need,
+    print_tables,
     sample_images,
-    table,
 )
 
 GB = 1e9
@@ -214,9 +214,7 @@ def cache_modes(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, 
             lambda: rmtree(out), regimes))
     print(f"\n{args.size_gib} GiB qcow2 ({disk_bytes / GB:.2f} GB file, about half data), {args.rounds} alternating "
           "rounds per regime; medians of --cache auto against --cache none:")
-    print(table(cases, "--cache none", regimes))
-    if args.markdown:
-        print("\n" + table(cases, "--cache none", regimes, markdown=True))
+    print_tables(cases, "--cache none", regimes, args.markdown)
     print("\nuser + system CPU (medians):")
     for case in cases:
         for regime in regimes:
@@ -296,9 +294,7 @@ def run(args: argparse.Namespace, regimes: tuple[str, ...], disk: Path, disk_byt
     print(f"\n{args.size_gib} GiB qcow2 ({disk_bytes / GB:.2f} GB file, about half data), {args.rounds} alternating "
           f"rounds per regime{extra}; medians (peer: sha256sum of the disk for builds, skopeo copy for push):")
     cases = [case for _, case in build_cases] + [push_case]
-    print(table(cases, "peer", regimes))
-    if args.markdown:
-        print("\n" + table(cases, "peer", regimes, markdown=True))
+    print_tables(cases, "peer", regimes, args.markdown)
     o, p = median(hashes.ours["settled"]), median(hashes.peer["settled"])
     print(f"{hashes.name:<32} settled  wall    openssl {o:.2f} s, sha256sum {p:.2f} s, ratio {o / p:.2f}x")
     print("\nruns (wall/durable seconds):")

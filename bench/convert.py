@@ -38,9 +38,9 @@ from common import (
     diskport,
     measure,
     need,
+    print_tables,
     remove,
     sample_images,
-    table,
 )
 
 GROUPS = ("core", "direct", "formats", "compressed")
@@ -108,9 +108,7 @@ def main() -> int:
     extra = f", diskport {' '.join(DISKPORT_EXTRA)}" if DISKPORT_EXTRA else ""
     print(f"\n{args.size_gib} GiB image (about half data), {args.rounds} alternating rounds per regime{extra}; "
           "medians (peer: qemu-img, or decompress-to-scratch + qemu-img for compressed input):")
-    print(table(cases, "peer", regimes))
-    if args.markdown:
-        print("\n" + table(cases, "peer", regimes, markdown=True))
+    print_tables(cases, "peer", regimes, args.markdown)
     print("\nruns (wall/durable seconds):")
     print(details(cases, "peer", regimes))
     return 0

@@ -37,9 +37,9 @@ from common import (  # noqa: E402
     diskport,
     measure,
     need,
+    print_tables,
     remove,
     sample_images,
-    table,
 )
 
 
@@ -84,9 +84,7 @@ def main() -> int:
     extra = f", diskport {' '.join(DISKPORT_EXTRA)}" if DISKPORT_EXTRA else ""
     print(f"\n{args.size_gib} GiB image, {args.rounds} alternating rounds per regime{extra}; medians "
           "(peer: curl to a scratch file, then qemu-img convert):")
-    print(table([c for c, _ in cases], "pipeline", regimes))
-    if args.markdown:
-        print("\n" + table([c for c, _ in cases], "pipeline", regimes, markdown=True))
+    print_tables([c for c, _ in cases], "pipeline", regimes, args.markdown)
     print("\nruns (wall/durable seconds):")
     print(details([c for c, _ in cases], "pipeline", regimes))
     for case, access in cases:

@@ -6,6 +6,7 @@ make_image``) still runs; new tests import from ``tests.support.clients`` / ``te
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,12 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr("diskport.net.retry._sleep", record)
     return slept
+
+
+@pytest.fixture
+def memory_cgroup(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real cgroup v1 memory group named after the test, removed afterwards (tests/test_cache.py, tests/oci)."""
+    from tests.support.host import memory_group
+
+    with memory_group(request.node.name.split("[")[0]) as group:
+        yield group

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from diskport.cache import KICK_BYTES, MODES, WriteBehind, cgroup_memory_limit, 
 from diskport.engine import convert
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io, run_cli
-from tests.support.host import fake_host, memory_group, resident, run_in
+from tests.support.host import fake_host, resident, run_in
 from tests.support.images import loop_device, qemu_raw_sha256, sha256_file
 from tests.support.registry import RegistryServer
 
@@ -232,12 +231,6 @@ def test_block_device_gets_o_direct_in_auto(tmp_path: Path) -> None:
         assert proc.stderr == "cache: none (the target is a block device)\n"
         with open(dev, "rb") as f, open(raw, "rb") as g:
             assert f.read() == g.read()
-
-
-@pytest.fixture
-def memory_cgroup(request: pytest.FixtureRequest) -> Iterator[Path]:
-    with memory_group(request.node.name.split("[")[0]) as group:
-        yield group
 
 
 @pytest.mark.slow

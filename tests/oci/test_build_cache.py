@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from diskport.oci.layout import read_layout
 from diskport.oci.media import Descriptor
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io, run_cli, skopeo, skopeo_json, umoci
-from tests.support.host import fake_host, memory_group, resident, run_in
+from tests.support.host import fake_host, resident, run_in
 from tests.support.images import qemu_raw_sha256, sha256_file
 from tests.support.oci import image_of, layer_tar
 
@@ -188,12 +187,6 @@ def test_none_leaves_the_blob_out_of_the_page_cache(tmp_path: Path) -> None:
     assert allocated >= 15 * MiB and cached >= allocated * 3 // 4, sizes
     direct, _ = sizes["none"]
     assert direct <= MiB, f"{direct} bytes of an O_DIRECT blob in the page cache"
-
-
-@pytest.fixture
-def memory_cgroup(request: pytest.FixtureRequest) -> Iterator[Path]:
-    with memory_group(request.node.name.split("[")[0]) as group:
-        yield group
 
 
 @pytest.mark.slow
