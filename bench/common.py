@@ -171,7 +171,7 @@ class Compare:
     name: str
     ours: dict[str, list[Run]] = field(default_factory=dict)
     peer: dict[str, list[Run]] = field(default_factory=dict)
-    targets: tuple[float, float] | None = None  # (wall, durable) ratios to meet, if the case has any
+    targets: tuple[float | None, float | None] | None = None  # (wall, durable) ratios to meet, if any
 
     def medians(self, regime: str, clock: str) -> tuple[float, float]:
         """Median ``clock`` (wall, durable or cpu) of each side."""
@@ -224,21 +224,21 @@ def table(cases: Sequence[Compare], peer_label: str, regimes: Sequence[str], mar
         lines += [f"| case | regime | clock | diskport | {peer_label} | ratio | target |",
                   "|---|---|---|---|---|---|---|"]
     else:
-        lines.append(f"{'case':<32} {'regime':<8} {'clock':<8} {'diskport':>9} {peer_label[:10]:>10} {'ratio':>7}"
+        lines.append(f"{'case':<36} {'regime':<8} {'clock':<8} {'diskport':>9} {peer_label[:10]:>10} {'ratio':>7}"
                      f"  target")
     for case in cases:
         for regime in regimes:
             for k, clock in enumerate(("wall", "durable")):
                 o, p = case.medians(regime, clock)
                 target = ""
-                if case.targets is not None:
-                    goal = case.targets[k]
+                goal = None if case.targets is None else case.targets[k]
+                if goal is not None:
                     target = f"<= {goal:.1f}x {'met' if o / p <= goal else 'MISSED'}"
                 if markdown:
                     lines.append(f"| {case.name} | {regime} | {clock} | {o:.2f} s | {p:.2f} s | {o / p:.2f}x | "
                                  f"{target} |")
                 else:
-                    lines.append(f"{case.name:<32} {regime:<8} {clock:<8} {o:7.2f} s {p:8.2f} s {o / p:6.2f}x  "
+                    lines.append(f"{case.name:<36} {regime:<8} {clock:<8} {o:7.2f} s {p:8.2f} s {o / p:6.2f}x  "
                                  f"{target}")
     return "\n".join(lines)
 

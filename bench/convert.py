@@ -1,6 +1,6 @@
 """diskport convert vs qemu-img convert on the same inputs, same run, alternating, in both regimes and clocks.
 
-    python bench/convert.py [--size-gib 2] [--rounds 3] [--quick] [--cases core,direct,formats,compressed]
+    python bench/convert.py [--size-gib 2] [--rounds 3] [--quick] [--cases core,sync,direct,formats,compressed]
                             [--regimes warm,settled] [--diskport-arg=--cache=none] [--markdown] [--dir bench-out]
 
 Makes a raw image with about half its bytes data (part random, part compressible, the rest zero) and, from it
@@ -9,8 +9,11 @@ pause, the previous output just deleted) and the settled one (sync and a pause f
 regime and clock (wall: until the command exits; durable: until its output is fsynced too) the medians and their
 ratio (below 1.0 means diskport is faster); see bench/common.py for the vocabulary.
 
-- core (the default): qcow2 -> raw, raw -> qcow2, streamOptimized VMDK -> raw, dynamic VHDX -> raw against
+- core (with sync, the default): qcow2 -> raw, raw -> qcow2, streamOptimized VMDK -> raw, dynamic VHDX -> raw against
   ``qemu-img convert`` with its defaults; the targets are at most 1.0x its wall time and 0.9x its durable time.
+- sync: the same four with ``diskport convert --sync``, the command for an output that must be on stable storage
+  when it exits (it starts writeback as it writes, see diskport.cache), against the same qemu-img runs; its wall
+  clock includes its flush, its durable clock is the one that counts.
 - direct: qcow2 -> raw and raw -> qcow2 against ``qemu-img convert -t none`` (O_DIRECT).
 - formats: dynamic VDI -> raw against ``qemu-img convert``.
 - compressed: qcow2.gz and qcow2.xz -> raw against the pipeline a platform importer runs without diskport:
@@ -43,15 +46,15 @@ from common import (
     sample_images,
 )
 
-GROUPS = ("core", "direct", "formats", "compressed")
+GROUPS = ("core", "sync", "direct", "formats", "compressed")
 TARGETS = (1.0, 0.9)  # issue 15: wall, durable against qemu-img's defaults
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.add_argument("--cases", default="core", help=f"comma separated, from {', '.join(GROUPS)} or all "
-                                                        "[default: core]")
+    parser.add_argument("--cases", default="core,sync", help=f"comma separated, from {', '.join(GROUPS)} or all "
+                                                        "[default: core,sync]")
     args = parser.parse_args()
     regimes = configure(args)
     groups = set(GROUPS) if args.cases == "all" else set(args.cases.split(","))
@@ -66,11 +69,12 @@ def main() -> int:
     cases: list[Compare] = []
 
     def versus_qemu(name: str, src: Path, fmt: str, out: Path, out_fmt: str, qemu_flags: tuple[str, ...] = (),
-                    targets: tuple[float, float] | None = None) -> None:
+                    targets: tuple[float | None, float | None] | None = None,
+                    ours: tuple[str, ...] = ()) -> None:
         print(f"timing {name} ...", flush=True)
         cases.append(compare(
             Compare(name, targets=targets), args.rounds,
-            lambda: measure(diskport("convert", "-q", "-O", out_fmt, src, out), [out]),
+            lambda: measure(diskport("convert", "-q", *ours, "-O", out_fmt, src, out), [out]),
             lambda: measure([qemu_img, "convert", *qemu_flags, "-f", fmt, "-O", out_fmt, src, out], [out]),
             lambda: remove(out), regimes))
 
@@ -78,14 +82,17 @@ def main() -> int:
         return derived(raw, f"sample-{name}", [qemu_img, "convert", "-f", "raw", "-O", fmt, "-o", options,
                                                "{raw}", "{out}"])
 
-    if "core" in groups:
-        versus_qemu("qcow2 -> raw", qcow2, "qcow2", out_raw, "raw", targets=TARGETS)
-        versus_qemu("raw -> qcow2", raw, "raw", out_qcow2, "qcow2", targets=TARGETS)
-        versus_qemu("streamOptimized.vmdk -> raw", made_by_qemu("streamOptimized.vmdk", "vmdk",
-                                                                "subformat=streamOptimized"),
-                    "vmdk", out_raw, "raw", targets=TARGETS)
-        versus_qemu("dynamic.vhdx -> raw", made_by_qemu("dynamic.vhdx", "vhdx", "subformat=dynamic"),
-                    "vhdx", out_raw, "raw", targets=TARGETS)
+    core = [("qcow2 -> raw", qcow2, "qcow2", out_raw, "raw"), ("raw -> qcow2", raw, "raw", out_qcow2, "qcow2")]
+    if groups & {"core", "sync"}:
+        core += [("streamOptimized.vmdk -> raw", made_by_qemu("streamOptimized.vmdk", "vmdk",
+                                                              "subformat=streamOptimized"), "vmdk", out_raw, "raw"),
+                 ("dynamic.vhdx -> raw", made_by_qemu("dynamic.vhdx", "vhdx", "subformat=dynamic"), "vhdx",
+                  out_raw, "raw")]
+    for suffix, ours in [("", ()), (", --sync", ("--sync",))]:
+        if ("sync" if ours else "core") in groups:
+            for name, src, fmt, out, out_fmt in core:
+                versus_qemu(name + suffix, src, fmt, out, out_fmt, ours=ours,
+                            targets=(None, TARGETS[1]) if ours else TARGETS)  # --sync: durable only
     if "direct" in groups:
         versus_qemu("qcow2 -> raw (qemu -t none)", qcow2, "qcow2", out_raw, "raw", ("-t", "none"))
         versus_qemu("raw -> qcow2 (qemu -t none)", raw, "raw", out_qcow2, "qcow2", ("-t", "none"))

@@ -11,11 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from diskport.cache import KICK_BYTES, MODES, WriteBehind, cgroup_memory_limit, decide, mem_available
+from diskport.cache import (
+    KICK_BYTES,
+    MODES,
+    BackgroundWriteback,
+    WriteBehind,
+    cgroup_memory_limit,
+    decide,
+    mem_available,
+)
 from diskport.engine import convert
 from tests.support import MiB
 from tests.support.clients import qemu_img, qemu_io, run_cli
-from tests.support.host import fake_host, resident, run_in
+from tests.support.host import dirty_bytes, fake_host, resident, run_in
 from tests.support.images import loop_device, qemu_raw_sha256, sha256_file
 from tests.support.registry import RegistryServer
 
@@ -143,6 +151,46 @@ def test_write_behind_keeps_the_output_within_its_window(tmp_path: Path) -> None
     assert unbounded >= 48 * MiB, "without write-behind the page cache keeps what was written"
     bounded = _write_64m(tmp_path / "behind", behind=True)
     assert bounded <= 16 * MiB + 2 * 4 * MiB, f"{bounded / MiB:.0f} MiB of the output still cached"
+
+
+def test_background_writeback_leaves_the_final_flush_little(tmp_path: Path) -> None:
+    """A job that flushes at its end has its writeback started as it writes: after 64 MiB, at most the last
+    unkicked span is still dirty, where plain writes leave all of it dirty (the kernel's flusher waits 30 s)."""
+    chunk = os.urandom(MiB)
+    for name, background in [("plain", False), ("background", True)]:
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            wb = BackgroundWriteback(fd, kick=4 * MiB) if background else None
+            for i in range(64):
+                os.pwrite(fd, chunk, i * MiB)
+                if wb is not None:
+                    wb.wrote(i * MiB, MiB)
+            if wb is not None:
+                wb.close()
+                wb.thread.join(30)
+                assert not wb.thread.is_alive() and wb.enabled
+                with pytest.raises(OSError):
+                    os.fstat(wb.fd)  # the thread closed its own descriptor
+            dirty = dirty_bytes(fd)
+        finally:
+            os.close(fd)
+        if background:
+            assert dirty < 4 * MiB, f"{dirty / MiB:.0f} MiB still dirty"
+        else:
+            assert dirty >= 48 * MiB, f"only {dirty / MiB:.0f} MiB dirty without background writeback"
+
+
+def test_sync_convert_starts_writeback_as_it_goes(tmp_path: Path) -> None:
+    raw = _disk(tmp_path)
+    proc = run_cli("convert", "-q", "-v", "--sync", "-O", "qcow2", raw, tmp_path / "s.qcow2")
+    assert proc.returncode == 0, proc.stderr
+    if proc.stderr.startswith("cache: writeback ") and "no cgroup memory limit" in proc.stderr:
+        assert "writeback started as data is written, since the job flushes at its end" in proc.stderr
+    else:
+        assert "writeback started" not in proc.stderr, proc.stderr
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, tmp_path / "s.qcow2").returncode == 0
+    plain = run_cli("convert", "-q", "-v", "-O", "qcow2", raw, tmp_path / "p.qcow2")
+    assert plain.returncode == 0 and "writeback started" not in plain.stderr, plain.stderr
 
 
 def _disk(tmp_path: Path, size_mib: int = 96) -> Path:

@@ -12,7 +12,10 @@
   (:data:`MIN_WINDOW` to :data:`MAX_WINDOW`). When ``auto`` chose writeback and there is no cgroup limit, there
   is no write-behind at all (window 0): the output is at most half of MemAvailable, the kernel's own dirty
   limits throttle the dirty part and the clean part is reclaimable, so the job runs as ``qemu-img -t
-  writeback`` does, with no flushing in its way.
+  writeback`` does, with no flushing in its way. A job that flushes at its end (import, ``--sync``) has its
+  writeback started as it goes instead, on a thread of its own (:class:`BackgroundWriteback`), so that the
+  disk writes while the job converts and the final flush finds little left: measured on raw -> qcow2 of 1 GiB
+  of data, the job to stable storage in 0.46-0.53 s against 0.72-0.84 s for writing, then flushing.
 * ``auto`` (the default): ``writeback`` when all of these hold, else ``none``:
 
   - the target is a regular file (a block device always gets ``none``);
@@ -266,6 +269,9 @@ class WriteBehind:
         while self._in_flight > self.window and self._flight:
             self._drop_oldest()
 
+    def close(self) -> None:
+        """The output is being closed; nothing is left to do (what is in flight finishes in the kernel)."""
+
     def _drop_oldest(self) -> None:
         lo, hi, n = self._flight.popleft()
         self._in_flight -= n
@@ -275,6 +281,45 @@ class WriteBehind:
             os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
         except OSError:
             self.enabled = False
+
+
+class BackgroundWriteback(WriteBehind):
+    """Starts writeback of each :data:`KICK_BYTES` written, on a thread of its own, and never waits for it.
+
+    For a job that flushes at its end (see the module docstring): the writer hands the spans over and goes on,
+    the thread asks the kernel to write them out (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which blocks when
+    the device's queue is full: on the writer's thread that cost 0.1 s of a 0.4 s job). The thread works on a
+    duplicate of the descriptor, which it closes after the last span, so closing the output never races it.
+    """
+
+    def __init__(self, fd: int, kick: int = KICK_BYTES) -> None:
+        import queue
+        import threading
+
+        super().__init__(os.dup(fd), 0, kick)
+        self._spans: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="diskport-writeback", daemon=True)
+        self.thread.start()
+
+    def _start(self) -> None:
+        self._spans.put((self._lo, self._hi))
+        self._lo = self._hi = -1
+        self._pending = 0
+
+    def _run(self) -> None:
+        try:
+            while (span := self._spans.get()) is not None:
+                if self.enabled:
+                    try:
+                        _sync_file_range(self.fd, span[0], span[1] - span[0], _SYNC_FILE_RANGE_WRITE)
+                    except OSError:
+                        self.enabled = False  # not every filesystem has it; the final flush does the work
+        finally:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        """No more spans: the thread finishes what it was handed (without waiting for the disk) and exits."""
+        self._spans.put(None)
 
 
 def pwrite_cached(fd: int, data: memoryview | bytes, offset: int) -> None:

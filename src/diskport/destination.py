@@ -35,9 +35,10 @@ import os
 import re
 import stat
 import tempfile
+from dataclasses import replace
 from types import TracebackType
 
-from diskport.cache import MODES, CachePolicy, WriteBehind, decide
+from diskport.cache import MODES, BackgroundWriteback, CachePolicy, WriteBehind, decide
 from diskport.errors import DestinationError, UsageError
 
 PART_SUFFIX = ".diskport-part"
@@ -191,13 +192,15 @@ def _umask() -> int:
 
 class Destination:
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False, size: int | None = None,
-                 cache: str = "auto") -> None:
+                 cache: str = "auto", sync: bool = False) -> None:
         if cache not in MODES:
             raise UsageError(f"unknown cache mode '{cache}' (choose from {', '.join(MODES)})")
         self.path = os.fspath(path)
         self.force = force
         self.size = size
         self.cache = cache
+        #: The job flushes the output at its end: writeback through the page cache is started as it goes.
+        self.sync = sync
         self.fd = -1
         self.direct_fd = -1
         self.tmp_path: str | None = None
@@ -212,6 +215,10 @@ class Destination:
             self.direct_fd = _open_direct(path)
         elif self.policy.window:
             self.behind = WriteBehind(self.fd, self.policy.window)
+        elif self.sync:
+            self.behind = BackgroundWriteback(self.fd)
+            self.policy = replace(self.policy, reason=f"{self.policy.reason}; writeback started as data is "
+                                                      "written, since the job flushes at its end")
 
     def __enter__(self) -> Destination:
         try:
@@ -264,6 +271,9 @@ class Destination:
             self.discard()
 
     def _close(self) -> None:
+        if self.behind is not None:
+            self.behind.close()
+            self.behind = None
         for fd in (self.direct_fd, self.fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):

@@ -201,7 +201,7 @@ def write_image(image: DiskImage, destination: str | os.PathLike[str], *, output
     size = image.virtual_size if image.size_known else None
     if output_format == "qcow2" and size is not None:  # before anything exists at the destination
         check_virtual_size(max(size, grow_to or 0), cluster_size, os.fspath(destination))
-    with Destination(destination, force=force, size=size, cache=cache) as dest:
+    with Destination(destination, force=force, size=size, cache=cache, sync=sync) as dest:
         writer = make_writer(output_format, dest, size, compression=compression,
                              cluster_size=cluster_size, sync=sync)
         try:
