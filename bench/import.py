@@ -74,7 +74,7 @@ def main() -> int:
             remove(out)
             peer = (pipeline.format(url=url) + f" && '{qemu_img}' convert -f qcow2 -O raw '{scratch}' '{out}'"
                     f" && rm -f '{scratch}'")
-            label = f"{name}, {rate}B/s a connection" if rate else name
+            label = f"{name}, limit_rate {rate} a connection" if rate else name
             print(f"timing {label} ...", flush=True)
             case = compare(Compare(f"import {label}"), args.rounds,
                            lambda u=url: measure(diskport("import", "-q", u, out), [out]),
